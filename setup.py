@@ -1,0 +1,29 @@
+"""Declares and builds the Cython extensions; all metadata lives in pyproject.toml."""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("INGESTD_CYTHON_DEBUG") == "1"
+
+extensions = [
+    Extension("ingestd._codec", ["ext/ingestd/_codec.pyx"]),
+    Extension("ingestd._trie", ["ext/ingestd/_trie.pyx"]),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["ext"],
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": DEBUG,
+            "wraparound": False,
+            "initializedcheck": DEBUG,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+        annotate=DEBUG,
+    ),
+)

@@ -1,0 +1,141 @@
+"""App: one ingestd process — broker, listeners, ingest engine, HTTP endpoint.
+
+``App.start()`` brings the parts up in dependency order (database and ingest
+first, so no message arrives before its routes exist; listeners last) and
+``App.stop()`` takes them down in reverse: stop accepting, close sessions with
+v5 "server shutting down", flush the ingest batches, close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from ingestd.broker.connection import MQTTConnection
+from ingestd.broker.server import Broker
+from ingestd.config import Config
+from ingestd.errors import ConfigError
+from ingestd.transport.addr import parse_hostport
+
+log = logging.getLogger("ingestd")
+
+
+@dataclass
+class BoundListener:
+    kind: str  # "mqtt", "mqtts", "ws", "http"
+    host: str
+    port: int
+
+
+class App:
+    """Owns every long-lived object of the process (no module-level state)."""
+
+    def __init__(self, config: Config, *, database: bool = True) -> None:
+        self.config = config
+        # False: broker only (no PostgreSQL, no ingest routes, no presence).
+        self.database = database
+        self.ingest: Any = None
+        self.broker: Broker | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.bound: list[BoundListener] = []
+        self.extras: list[Any] = []  # started plugins with an async stop()
+        self._stopped = asyncio.Event()
+
+    def port(self, kind: str = "mqtt") -> int:
+        """The first bound port of a listener kind (tests listen on port 0)."""
+        for b in self.bound:
+            if b.kind == kind:
+                return b.port
+        raise LookupError(kind)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.broker = broker = Broker(cfg, loop)
+        if self.database:
+            # Routes exist before the first message can arrive: start ingest before listening.
+            from ingestd.ingest.engine import IngestEngine
+
+            self.ingest = engine = IngestEngine(cfg)
+            await engine.start()
+            self.extras.append(engine)
+            for topic_filter, sink in engine.sinks():
+                broker.add_sink(topic_filter, sink)
+            broker.add_listener(engine)
+            broker.set_ingest(engine)
+        for addr in cfg.server.listen:
+            await self._listen("mqtt", addr, lambda: MQTTConnection(broker, "tcp"))
+        if cfg.server.tls_listen:
+            ctx = self._tls_context()
+            for addr in cfg.server.tls_listen:
+                await self._listen("mqtts", addr, lambda: MQTTConnection(broker, "tls"), ssl=ctx)
+        if cfg.server.ws_listen:
+            from ingestd.transport.websocket import WebSocketProtocol
+
+            for addr in cfg.server.ws_listen:
+                await self._listen("ws", addr, lambda: WebSocketProtocol(broker, "ws"))
+        log.info(
+            "ingestd listening on %s",
+            ", ".join(f"{b.kind}://{b.host}:{b.port}" for b in self.bound),
+        )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        s = self.config.server
+        if not s.tls_certfile or not s.tls_keyfile:
+            raise ConfigError(
+                "tls_listen needs tls_certfile and tls_keyfile", key="server.tls_certfile"
+            )
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(s.tls_certfile, s.tls_keyfile)
+            if s.tls_cafile:
+                ctx.load_verify_locations(s.tls_cafile)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS files: {exc}", key="server.tls_certfile") from exc
+        return ctx
+
+    async def _listen(self, kind: str, addr: str, factory: Any, **kw: Any) -> None:
+        try:
+            host, port = parse_hostport(addr)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=f"server.{kind}_listen") from None
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            factory, host, port, reuse_address=True, backlog=4096, **kw
+        )
+        self.servers.append(server)
+        for sock in server.sockets:
+            name = sock.getsockname()
+            self.bound.append(BoundListener(kind, name[0], name[1]))
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self.broker is not None:
+            await self.broker.shutdown()
+        for extra in reversed(self.extras):
+            try:
+                await extra.stop()
+            except Exception:
+                log.exception("error stopping %r", extra)
+        for server in self.servers:
+            await server.wait_closed()
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await self.stop()

@@ -1,0 +1,488 @@
+"""The load generator's parent process: starts workers, runs the phases, sums the results.
+
+Accounting is exact: each subscriber marks every (publisher, sequence) it
+receives, publishers report how many they sent, and every subscriber
+matches every publisher's topic, so for each subscriber
+
+    expected = sum of sent,   lost = expected - unique,   duplicates = received - unique.
+
+Times are ``time.monotonic_ns()`` (one clock for all processes on the host):
+the run starts when the parent sends "go"; the delivery rate is the number of
+distinct messages delivered divided by the time from "go" to the last
+message received by any subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, TextIO
+
+from ingestd.bench import procstat
+from ingestd.bench.accounting import merge_samples, percentiles
+from ingestd.bench.worker import Plan, worker_main
+
+SCENARIOS = ("fan-in", "fan-out", "publish-only", "ingest", "connections", "latency")
+
+
+class BenchFailed(Exception):
+    """A worker failed or a phase did not complete."""
+
+
+@dataclass
+class Result:
+    scenario: str
+    target: str
+    mqtt_version: int
+    qos: int
+    publishers: int
+    subscribers: int
+    processes: int
+    payload_size: int
+    sent: int = 0
+    acked: int = 0
+    expected: int = 0
+    delivered: int = 0  # distinct messages received, summed over subscribers
+    received: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    duration_s: float = 0.0  # go -> last message received (or last publish confirmed)
+    publish_duration_s: float = 0.0  # go -> last publisher done
+    msgs_per_s: float = 0.0  # the headline rate of the scenario (see `rate_of`)
+    rate_of: str = ""
+    publish_rate: float = 0.0
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+    latency_kind: str = ""  # "end-to-end" or "publish->ack"
+    broker_pid: int | None = None
+    broker_cpu_s: float | None = None
+    msgs_per_broker_cpu_s: float | None = None
+    loadgen_cpu_s: float = 0.0
+    # Highest CPU utilisation of any worker over a 0.2 s window (1.0 = one core busy):
+    # near 1.0 the load generator itself may be the bottleneck.
+    loadgen_peak_util: float = 0.0
+    connected: int | None = None
+    connect_failed: int | None = None
+    connect_rate: float | None = None
+    rss_per_connection_bytes: float | None = None
+    rows: int | None = None
+    unique_rows: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Proc:
+    proc: Any
+    conn: Connection
+    index: int
+    last: tuple[str, Any] | None = None
+
+
+def run(
+    plan: Plan,
+    *,
+    pid: int | None = None,
+    dsn: str | None = None,
+    table: str = "bench_telemetry",
+    progress: TextIO | None = None,
+    phase_timeout: float | None = None,
+) -> Result:
+    """Run one scenario once; raises :class:`BenchFailed` when a worker fails."""
+    if not plan.run_id:
+        plan.run_id = uuid.uuid4().hex[:8]
+    if plan.messages is None and plan.duration is None:
+        raise ValueError("give a message count or a duration")
+    ctx = multiprocessing.get_context("spawn")
+    shared = ctx.Array("q", plan.processes * 3, lock=False)
+    procs: list[_Proc] = []
+    res = Result(
+        scenario=plan.scenario,
+        target=f"{plan.host}:{plan.port}",
+        mqtt_version=plan.version,
+        qos=plan.qos,
+        publishers=plan.publishers,
+        subscribers=plan.subscribers,
+        processes=plan.processes,
+        payload_size=plan.payload_size,
+        broker_pid=pid,
+    )
+    # Generous bounds on each phase so that a stuck broker cannot hang the run.
+    limit = phase_timeout or (
+        plan.connect_timeout + 60 + (plan.duration or 0) + (plan.messages or 0) / 1000
+    )
+    rss0 = procstat.rss_bytes(pid) if pid and plan.scenario == "connections" else None
+    try:
+        for w in range(plan.processes):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=worker_main,
+                args=(plan, w, child, shared),
+                name=f"bench-worker-{w}",
+                daemon=True,
+            )
+            p.start()
+            child.close()
+            procs.append(_Proc(p, parent, w))
+        _collect(procs, "ready", limit)
+        cpu0 = procstat.cpu_seconds(pid) if pid else None
+        t0 = time.monotonic_ns()
+        deadline = t0 + int(plan.duration * 1e9) if plan.duration else None
+        for pr in procs:
+            pr.conn.send(("go", {"deadline_ns": deadline}))
+        status = _Status(progress, shared, t0, plan) if progress else None
+        published = _collect(procs, "published", limit, status)
+        t_pub_done = max(info["t_done_ns"] for info in published)
+        res.publish_duration_s = (t_pub_done - t0) / 1e9
+        if plan.scenario == "connections":
+            res.connected = sum(i["connected"] for i in published)
+            res.connect_failed = sum(i["failed"] for i in published)
+            for i in published:
+                res.errors.extend(i["errors"])
+            res.connect_rate = res.connected / max(res.publish_duration_s, 1e-9)
+            if pid and rss0 is not None and res.connected:
+                # Let the broker finish its bookkeeping for the last CONNACKs.
+                time.sleep(0.2)
+                res.rss_per_connection_bytes = (procstat.rss_bytes(pid) - rss0) / res.connected
+            if plan.hold:
+                time.sleep(plan.hold)
+            res.msgs_per_s = res.connect_rate
+            res.rate_of = "connections/s"
+            res.duration_s = res.publish_duration_s
+            expected_per_sub = 0
+        else:
+            sent_by_pub: dict[int, int] = {}
+            for info in published:
+                sent_by_pub.update(info["sent"])
+            res.sent = sum(sent_by_pub.values())
+            expected_per_sub = res.sent
+        for pr in procs:
+            pr.conn.send(("drain", {"expected": expected_per_sub}))
+        results = _collect(procs, "result", limit + plan.drain_timeout, status)
+        if status:
+            status.done()
+        cpu1 = procstat.cpu_seconds(pid) if pid else None
+        for pr in procs:
+            pr.proc.join(10)
+        _summarize(res, plan, results, t0, t_pub_done, expected_per_sub)
+        if cpu0 is not None and cpu1 is not None:
+            res.broker_cpu_s = cpu1 - cpu0
+            if res.broker_cpu_s > 0 and plan.scenario != "connections":
+                res.msgs_per_broker_cpu_s = (
+                    res.delivered or res.acked or res.sent
+                ) / res.broker_cpu_s
+        if plan.scenario == "ingest":
+            if dsn is None:
+                res.errors.append("no --dsn: rows not verified")
+            else:
+                asyncio.run(_verify_rows(res, plan, dsn, table, t0))
+        return res
+    finally:
+        for pr in procs:
+            if pr.proc.is_alive():
+                pr.proc.terminate()
+                pr.proc.join(5)
+            pr.conn.close()
+
+
+def _collect(
+    procs: list[_Proc], kind: str, timeout: float, status: _Status | None = None
+) -> list[Any]:
+    """Wait for message ``kind`` from every worker; raise on an error message or timeout."""
+    got: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    by_conn = {id(pr.conn): pr for pr in procs}
+    while len(got) < len(procs):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchFailed(f"timed out after {timeout:g} s waiting for workers to be {kind!r}")
+        pending = [pr.conn for pr in procs if pr.index not in got]
+        ready = wait(pending, timeout=min(left, 0.25))
+        if status:
+            status.tick()
+        for c in ready:
+            assert isinstance(c, Connection)
+            pr = by_conn[id(c)]
+            try:
+                msg_kind, info = c.recv()
+            except EOFError:
+                raise BenchFailed(
+                    f"worker {pr.index} exited (code {pr.proc.exitcode}) before {kind!r}"
+                ) from None
+            if msg_kind == "error":
+                raise BenchFailed(str(info))
+            if msg_kind != kind:
+                raise BenchFailed(f"worker {pr.index}: expected {kind!r}, got {msg_kind!r}")
+            got[pr.index] = info
+    return [got[i] for i in sorted(got)]
+
+
+def _summarize(
+    res: Result,
+    plan: Plan,
+    results: list[dict[str, Any]],
+    t0: int,
+    t_pub_done: int,
+    expected_per_sub: int,
+) -> None:
+    last_rx = 0
+    subs = [s for r in results for s in r["subscribers"]]
+    for s in subs:
+        res.delivered += s["unique"]
+        res.received += s["received"]
+        res.duplicates += s["duplicates"]
+        last_rx = max(last_rx, s["last_rx_ns"])
+    res.expected = expected_per_sub * len(subs)
+    res.lost = res.expected - res.delivered
+    res.acked = sum(sum(r["acked"].values()) for r in results)
+    for r in results:
+        res.errors.extend(r["errors"])
+        if r.get("rejected"):
+            res.errors.append(f"{r['rejected']} publishes rejected")
+    res.loadgen_cpu_s = sum(r["cpu_s"] for r in results)
+    res.loadgen_peak_util = max(r.get("peak_util", 0.0) for r in results)
+    if plan.scenario == "connections":
+        return
+    res.publish_rate = res.sent / max(res.publish_duration_s, 1e-9)
+    if subs:
+        res.duration_s = (max(last_rx, t0) - t0) / 1e9
+        res.msgs_per_s = res.delivered / max(res.duration_s, 1e-9)
+        res.rate_of = "delivered msgs/s"
+        lat = merge_samples(p for r in results for p in r["latency"])
+        mx = max(r["latency_max_us"] for r in results)
+        res.latency_kind = "end-to-end"
+    else:
+        res.duration_s = res.publish_duration_s
+        confirmed = res.acked if plan.qos else res.sent
+        res.msgs_per_s = confirmed / max(res.duration_s, 1e-9)
+        res.rate_of = "acked msgs/s" if plan.qos else "sent msgs/s"
+        lat = merge_samples(p for r in results for p in r["ack_latency"])
+        mx = max(r["ack_latency_max_us"] for r in results)
+        res.latency_kind = "publish->ack" if plan.qos else ""
+    pct = percentiles(lat)
+    if pct["max"] is not None:
+        pct["max"] = float(mx)
+    res.latency_ms = {k: (v / 1000 if v is not None else None) for k, v in pct.items()}
+
+
+async def _verify_rows(res: Result, plan: Plan, dsn: str, table: str, t0: int) -> None:
+    """Poll the table until every published row of this run is there, or it stops growing."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        ident = ".".join('"' + part.replace('"', '""') + '"' for part in table.split("."))
+        sql = f"SELECT count(*), count(DISTINCT (pub, seq)) FROM {ident} WHERE run = $1"
+        last = -1
+        last_change = time.monotonic()
+        t_seen = t0
+        while True:
+            rows, uniq = await conn.fetchrow(sql, plan.run_id)
+            now = time.monotonic()
+            if rows != last:
+                last, last_change = rows, now
+                t_seen = time.monotonic_ns()
+            if uniq >= res.sent or now - last_change > plan.drain_timeout:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    res.rows, res.unique_rows = int(rows), int(uniq)
+    res.delivered = res.unique_rows
+    res.expected = res.sent
+    res.lost = res.sent - res.unique_rows
+    res.duplicates = res.rows - res.unique_rows
+    res.duration_s = (t_seen - t0) / 1e9
+    res.msgs_per_s = res.unique_rows / max(res.duration_s, 1e-9)
+    res.rate_of = "rows/s"
+
+
+class _Status:
+    """The one-line progress display on stderr."""
+
+    def __init__(self, out: TextIO, shared: Any, t0: int, plan: Plan) -> None:
+        self.out = out
+        self.shared = shared
+        self.t0 = t0
+        self.plan = plan
+        self._last = 0.0
+        self._prev = (time.monotonic(), 0)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.5:
+            return
+        self._last = now
+        a = list(self.shared)
+        sent, acked, recv = sum(a[0::3]), sum(a[1::3]), sum(a[2::3])
+        t_prev, n_prev = self._prev
+        moving = recv if self.plan.subscribers else sent
+        rate = (moving - n_prev) / max(now - t_prev, 1e-9)
+        self._prev = (now, moving)
+        elapsed = (time.monotonic_ns() - self.t0) / 1e9
+        line = f"\r{elapsed:7.1f}s  sent {sent:>11,}  acked {acked:>11,}  received {recv:>11,}  {rate:>11,.0f}/s"
+        self.out.write(line)
+        self.out.flush()
+
+    def done(self) -> None:
+        self._last = 0
+        self.tick()
+        self.out.write("\n")
+        self.out.flush()
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table_rows(r: Result) -> list[tuple[str, str]]:
+    lat = r.latency_ms
+    rows = [
+        ("target", r.target),
+        ("scenario", f"{r.scenario} (MQTT {'5' if r.mqtt_version == 5 else '3.1.1'}, QoS {r.qos})"),
+        ("clients", f"{r.publishers} pub / {r.subscribers} sub, {r.processes} process(es)"),
+    ]
+    if r.scenario == "connections":
+        rows += [
+            ("connected", _fmt(r.connected)),
+            ("failed", _fmt(r.connect_failed)),
+            ("connections/s", _fmt(r.connect_rate)),
+            (
+                "RSS per connection",
+                _fmt(r.rss_per_connection_bytes) + " B"
+                if r.rss_per_connection_bytes is not None
+                else "-",
+            ),
+            ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
+        ]
+        return rows
+    rows += [
+        ("sent", _fmt(r.sent)),
+        ("acked", _fmt(r.acked) if r.qos else "- (QoS 0)"),
+        ("delivered", _fmt(r.delivered)),
+        ("expected", _fmt(r.expected)),
+        ("lost", _fmt(r.lost)),
+        ("duplicates", _fmt(r.duplicates)),
+        (r.rate_of or "msgs/s", _fmt(r.msgs_per_s)),
+        ("publish rate", _fmt(r.publish_rate) + " msgs/s"),
+        ("duration", _fmt(r.duration_s, 2) + " s"),
+    ]
+    if r.rows is not None:
+        rows.append(("rows (distinct)", f"{_fmt(r.rows)} ({_fmt(r.unique_rows)})"))
+    if lat:
+        kind = f" ({r.latency_kind})" if r.latency_kind else ""
+        rows.append(
+            (
+                "latency ms" + kind,
+                " / ".join(_fmt(lat.get(k), 2) for k in ("p50", "p90", "p99", "max"))
+                + "  (p50/p90/p99/max)",
+            )
+        )
+    rows += [
+        ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
+        ("msgs per broker CPU s", _fmt(r.msgs_per_broker_cpu_s)),
+        (
+            "loadgen CPU s",
+            _fmt(r.loadgen_cpu_s, 2)
+            + f" (peak {r.loadgen_peak_util * 100:.0f}% of a core in one process)",
+        ),
+    ]
+    return rows
+
+
+def format_table(results: list[Result], ratio: tuple[str, float] | None = None) -> str:
+    """Results side by side, one column per run."""
+    cols = [table_rows(r) for r in results]
+    labels = [label for label, _ in cols[0]]
+    widths = [max(len(label) for label in labels)]
+    for c in cols:
+        widths.append(max(len(v) for _, v in c))
+    lines = []
+    for i, label in enumerate(labels):
+        cells = [label.ljust(widths[0])]
+        for j, c in enumerate(cols):
+            cells.append(c[i][1].rjust(widths[j + 1]) if i < len(c) else "")
+        lines.append("  ".join(cells).rstrip())
+    for r in results:
+        for e in r.errors[:5]:
+            lines.append(f"error ({r.target}): {e.strip().splitlines()[-1] if e.strip() else e}")
+    if ratio is not None:
+        lines.append(f"{ratio[0]}: {ratio[1]:.2f}x")
+    return "\n".join(lines)
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    if not n:
+        return 0.0
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def compare(
+    make_plan: Callable[[str, int], Plan],
+    a: tuple[str, int, int | None],
+    b: tuple[str, int, int | None],
+    rounds: int,
+    *,
+    progress: TextIO | None = None,
+    echo: Callable[[str], None] | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
+    """Run the same scenario against two brokers alternately; ratios of the headline rate."""
+    ra: list[Result] = []
+    rb: list[Result] = []
+    for i in range(rounds):
+        for (host, port, pid), acc in ((a, ra), (b, rb)):
+            res = run(make_plan(host, port), pid=pid, progress=progress, **kw)
+            acc.append(res)
+            if echo:
+                echo(
+                    f"round {i + 1}/{rounds}: {res.target}: {res.msgs_per_s:,.0f} {res.rate_of}"
+                    f", lost {res.lost:,}, duplicates {res.duplicates:,}"
+                )
+    ratios = [
+        x.msgs_per_s / y.msgs_per_s if y.msgs_per_s else float("inf")
+        for x, y in zip(ra, rb, strict=True)
+    ]
+    ma = median([r.msgs_per_s for r in ra])
+    mb = median([r.msgs_per_s for r in rb])
+    out = {
+        "a": [r.to_dict() for r in ra],
+        "b": [r.to_dict() for r in rb],
+        "ratios": ratios,
+        "median_a": ma,
+        "median_b": mb,
+        "ratio_of_medians": ma / mb if mb else None,
+        "rate_of": ra[0].rate_of if ra else "",
+    }
+    cpu_a = [r.msgs_per_broker_cpu_s for r in ra if r.msgs_per_broker_cpu_s]
+    cpu_b = [r.msgs_per_broker_cpu_s for r in rb if r.msgs_per_broker_cpu_s]
+    if cpu_a and cpu_b:
+        out["cpu_efficiency_ratio"] = median(cpu_a) / median(cpu_b)
+    return out
+
+
+def stderr_progress(force: bool) -> TextIO | None:
+    return sys.stderr if force or sys.stderr.isatty() else None
+
+
+def default_processes() -> int:
+    return 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) // 2)

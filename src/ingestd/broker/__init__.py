@@ -1,0 +1,1 @@
+"""The MQTT broker: connections, sessions, routing, retained messages."""

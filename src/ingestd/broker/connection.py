@@ -1,0 +1,681 @@
+"""MQTTConnection: one client's network connection, as an asyncio Protocol.
+
+Theory of operation
+-------------------
+States: ``AWAIT_CONNECT`` -> ``CONNECTED`` -> ``CLOSED``. Bytes from the
+transport go to a sans-IO :class:`ingestd._codec.Decoder`; each decoded
+packet is dispatched to an ``_on_<packet>`` method. The first packet must be
+CONNECT (the decoder enforces it) and must arrive within ``connect_timeout``.
+
+Any :class:`ProtocolError` (from the decoder or a session rule) closes this
+connection only: a v5 client first gets DISCONNECT (CONNACK before the session
+exists) carrying the error's reason code; one log line names the peer, the
+client and the rule broken.
+
+Writes: every outbound packet is appended to ``_out`` and written once per
+event-loop turn (``_flush``), so a burst of deliveries costs one ``write``.
+The transport's buffer is bounded by ``max_outbound_bytes``: above it
+``pause_writing`` marks the connection unwritable, QoS 0 deliveries are then
+dropped (counted) and QoS 1/2 wait in the session queue until
+``resume_writing`` pumps it.
+
+Acknowledgements of inbound QoS 1/2 PUBLISH go through ``_acks`` in arrival
+order: an ack whose message must first be made durable by an ingest route
+(``ack = "after-commit"``) holds back the acks behind it, so PUBACKs leave in
+the order the PUBLISHes came [MQTT-4.6.0-2]. If durability fails, no ack is
+sent and the connection is closed: the client re-sends after reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ingestd._codec import (
+    PINGRESP,
+    Connack,
+    Decoder,
+    Disconnect,
+    Suback,
+    Unsuback,
+    encode,
+    encode_ack,
+    encode_publish,
+)
+from ingestd._trie import validate_topic_filter, validate_topic_name
+from ingestd.broker.hooks import ClientInfo
+from ingestd.broker.message import Message
+from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
+from ingestd.errors import ProtocolError
+from ingestd.protocol import ConnackV3, PacketType, Prop, Reason, connack_v3_code
+
+if TYPE_CHECKING:
+    from ingestd.broker.server import Broker
+
+log = logging.getLogger("ingestd.broker")
+
+AWAIT_CONNECT = 0
+CONNECTED = 1
+CLOSED = 2
+
+_PUBLISH = int(PacketType.PUBLISH)
+_PUBACK = int(PacketType.PUBACK)
+_PUBREC = int(PacketType.PUBREC)
+_PUBREL = int(PacketType.PUBREL)
+_PUBCOMP = int(PacketType.PUBCOMP)
+
+_P_TOPIC_ALIAS = int(Prop.TOPIC_ALIAS)
+_P_MESSAGE_EXPIRY = int(Prop.MESSAGE_EXPIRY_INTERVAL)
+_P_SUB_ID = int(Prop.SUBSCRIPTION_IDENTIFIER)
+
+
+class MQTTConnection(asyncio.Protocol):
+    """One client connection (TCP, TLS or WebSocket: the transport feeds bytes the same way)."""
+
+    def __init__(self, broker: Broker, transport_name: str = "tcp") -> None:
+        self.broker = broker
+        self.cfg = broker.config.mqtt
+        self.stats = broker.stats
+        self.loop = broker.loop
+        self.transport_name = transport_name
+        self.decoder = Decoder(server_side=True, max_packet_size=self.cfg.max_packet_size)
+        self.transport: Any = None  # asyncio/uvloop transport, or the WebSocket framing one
+        self.state = AWAIT_CONNECT
+        self.version = 0
+        self.client_id = ""
+        self.username: str | None = None
+        self.peer = "?"
+        self.session: Session | None = None
+        self.will: WillSpec | None = None
+        self.info: ClientInfo | None = None
+        self.keepalive = 0
+        self.last_rx = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._read_paused = False
+        # Inbound QoS 1/2 acks in arrival order: [future-or-None, encoded ack, qos, packet id].
+        self._acks: deque[list[Any]] = deque()
+        self._pending_qos1 = 0
+        self._inbound_aliases: dict[int, str] = {}
+        self._outbound_aliases: dict[str, int] = {}
+        self._client_alias_max = 0
+        self._client_max_packet = 0  # 0: no limit beyond the protocol's
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = peer[0]
+            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if hasattr(transport, "set_write_buffer_limits"):
+            transport.set_write_buffer_limits(high=self.cfg.max_outbound_bytes)
+        self.broker.connection_opened(self)
+        self._timer = self.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        self.last_rx = time.monotonic()
+        self.stats.bytes_received += len(data)
+        try:
+            packets = self.decoder.feed(data)
+            for packet in packets:
+                ptype = packet.packet_type
+                if ptype == _PUBLISH:
+                    self._on_publish(packet)
+                else:
+                    self._dispatch_control(ptype, packet)
+                if self.state == CLOSED:
+                    return
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if not self._read_paused and (
+            len(self._acks) > self.cfg.receive_maximum or self.broker.ingest_saturated()
+        ):
+            self.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close("connection_lost")
+        self.transport = None
+        self.broker.connection_gone(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.session is not None and self.session.connection is self:
+            self.session.pump()
+
+    # -- flow control ---------------------------------------------------
+
+    def writable(self) -> bool:
+        """True while the outbound bytes (ours not yet flushed + the transport's) are under the bound."""
+        if self._write_paused or self.transport is None:
+            return False
+        return (
+            self._out_bytes + self.transport.get_write_buffer_size() < self.cfg.max_outbound_bytes
+        )
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and self.state != CLOSED:
+            self._read_paused = True
+            self.transport.pause_reading()
+            self.broker.reading_paused(self)
+
+    def resume_reading(self) -> None:
+        """Resume if nothing still holds this connection back."""
+        if not self._read_paused or self.state == CLOSED or self.transport is None:
+            return
+        if len(self._acks) > self.cfg.receive_maximum or self.broker.ingest_saturated():
+            return
+        self._read_paused = False
+        self.transport.resume_reading()
+
+    # -- writing --------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        n = self._out_bytes
+        self._out_bytes = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.stats.bytes_sent += n
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def send_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        packet_id: int,
+        dup: bool,
+    ) -> bool:
+        """Encode and queue one PUBLISH to this client. False if it was dropped."""
+        if qos == 0 and not self.writable():
+            return False
+        topic = message.topic
+        if self.version == 5:
+            props = message.properties
+            if sub_ids or message.expires_at is not None or self._client_alias_max:
+                props = dict(props)
+                if sub_ids:
+                    props[_P_SUB_ID] = sub_ids
+                if message.expires_at is not None:
+                    props[_P_MESSAGE_EXPIRY] = message.remaining_expiry(time.monotonic())
+            new_alias = 0
+            if self._client_alias_max:
+                alias = self._outbound_aliases.get(topic)
+                if alias is not None:
+                    props[_P_TOPIC_ALIAS] = alias
+                    topic = ""
+                elif len(self._outbound_aliases) < self._client_alias_max:
+                    new_alias = len(self._outbound_aliases) + 1
+                    props[_P_TOPIC_ALIAS] = new_alias
+            data = encode_publish(topic, message.payload, qos, retain, dup, packet_id, props, 5)
+            if self._client_max_packet and len(data) > self._client_max_packet:
+                # [MQTT-3.1.2-25] never send a packet larger than the client's Maximum Packet Size.
+                self.stats.drop("packet_too_large")
+                return False
+            if new_alias:
+                self._outbound_aliases[topic] = new_alias
+        else:
+            data = encode_publish(topic, message.payload, qos, retain, dup, packet_id, None, 4)
+        self.send(data)
+        self.stats.messages_delivered[qos] += 1
+        return True
+
+    def send_pubrel(self, packet_id: int) -> None:
+        self.send(encode_ack(_PUBREL, packet_id, 0, self.version))
+
+    # -- closing --------------------------------------------------------
+
+    def disconnect(self, reason: str, reason_code: int, reason_string: str | None = None) -> None:
+        """Close this connection from the server side (v5: DISCONNECT with ``reason_code`` first)."""
+        self._close(reason, reason_code, reason_string)
+
+    def _close(
+        self, reason: str, reason_code: int | None = None, reason_string: str | None = None
+    ) -> None:
+        """Idempotent end of the connection: detach the session, then close the socket."""
+        if self.state == CLOSED:
+            return
+        was_connected = self.state == CONNECTED
+        self.state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._acks.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if reason_code is not None and self.version == 5 and was_connected:
+                props = {}
+                if reason_string:
+                    props[int(Prop.REASON_STRING)] = reason_string
+                self._out.append(encode(Disconnect(reason_code=reason_code, properties=props), 5))
+            if self._out:
+                self.stats.bytes_sent += self._out_bytes
+                transport.write(b"".join(self._out))
+            transport.close()
+        self._out = []
+        self._out_bytes = 0
+        if was_connected:
+            self.broker.connection_closed(self, reason)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.stats.protocol_errors += 1
+        log.warning(
+            "closing %s (client %r): %s (reason 0x%02X)",
+            self.peer,
+            self.client_id,
+            exc,
+            exc.reason_code,
+        )
+        if self.state == AWAIT_CONNECT and self.transport is not None:
+            # Before a session exists the answer is a CONNACK [MQTT-3.2.2-?]; 3.1.1 clients
+            # get one only for an unsupported protocol level (return code 1).
+            if exc.reason_code == Reason.UNSUPPORTED_PROTOCOL_VERSION:
+                self.transport.write(
+                    encode(Connack(reason_code=ConnackV3.UNACCEPTABLE_PROTOCOL_VERSION), 4)
+                )
+            elif self.decoder.protocol_version == 5:
+                self.transport.write(encode(Connack(reason_code=exc.reason_code), 5))
+        self._close("protocol_error", exc.reason_code, str(exc))
+
+    def _connect_timeout(self) -> None:
+        self._timer = None
+        if self.state == AWAIT_CONNECT:
+            log.info("closing %s: no CONNECT within %.0f s", self.peer, self.cfg.connect_timeout)
+            self._close("protocol_error")
+
+    def _keepalive_check(self) -> None:
+        self._timer = None
+        if self.state != CONNECTED:
+            return
+        limit = self.keepalive * 1.5
+        idle = time.monotonic() - self.last_rx
+        if idle >= limit:
+            log.info(
+                "closing %s (client %r): keepalive %d s exceeded (%.1f s idle)",
+                self.peer,
+                self.client_id,
+                self.keepalive,
+                idle,
+            )
+            self._close("keepalive_timeout", Reason.KEEP_ALIVE_TIMEOUT)
+        else:
+            self._timer = self.loop.call_later(limit - idle, self._keepalive_check)
+
+    # -- packet handlers --------------------------------------------------
+
+    def _dispatch_control(self, ptype: int, packet: Any) -> None:
+        if self.state == AWAIT_CONNECT:
+            if ptype != PacketType.CONNECT:
+                raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]", 0x82)
+            self._on_connect(packet)
+        elif ptype == _PUBACK:
+            assert self.session is not None
+            self.session.on_puback(packet.packet_id)
+        elif ptype == _PUBREC:
+            assert self.session is not None
+            if self.session.on_pubrec(packet.packet_id, packet.reason_code):
+                if packet.reason_code < 0x80:
+                    self.send_pubrel(packet.packet_id)
+            elif self.version == 5:
+                self.send(
+                    encode_ack(_PUBREL, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND, 5)
+                )
+            else:
+                self.send_pubrel(packet.packet_id)
+        elif ptype == _PUBREL:
+            self._on_pubrel(packet)
+        elif ptype == _PUBCOMP:
+            assert self.session is not None
+            self.session.on_pubcomp(packet.packet_id)
+        elif ptype == PacketType.SUBSCRIBE:
+            self._on_subscribe(packet)
+        elif ptype == PacketType.UNSUBSCRIBE:
+            self._on_unsubscribe(packet)
+        elif ptype == PacketType.PINGREQ:
+            self.send(PINGRESP)
+        elif ptype == PacketType.DISCONNECT:
+            self._on_disconnect(packet)
+        elif ptype == PacketType.CONNECT:
+            raise ProtocolError("a second CONNECT is a protocol error [MQTT-3.1.0-2]", 0x82)
+        elif ptype == PacketType.AUTH:
+            raise ProtocolError(
+                "AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]", 0x82
+            )
+        else:  # pragma: no cover - the decoder rejects server-to-client packets
+            raise ProtocolError(f"unexpected packet type {ptype}", 0x82)
+
+    def _refuse_connect(self, reason_code: int, why: str) -> None:
+        log.info("refusing CONNECT from %s (client %r): %s", self.peer, self.client_id, why)
+        assert self.transport is not None
+        if self.version == 5:
+            props = {int(Prop.REASON_STRING): why}
+            self.transport.write(encode(Connack(reason_code=reason_code, properties=props), 5))
+        else:
+            self.transport.write(encode(Connack(reason_code=connack_v3_code(reason_code)), 4))
+        self._close("protocol_error")
+
+    def _on_connect(self, p: Any) -> None:
+        cfg = self.cfg
+        self.version = 5 if p.protocol_level == 5 else 4
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        props = p.properties
+        self.client_id = p.client_id
+        self.username = p.username
+        if Prop.AUTHENTICATION_METHOD in props:
+            self._refuse_connect(
+                Reason.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported"
+            )
+            return
+        assigned = None
+        if not p.client_id:
+            if self.version < 5 and not p.clean_start:
+                # [MQTT-3.1.3-8] an empty id needs clean session 1 in 3.1.1.
+                self._refuse_connect(
+                    Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id needs clean session"
+                )
+                return
+            assigned = self.client_id = self.broker.assign_client_id()
+        reason = self.broker.authenticate(p.username, p.password, self.peer)
+        if reason:
+            self._refuse_connect(reason, "bad user name or password")
+            return
+        will = p.will
+        if will is not None:
+            if not validate_topic_name(will.topic):
+                self._refuse_connect(Reason.TOPIC_NAME_INVALID, "invalid will topic")
+                return
+            if will.retain and not cfg.retain_available:
+                self._refuse_connect(Reason.RETAIN_NOT_SUPPORTED, "retain is not available")
+                return
+        # Session Expiry: v5 asks for it (default 0); 3.1.1 clean session 0 means "keep".
+        if self.version == 5:
+            asked = props.get(Prop.SESSION_EXPIRY_INTERVAL, 0)
+            expiry = asked if asked == NEVER_EXPIRES else min(asked, cfg.max_session_expiry)
+            if asked == NEVER_EXPIRES and cfg.max_session_expiry < NEVER_EXPIRES:
+                expiry = cfg.max_session_expiry
+        else:
+            asked = expiry = 0 if p.clean_start else cfg.persistent_session_expiry
+        keepalive = p.keepalive
+        server_keepalive = None
+        if self.version == 5 and (
+            keepalive > cfg.max_keepalive or (keepalive == 0 and cfg.max_keepalive < 65_535)
+        ):
+            keepalive = server_keepalive = cfg.max_keepalive
+        self.keepalive = keepalive
+        self._client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
+        self._client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, 0)
+        self.decoder.max_packet_size = cfg.max_packet_size
+
+        session, present = self.broker.attach_session(self, self.client_id, p.clean_start)
+        self.session = session
+        session.expiry_interval = expiry
+        session.send_window = min(props.get(Prop.RECEIVE_MAXIMUM, 65_535), cfg.max_inflight)
+        self.will = WillSpec(will, self.client_id, self.username) if will is not None else None
+        self.state = CONNECTED
+
+        if self.version == 5:
+            cprops: dict[int, Any] = {
+                int(Prop.RECEIVE_MAXIMUM): cfg.receive_maximum,
+                int(Prop.MAXIMUM_PACKET_SIZE): cfg.max_packet_size,
+                int(Prop.TOPIC_ALIAS_MAXIMUM): cfg.topic_alias_maximum,
+            }
+            if assigned is not None:
+                cprops[int(Prop.ASSIGNED_CLIENT_IDENTIFIER)] = assigned
+            if server_keepalive is not None:
+                cprops[int(Prop.SERVER_KEEP_ALIVE)] = server_keepalive
+            if expiry != asked:
+                cprops[int(Prop.SESSION_EXPIRY_INTERVAL)] = expiry
+            if not cfg.retain_available:
+                cprops[int(Prop.RETAIN_AVAILABLE)] = 0
+            self.send(encode(Connack(session_present=present, reason_code=0, properties=cprops), 5))
+        else:
+            self.send(encode(Connack(session_present=present, reason_code=0), 4))
+        if keepalive:
+            self._timer = self.loop.call_later(keepalive * 1.5, self._keepalive_check)
+        self.info = ClientInfo(
+            client_id=self.client_id,
+            username=self.username,
+            peer=self.peer,
+            protocol_version=p.protocol_level,
+            connected_at=time.time(),
+            clean_start=p.clean_start,
+            transport=self.transport_name,
+        )
+        self.broker.client_connected(self)
+        if present:
+            session.resend_inflight()
+            session.pump()
+
+    def _on_publish(self, p: Any) -> None:
+        if self.state != CONNECTED:
+            raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]", 0x82)
+        topic = p.topic
+        props = p.properties
+        expires_at = None
+        if props:
+            alias = props.get(_P_TOPIC_ALIAS)
+            if alias is not None:
+                if alias > self.cfg.topic_alias_maximum:
+                    raise ProtocolError(
+                        f"topic alias {alias} exceeds our Topic Alias Maximum"
+                        f" {self.cfg.topic_alias_maximum} [MQTT-3.3.2-9]",
+                        Reason.TOPIC_ALIAS_INVALID,
+                    )
+                if topic:
+                    self._inbound_aliases[alias] = topic
+                else:
+                    known = self._inbound_aliases.get(alias)
+                    if known is None:
+                        raise ProtocolError(
+                            f"topic alias {alias} used before it was set [MQTT-3.3.4-?]",
+                            Reason.PROTOCOL_ERROR,
+                        )
+                    topic = known
+                props = dict(props)
+                del props[_P_TOPIC_ALIAS]
+            expiry = props.get(_P_MESSAGE_EXPIRY)
+            if expiry is not None:
+                expires_at = time.monotonic() + expiry
+        if p.retain and not self.cfg.retain_available:
+            raise ProtocolError(
+                "retain is not available [MQTT-3.3.1-?]", Reason.RETAIN_NOT_SUPPORTED
+            )
+        qos = p.qos
+        self.stats.messages_received[qos] += 1
+        session = self.session
+        assert session is not None
+        message = Message(
+            topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
+        )
+        if qos == 0:
+            self.broker.publish(message, session)
+            return
+        pid = p.packet_id
+        if qos == 1:
+            if (
+                self.version == 5
+                and self._pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
+            ):
+                raise ProtocolError(
+                    "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
+                    Reason.RECEIVE_MAXIMUM_EXCEEDED,
+                )
+            durable = self.broker.publish(message, session)
+            self._pending_qos1 += 1
+            self._queue_ack(durable, _PUBACK, pid, 1)
+            return
+        # QoS 2: route once; a re-sent PUBLISH with a pending id only gets PUBREC again.
+        if pid in session.inbound_qos2:
+            self._queue_ack(None, _PUBREC, pid, 2)
+            return
+        if (
+            self.version == 5
+            and self._pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
+        ):
+            raise ProtocolError(
+                "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
+                Reason.RECEIVE_MAXIMUM_EXCEEDED,
+            )
+        session.inbound_qos2.add(pid)
+        durable = self.broker.publish(message, session)
+        self._queue_ack(durable, _PUBREC, pid, 2)
+
+    def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
+        if fut is None and not self._acks:
+            self._send_ack(ptype, pid, qos)
+            return
+        self._acks.append([fut, ptype, pid, qos])
+        if fut is not None:
+            fut.add_done_callback(self._ack_ready)
+
+    def _send_ack(self, ptype: int, pid: int, qos: int) -> None:
+        if qos == 1:
+            self._pending_qos1 -= 1
+        self.send(encode_ack(ptype, pid, 0, self.version))
+
+    def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
+        if self.state == CLOSED:
+            return
+        acks = self._acks
+        while acks:
+            fut, ptype, pid, qos = acks[0]
+            if fut is not None:
+                if not fut.done():
+                    break
+                if fut.cancelled() or fut.exception() is not None:
+                    # Not durable: withhold the ack and drop the connection so the client
+                    # re-sends (at least once). A QoS 2 id must be routable again.
+                    if qos == 2 and self.session is not None:
+                        self.session.inbound_qos2.discard(pid)
+                    log.warning(
+                        "closing %s (client %r): message could not be stored: %s",
+                        self.peer,
+                        self.client_id,
+                        None if fut.cancelled() else fut.exception(),
+                    )
+                    self._close(
+                        "overloaded", Reason.UNSPECIFIED_ERROR, "message could not be stored"
+                    )
+                    return
+            acks.popleft()
+            self._send_ack(ptype, pid, qos)
+        if self._read_paused:
+            self.resume_reading()
+
+    def _on_pubrel(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        if p.packet_id in session.inbound_qos2:
+            # Still waiting for durability of this id? Its PUBREC was sent only after it,
+            # so a PUBREL can only follow a durable message.
+            session.inbound_qos2.discard(p.packet_id)
+            self.send(encode_ack(_PUBCOMP, p.packet_id, 0, self.version))
+        else:
+            code = Reason.PACKET_IDENTIFIER_NOT_FOUND if self.version == 5 else 0
+            self.send(encode_ack(_PUBCOMP, p.packet_id, code, self.version))
+
+    def _on_subscribe(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        ids = p.properties.get(_P_SUB_ID)
+        sub_id = ids[0] if ids else 0
+        codes: list[int] = []
+        retained: list[tuple[str, SubOptions]] = []
+        failure = Reason.TOPIC_FILTER_INVALID if self.version == 5 else 0x80
+        for flt, qos, no_local, rap, rh in p.subscriptions:
+            if not validate_topic_filter(flt):
+                codes.append(failure)
+                continue
+            shared = flt.startswith("$share/")
+            if shared and no_local:
+                raise ProtocolError(
+                    "No Local must not be set on a shared subscription [MQTT-3.8.3-4]",
+                    Reason.PROTOCOL_ERROR,
+                )
+            if not self.broker.authorize_subscribe(self, flt):
+                codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else 0x80)
+                continue
+            granted = min(qos, 2)
+            opts = SubOptions(granted, no_local, rap, rh, sub_id)
+            existed = self.broker.subscribe(session, flt, opts)
+            codes.append(granted)
+            if not shared and (rh == 0 or (rh == 1 and not existed)):
+                retained.append((flt, opts))
+        self.send(encode(Suback(packet_id=p.packet_id, reason_codes=codes), self.version))
+        # Retained messages go after the SUBACK [MQTT-3.8.4-4 ordering], as they would be
+        # delivered to a new subscription: RETAIN set [MQTT-3.3.1-8].
+        if retained:
+            now = time.monotonic()
+            for flt, opts in retained:
+                ids_ = [opts.sub_id] if opts.sub_id else None
+                for msg in self.broker.retained.match(flt):
+                    if not msg.expired(now):
+                        session.deliver(msg, min(msg.qos, opts.qos), True, ids_)
+
+    def _on_unsubscribe(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        codes = [
+            0 if self.broker.unsubscribe(session, flt) else Reason.NO_SUBSCRIPTION_EXISTED
+            for flt in p.topic_filters
+        ]
+        self.send(encode(Unsuback(packet_id=p.packet_id, reason_codes=codes), self.version))
+
+    def _on_disconnect(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        if self.version == 5:
+            new_expiry = p.properties.get(Prop.SESSION_EXPIRY_INTERVAL)
+            if new_expiry is not None:
+                if session.expiry_interval == 0 and new_expiry != 0:
+                    raise ProtocolError(
+                        "Session Expiry Interval set in DISCONNECT after 0 in CONNECT"
+                        " [MQTT-3.14.2-2]",
+                        Reason.PROTOCOL_ERROR,
+                    )
+                session.expiry_interval = min(new_expiry, self.cfg.max_session_expiry)
+        if p.reason_code == Reason.DISCONNECT_WITH_WILL_MESSAGE:
+            self._close("will")
+        else:
+            # A normal DISCONNECT discards the will [MQTT-3.1.2-10].
+            self.will = None
+            self._close("normal")

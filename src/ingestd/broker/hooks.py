@@ -1,0 +1,88 @@
+"""The seams between the broker and what plugs into it (ingest, metrics, persistence).
+
+The broker owns the sockets, sessions and the subscription trie. Ingest
+routes are subscribers in that same trie: the broker calls
+:meth:`MessageSink.deliver` for every message whose topic matches a sink's
+filter, once per sink per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ingestd.broker.message import Message
+
+
+class MessageSink(Protocol):
+    """An internal subscriber (an ingest route) registered with ``Broker.add_sink``."""
+
+    def deliver(self, message: Message) -> asyncio.Future[None] | None:
+        """Take one message.
+
+        Return a future that completes when the message is durable (committed
+        to PostgreSQL or fsync'd to the spool) if the publisher's
+        acknowledgement must wait for it (``ack = "after-commit"`` and
+        QoS >= 1), else None. The future fails only if the message could not
+        be made durable; the broker then does not acknowledge it (the client
+        will retry). Must not block.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    """What the broker tells its listeners about one connection."""
+
+    client_id: str
+    username: str | None
+    peer: str
+    protocol_version: int
+    connected_at: float  # time.time()
+    clean_start: bool = True
+    transport: str = "tcp"
+
+
+# Why a connection ended, as given to BrokerListener.on_client_disconnected.
+DISCONNECT_REASONS = (
+    "normal",  # DISCONNECT 0x00 from the client
+    "will",  # DISCONNECT 0x04 (disconnect with will) from the client
+    "connection_lost",  # socket closed without DISCONNECT: the will is published
+    "keepalive_timeout",
+    "taken_over",
+    "protocol_error",
+    "server_shutdown",
+    "overloaded",  # dropped by the server (e.g. outbound queue policy)
+)
+
+
+class BrokerListener(Protocol):
+    """Connection lifecycle events (device presence, metrics)."""
+
+    def on_client_connected(self, info: ClientInfo) -> None: ...
+
+    def on_client_disconnected(
+        self, info: ClientInfo, reason: str, will_published: bool
+    ) -> None: ...
+
+
+@dataclass
+class BrokerStats:
+    """Plain integer counters on the hot path; exposed by a custom Prometheus collector.
+
+    Indexes by QoS are lists of three ints. Nothing here allocates per message.
+    """
+
+    connections_total: dict[int, int] = field(default_factory=lambda: {3: 0, 4: 0, 5: 0})
+    connections_current: dict[int, int] = field(default_factory=lambda: {3: 0, 4: 0, 5: 0})
+    messages_received: list[int] = field(default_factory=lambda: [0, 0, 0])
+    messages_delivered: list[int] = field(default_factory=lambda: [0, 0, 0])
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    # drops by reason: "qos0_queue_full", "session_queue_full", "expired", "packet_too_large", "no_subscribers"
+    dropped: dict[str, int] = field(default_factory=dict)
+    protocol_errors: int = 0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n

@@ -1,0 +1,312 @@
+"""Session: the MQTT session state that outlives a network connection.
+
+Theory of operation
+-------------------
+A Session is created by the first CONNECT with its client id and lives until
+it expires (Session Expiry Interval after its connection ends; 0 = at once)
+or a later CONNECT with Clean Start discards it. It holds:
+
+* ``subscriptions`` — filter -> :class:`SubOptions`; the same entries are in
+  the broker's :class:`SubscriptionTrie` with this session as subscriber.
+* ``inflight`` — outbound QoS 1/2 deliveries sent and not yet completed,
+  by packet id, in send order. Each is in one state:
+  ``PUBLISH sent`` (waiting for PUBACK / PUBREC) or ``PUBREL sent`` (waiting
+  for PUBCOMP). Its size never exceeds ``send_window`` (the client's Receive
+  Maximum capped by our ``max_inflight``).
+* ``queue`` — QoS 1/2 deliveries not yet sent: waiting for a free inflight
+  slot, for the socket to drain, or for the client to come back. Bounded in
+  messages and bytes; past the bound new deliveries are dropped and counted.
+* ``inbound_qos2`` — packet ids of QoS 2 PUBLISHes received and PUBREC'd
+  whose PUBREL has not arrived. A re-sent PUBLISH with such an id is not
+  routed again (exactly once).
+
+Transitions of an outbound delivery::
+
+    deliver() ──(window full / offline / socket busy)──► queue
+        │                                                  │ pump()
+        ▼                                                  ▼
+    QoS 0: written (or dropped if the socket is over its bound)
+    QoS 1: inflight[PUBLISH] ──PUBACK──► done
+    QoS 2: inflight[PUBLISH] ──PUBREC──► inflight[PUBREL] ──PUBCOMP──► done
+
+On resume (CONNECT with Clean Start 0 finding this session), every inflight
+entry is re-sent: PUBLISH with DUP=1, PUBREL as is [MQTT-4.4.0-1]; then the
+queue is pumped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+from ingestd.broker.message import Message
+from ingestd.protocol import Prop
+
+if TYPE_CHECKING:
+    from asyncio import TimerHandle
+
+    from ingestd.broker.connection import MQTTConnection
+    from ingestd.broker.hooks import BrokerStats
+
+NEVER_EXPIRES = 0xFFFFFFFF
+
+
+class SubOptions:
+    """One subscription's options as granted."""
+
+    __slots__ = ("no_local", "qos", "retain_as_published", "retain_handling", "sub_id")
+
+    def __init__(
+        self,
+        qos: int,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+        sub_id: int = 0,
+    ) -> None:
+        self.qos = qos
+        self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        self.retain_handling = retain_handling
+        self.sub_id = sub_id
+
+    def __repr__(self) -> str:
+        return (
+            f"SubOptions(qos={self.qos}, nl={self.no_local}, rap={self.retain_as_published},"
+            f" rh={self.retain_handling}, id={self.sub_id})"
+        )
+
+
+class Delivery:
+    """One outbound QoS 1/2 delivery: a shared message plus this session's view of it."""
+
+    __slots__ = ("message", "packet_id", "qos", "retain", "state", "sub_ids")
+
+    # states
+    QUEUED = 0
+    PUBLISH_SENT = 1
+    PUBREL_SENT = 2
+
+    def __init__(self, message: Message, qos: int, retain: bool, sub_ids: list[int] | None) -> None:
+        self.message = message
+        self.qos = qos
+        self.retain = retain
+        self.sub_ids = sub_ids
+        self.packet_id = 0
+        self.state = Delivery.QUEUED
+
+
+class Session:
+    """MQTT session state; see the module docstring for the state machine."""
+
+    __slots__ = (
+        "client_id",
+        "connection",
+        "expiry_handle",
+        "expiry_interval",
+        "inbound_qos2",
+        "inflight",
+        "max_queued_bytes",
+        "max_queued_messages",
+        "next_packet_id",
+        "queue",
+        "queued_bytes",
+        "send_window",
+        "stats",
+        "subscriptions",
+        "will",
+        "will_handle",
+    )
+
+    def __init__(
+        self,
+        client_id: str,
+        stats: BrokerStats,
+        max_queued_messages: int,
+        max_queued_bytes: int,
+    ) -> None:
+        self.client_id = client_id
+        self.stats = stats
+        self.connection: MQTTConnection | None = None
+        self.subscriptions: dict[str, SubOptions] = {}
+        self.inflight: OrderedDict[int, Delivery] = OrderedDict()
+        self.queue: deque[Delivery] = deque()
+        self.queued_bytes = 0
+        self.max_queued_messages = max_queued_messages
+        self.max_queued_bytes = max_queued_bytes
+        self.inbound_qos2: set[int] = set()
+        self.next_packet_id = 1
+        self.send_window = 65_535
+        self.expiry_interval = 0
+        self.expiry_handle: TimerHandle | None = None
+        # A will waiting for its Will Delay Interval after the connection ended.
+        self.will: WillSpec | None = None
+        self.will_handle: TimerHandle | None = None
+
+    # -- outbound ---------------------------------------------------------
+
+    def deliver(self, message: Message, qos: int, retain: bool, sub_ids: list[int] | None) -> None:
+        """Deliver one message to this session at ``qos`` (already min'd with the grant)."""
+        conn = self.connection
+        if qos == 0:
+            if conn is None:
+                # QoS 0 is not queued for offline sessions (as Mosquitto's default).
+                return
+            if not conn.send_publish(message, 0, retain, sub_ids, 0, False):
+                self.stats.drop("qos0_queue_full")
+            return
+        d = Delivery(message, qos, retain, sub_ids)
+        if (
+            conn is not None
+            and not self.queue
+            and len(self.inflight) < self.send_window
+            and conn.writable()
+        ):
+            self._send_new(conn, d)
+            return
+        size = len(message.payload) + len(message.topic)
+        if (
+            len(self.queue) >= self.max_queued_messages
+            or self.queued_bytes + size > self.max_queued_bytes
+        ):
+            self.stats.drop("session_queue_full")
+            return
+        self.queue.append(d)
+        self.queued_bytes += size
+
+    def _alloc_packet_id(self) -> int:
+        pid = self.next_packet_id
+        inflight = self.inflight
+        # At most send_window (<= 65535) ids are in use, so a free one exists.
+        while pid in inflight:
+            pid = pid + 1 if pid < 65_535 else 1
+        self.next_packet_id = pid + 1 if pid < 65_535 else 1
+        return pid
+
+    def _send_new(self, conn: MQTTConnection, d: Delivery) -> None:
+        pid = self._alloc_packet_id()
+        d.packet_id = pid
+        d.state = Delivery.PUBLISH_SENT
+        if conn.send_publish(d.message, d.qos, d.retain, d.sub_ids, pid, False):
+            self.inflight[pid] = d
+        # else: too large for the client's Maximum Packet Size; dropped and counted there.
+
+    def pump(self) -> None:
+        """Move queued deliveries into the inflight window while the socket accepts them."""
+        conn = self.connection
+        if conn is None:
+            return
+        queue = self.queue
+        now = time.monotonic()
+        while queue and len(self.inflight) < self.send_window and conn.writable():
+            d = queue.popleft()
+            self.queued_bytes -= len(d.message.payload) + len(d.message.topic)
+            if d.message.expired(now):
+                self.stats.drop("expired")
+                continue
+            self._send_new(conn, d)
+
+    def resend_inflight(self) -> None:
+        """On session resume: re-send unacknowledged PUBLISH (DUP=1) and PUBREL in order."""
+        conn = self.connection
+        assert conn is not None
+        now = time.monotonic()
+        for pid, d in list(self.inflight.items()):
+            if d.state == Delivery.PUBREL_SENT:
+                conn.send_pubrel(pid)
+            elif d.message.expired(now) and d.qos == 1:
+                # [MQTT-3.3.2-5] expired messages are not delivered; QoS 2 PUBLISH already
+                # sent once must complete its flow, so only QoS 1 is discarded here.
+                del self.inflight[pid]
+                self.stats.drop("expired")
+            else:
+                conn.send_publish(d.message, d.qos, d.retain, d.sub_ids, pid, True)
+
+    def on_puback(self, packet_id: int) -> bool:
+        d = self.inflight.get(packet_id)
+        if d is None or d.qos != 1:
+            return False
+        del self.inflight[packet_id]
+        self.pump()
+        return True
+
+    def on_pubrec(self, packet_id: int, reason_code: int) -> bool:
+        d = self.inflight.get(packet_id)
+        if d is None or d.qos != 2 or d.state != Delivery.PUBLISH_SENT:
+            return d is not None and d.state == Delivery.PUBREL_SENT
+        if reason_code >= 0x80:
+            # The receiver refused it: the flow ends here [MQTT-4.3.3].
+            del self.inflight[packet_id]
+            self.pump()
+            return True
+        d.state = Delivery.PUBREL_SENT
+        return True
+
+    def on_pubcomp(self, packet_id: int) -> bool:
+        d = self.inflight.get(packet_id)
+        if d is None or d.state != Delivery.PUBREL_SENT:
+            return False
+        del self.inflight[packet_id]
+        self.pump()
+        return True
+
+    def clear_pending(self) -> None:
+        """Drop every queued and inflight delivery (the session is being discarded)."""
+        self.inflight.clear()
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.inbound_qos2.clear()
+
+    def cancel_timers(self) -> None:
+        if self.expiry_handle is not None:
+            self.expiry_handle.cancel()
+            self.expiry_handle = None
+        if self.will_handle is not None:
+            self.will_handle.cancel()
+            self.will_handle = None
+
+    def __repr__(self) -> str:
+        state = "online" if self.connection is not None else "offline"
+        return f"<Session {self.client_id!r} {state} subs={len(self.subscriptions)} inflight={len(self.inflight)} queued={len(self.queue)}>"
+
+
+class WillSpec:
+    """A CONNECT's will, kept until the connection ends abnormally (and its delay passes)."""
+
+    __slots__ = (
+        "client_id",
+        "delay",
+        "payload",
+        "properties",
+        "qos",
+        "retain",
+        "topic",
+        "username",
+    )
+
+    def __init__(self, will: object, client_id: str, username: str | None) -> None:
+        props = dict(will.properties)  # type: ignore[attr-defined]
+        # Will Delay Interval is a CONNECT-only property: it is not forwarded.
+        self.delay: int = props.pop(Prop.WILL_DELAY_INTERVAL, 0)
+        self.topic: str = will.topic  # type: ignore[attr-defined]
+        self.payload: bytes = will.payload  # type: ignore[attr-defined]
+        self.qos: int = will.qos  # type: ignore[attr-defined]
+        self.retain: bool = will.retain  # type: ignore[attr-defined]
+        self.properties: dict = props
+        self.client_id = client_id
+        self.username = username
+
+    def to_message(self) -> Message:
+        """The message to publish now; Message Expiry starts counting at publication."""
+        expiry = self.properties.get(Prop.MESSAGE_EXPIRY_INTERVAL)
+        return Message(
+            self.topic,
+            self.payload,
+            self.qos,
+            self.retain,
+            self.properties,
+            self.client_id,
+            self.username,
+            expires_at=None if expiry is None else time.monotonic() + expiry,
+        )

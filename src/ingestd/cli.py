@@ -1,0 +1,187 @@
+"""The ``ingestd`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from ingestd import __version__
+
+
+def codec_implementation() -> str:
+    """Which packet codec is loaded: 'cython' when the compiled extension is in use."""
+    from ingestd import _codec
+
+    path = getattr(_codec, "__file__", "") or ""
+    return "cython" if path.endswith((".so", ".pyd")) else "python"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ingestd")
+def main() -> None:
+    """ingestd: an MQTT 3.1.1/5.0 broker that writes device telemetry into PostgreSQL."""
+
+
+@main.command()
+def version() -> None:
+    """Print the version and which codec implementation is in use."""
+    from ingestd import _codec, _trie
+
+    click.echo(f"ingestd {__version__}")
+    click.echo(f"codec: {codec_implementation()} ({_codec.__file__})")
+    click.echo(f"trie: {_trie.__file__}")
+    click.echo(f"python: {sys.version.split()[0]}")
+
+
+@main.command()
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="MQTT over TCP listener; repeatable. Default 0.0.0.0:1883.",
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Data directory (embedded PostgreSQL, spool).",
+)
+@click.option(
+    "--ws-listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="MQTT over WebSocket listener; repeatable.",
+)
+@click.option(
+    "--dsn", help="PostgreSQL DSN; default: an embedded PostgreSQL in the data directory."
+)
+@click.option(
+    "--no-db", is_flag=True, help="Run the broker alone: no PostgreSQL, ingest routes or presence."
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level."
+)
+def serve(
+    listen: tuple[str, ...],
+    config_path: str | None,
+    data_dir: str | None,
+    ws_listen: tuple[str, ...],
+    dsn: str | None,
+    no_db: bool,
+    log_level: str | None,
+) -> None:
+    """Run the broker and ingestion engine until SIGTERM or SIGINT."""
+    from ingestd.config import Config, load_config
+    from ingestd.errors import ConfigError, DatabaseError
+
+    overrides: dict[str, dict[str, object]] = {"server": {}, "database": {}}
+    if ws_listen:
+        overrides["server"]["ws_listen"] = list(ws_listen)
+    if dsn:
+        overrides["database"]["dsn"] = dsn
+    if listen:
+        overrides["server"]["listen"] = list(listen)
+    if data_dir:
+        overrides["server"]["data_dir"] = data_dir
+    if log_level:
+        overrides["server"]["log_level"] = log_level
+    try:
+        cfg: Config = load_config(config_path, overrides=overrides)
+    except ConfigError as exc:
+        click.echo(f"ingestd: configuration error: {exc}", err=True)
+        sys.exit(2)
+    logging.basicConfig(
+        level=cfg.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from ingestd.app import App
+
+    try:
+        import uvloop
+
+        uvloop.run(App(cfg, database=not no_db).run())
+    except (ConfigError, DatabaseError) as exc:
+        click.echo(f"ingestd: configuration error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"ingestd: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def config() -> None:
+    """Validate or print configuration."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Validate PATH without starting anything; exit 2 with file, key and reason if invalid."""
+    from ingestd.config import load_config
+    from ingestd.errors import ConfigError
+
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        click.echo(f"ingestd: configuration error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{path}: OK")
+
+
+@config.command("show")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+def config_show(config_path: str | None) -> None:
+    """Print the effective configuration (defaults, file and INGESTD_* environment)."""
+    from ingestd.config import dump_config, load_config
+    from ingestd.errors import ConfigError
+
+    try:
+        click.echo(dump_config(load_config(config_path)))
+    except ConfigError as exc:
+        click.echo(f"ingestd: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.group()
+def db() -> None:
+    """Database tasks."""
+
+
+@db.command("init")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--print", "print_only", is_flag=True, help="Print the SQL instead of running it.")
+def db_init(config_path: str | None, print_only: bool) -> None:
+    """Create missing tables and indexes for the configured routes and presence."""
+    from ingestd.config import load_config
+    from ingestd.errors import ConfigError, DatabaseError
+    from ingestd.ingest.routes import compile_config
+    from ingestd.ingest.schema import init_database, schema_sql
+
+    try:
+        cfg = load_config(config_path)
+        if print_only:
+            click.echo(schema_sql(cfg, compile_config(cfg)))
+            return
+        for stmt in asyncio.run(init_database(cfg)):
+            click.echo(stmt.strip().splitlines()[0] + " ...")
+    except (ConfigError, DatabaseError) as exc:
+        click.echo(f"ingestd: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("username")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+def passwd(username: str, password: str) -> None:
+    """Print a password-file line for USERNAME (append it to mqtt.password_file)."""
+    from ingestd.auth import hash_password
+
+    click.echo(f"{username}:{hash_password(password)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""Prometheus metrics, read from plain counters at scrape time.
+
+The hot path never calls the Prometheus client library: the broker bumps
+plain ints in :class:`ingestd.broker.hooks.BrokerStats`, the ingest engine
+bumps its own ints and :class:`Histogram` accumulators, and
+:class:`IngestdCollector` turns them into metric families when ``/metrics``
+is scraped. Everything here runs on the event loop thread (the HTTP server
+calls ``generate_latest`` there), so the collector reads state without locks.
+
+Wiring (see :func:`build_registry`)::
+
+    lag = LoopLagMonitor()
+    lag.start()
+    registry, collector = build_registry(broker, engine, lag)
+    # later, if the engine starts after the registry was built:
+    collector.engine = engine
+    ...
+    await lag.stop()
+
+What is read, and from where
+----------------------------
+Broker (``ingestd.broker.server.Broker``):
+
+* ``broker.stats`` — ``BrokerStats``: ``connections_current`` /
+  ``connections_total`` (dict protocol level -> int), ``messages_received`` /
+  ``messages_delivered`` (list by QoS), ``bytes_received``, ``bytes_sent``,
+  ``dropped`` (dict reason -> int), ``protocol_errors``;
+* ``broker.sessions`` — online when ``session.connection is not None``;
+  ``len(session.inflight)`` summed as in-flight deliveries, ``len(session.queue)``
+  summed as queued deliveries;
+* ``broker.connections`` — per connection
+  ``conn.transport.get_write_buffer_size() + conn._out_bytes`` (outbound bytes
+  not yet on the wire: sum and max);
+* ``len(broker.retained)`` and ``len(broker.trie)``.
+
+Ingest engine (duck-typed; every attribute is optional and read with a
+default, on ``engine.stats`` first and then on ``engine`` itself):
+
+========================  =========================================  ==========================================
+attribute                 type                                       metric
+========================  =========================================  ==========================================
+``rows_by_table``         ``dict[str, int]`` rows committed per table ``ingestd_ingest_rows_total{table}``
+``rows_committed``        ``int`` (used when ``rows_by_table`` is      ``ingestd_ingest_rows_total{table="all"}``
+                          absent, plus ``rows_replayed``)
+``batch_rows``            :class:`Histogram` (rows per COPY)          ``ingestd_ingest_batch_rows``
+``copy_seconds``          :class:`Histogram` (seconds per COPY)       ``ingestd_ingest_copy_seconds``
+``pending_rows``          ``int``                                    ``ingestd_ingest_pending_rows``
+``dead_letters``          ``int``                                    ``ingestd_ingest_dead_letters_total``
+``spool_bytes``           ``int``                                    ``ingestd_ingest_spool_bytes``
+``write_errors``          ``int`` (failed write attempts)             ``ingestd_database_errors_total``
+``messages_received``     ``int``                                    ``ingestd_ingest_messages_total``
+``rows_spooled``          ``int``                                    ``ingestd_ingest_spooled_rows_total``
+``rows_replayed``         ``int``                                    ``ingestd_ingest_replayed_rows_total``
+``rows_skipped``          ``int``                                    ``ingestd_ingest_skipped_rows_total``
+``rows_lost``             ``int``                                    ``ingestd_ingest_lost_rows_total``
+``saturated``             ``bool``                                   ``ingestd_ingest_saturated``
+========================  =========================================  ==========================================
+
+The engine records a COPY with ``stats.batch_rows.observe(rows)`` and
+``stats.copy_seconds.observe(seconds)`` (see :func:`batch_rows_histogram` and
+:func:`copy_seconds_histogram` for the bucket layouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = [
+    "BATCH_ROWS_BUCKETS",
+    "COPY_SECONDS_BUCKETS",
+    "Histogram",
+    "IngestdCollector",
+    "LoopLagMonitor",
+    "batch_rows_histogram",
+    "build_registry",
+    "copy_seconds_histogram",
+]
+
+# Rows per COPY: ingest.batch_rows defaults to 5000; partial batches flushed by the timer are smaller.
+BATCH_ROWS_BUCKETS: tuple[float, ...] = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# Seconds per COPY (one transaction holding one batch).
+COPY_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Histogram:
+    """A fixed-bucket histogram accumulator for the hot path (no locks, no allocation).
+
+    ``counts[i]`` is the number of observations ``v`` with
+    ``bounds[i-1] < v <= bounds[i]`` (non-cumulative; the last slot is
+    ``> bounds[-1]``). :meth:`buckets` gives Prometheus' cumulative ``le``
+    buckets at scrape time.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        b = tuple(float(x) for x in bounds)
+        if not b or any(b[i] >= b[i + 1] for i in range(len(b) - 1)):
+            raise ValueError("histogram bounds must be non-empty and strictly increasing")
+        if math.isinf(b[-1]):
+            b = b[:-1]
+        self.bounds = b
+        self.counts: list[int] = [0] * (len(b) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs ending with ``+Inf``."""
+        out: list[tuple[str, float]] = []
+        acc = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            acc += n
+            out.append((_le(bound), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+    def reset(self) -> None:
+        for i in range(len(self.counts)):
+            self.counts[i] = 0
+        self.sum = 0.0
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return f"Histogram(count={self.count}, sum={self.sum:g})"
+
+
+def batch_rows_histogram() -> Histogram:
+    """The accumulator for ``ingestd_ingest_batch_rows`` (rows per COPY)."""
+    return Histogram(BATCH_ROWS_BUCKETS)
+
+
+def copy_seconds_histogram() -> Histogram:
+    """The accumulator for ``ingestd_ingest_copy_seconds`` (seconds per COPY)."""
+    return Histogram(COPY_SECONDS_BUCKETS)
+
+
+def _le(bound: float) -> str:
+    # Prometheus' own formatting of bucket bounds (floatToGoString-like: 5000.0, 0.001).
+    return repr(float(bound))
+
+
+class LoopLagMonitor:
+    """Measures event-loop lag: sleeps ``interval`` seconds and records the overshoot.
+
+    ``last`` is the latest overshoot; :meth:`take_max` returns the largest one
+    since its previous call (each scrape sees the worst stall of its window);
+    ``max_ever`` is the largest since start.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.max_ever = 0.0
+        self.samples = 0
+        self._window_max = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start measuring on the running loop (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="ingestd-loop-lag"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def record(self, lag: float) -> None:
+        lag = max(0.0, lag)
+        self.last = lag
+        self.samples += 1
+        if lag > self._window_max:
+            self._window_max = lag
+        if lag > self.max_ever:
+            self.max_ever = lag
+
+    def take_max(self) -> float:
+        m = max(self._window_max, self.last)
+        self._window_max = 0.0
+        return m
+
+    async def _run(self) -> None:
+        interval = self.interval
+        clock = time.monotonic
+        while True:
+            t0 = clock()
+            await asyncio.sleep(interval)
+            self.record(clock() - t0 - interval)
+
+
+def _get(objs: Iterable[Any], name: str, default: Any = None) -> Any:
+    """The first attribute ``name`` found on ``objs`` (None objects skipped)."""
+    for o in objs:
+        if o is None:
+            continue
+        v = getattr(o, name, None)
+        if v is not None:
+            return v
+    return default
+
+
+class IngestdCollector(Collector):
+    """Builds every ``ingestd_*`` metric family from live objects at collect time.
+
+    ``broker``, ``engine`` and ``lag`` are public attributes and may be set or
+    replaced after the collector was registered (None: those families are
+    omitted, except the ones with a meaningful zero).
+    """
+
+    def __init__(
+        self,
+        broker: Any = None,
+        engine: Any = None,
+        lag: LoopLagMonitor | None = None,
+        *,
+        version: str | None = None,
+        codec: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.engine = engine
+        self.lag = lag
+        if version is None:
+            from ingestd import __version__
+
+            version = __version__
+        self.version: str = version
+        self.codec: str = codec if codec is not None else _codec_implementation()
+
+    # prometheus_client calls describe() at register time; returning [] makes it
+    # skip the duplicate-name check (and calling collect() then, before the broker exists).
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "ingestd_build_info",
+            "ingestd version and packet codec implementation (value is always 1)",
+            labels=["version", "codec"],
+        )
+        info.add_metric([self.version, self.codec], 1)
+        yield info
+        if self.broker is not None:
+            yield from self._broker_metrics(self.broker)
+        if self.engine is not None:
+            yield from self._ingest_metrics(self.engine)
+        if self.lag is not None:
+            yield GaugeMetricFamily(
+                "ingestd_event_loop_lag_seconds",
+                "Overshoot of the latest 0.25 s sleep on the event loop",
+                value=self.lag.last,
+            )
+            yield GaugeMetricFamily(
+                "ingestd_event_loop_lag_max_seconds",
+                "Largest event-loop sleep overshoot since the previous scrape",
+                value=self.lag.take_max(),
+            )
+
+    # -- broker --------------------------------------------------------------
+
+    def _broker_metrics(self, broker: Any) -> Iterator[Metric]:
+        st = broker.stats
+        cur = CounterMetricFamily
+        g = GaugeMetricFamily(
+            "ingestd_connections",
+            "Connected MQTT clients (after CONNACK) by protocol level (3, 4 = 3.1.1, 5)",
+            labels=["protocol"],
+        )
+        for level, n in sorted(st.connections_current.items()):
+            g.add_metric([str(level)], max(0, n))
+        yield g
+        # Not "ingestd_connections_total": OpenMetrics forbids a counter family
+        # named like the gauge above.
+        c = cur(
+            "ingestd_connections_accepted",
+            "MQTT clients accepted (CONNACK 0) by protocol level",
+            labels=["protocol"],
+        )
+        for level, n in sorted(st.connections_total.items()):
+            c.add_metric([str(level)], n)
+        yield c
+        c = cur(
+            "ingestd_messages_received", "PUBLISH packets received from clients", labels=["qos"]
+        )
+        for q, n in enumerate(st.messages_received):
+            c.add_metric([str(q)], n)
+        yield c
+        c = cur(
+            "ingestd_messages_delivered",
+            "PUBLISH packets sent to subscribers (at the QoS granted to each)",
+            labels=["qos"],
+        )
+        for q, n in enumerate(st.messages_delivered):
+            c.add_metric([str(q)], n)
+        yield c
+        yield cur("ingestd_received_bytes", "Bytes read from MQTT clients", value=st.bytes_received)
+        yield cur("ingestd_sent_bytes", "Bytes written to MQTT clients", value=st.bytes_sent)
+        c = cur(
+            "ingestd_dropped_messages",
+            "Messages not delivered, by reason (queue bounds, expiry, packet size)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(st.dropped.items()):
+            c.add_metric([reason], n)
+        yield c
+        yield cur(
+            "ingestd_protocol_errors",
+            "Connections closed for a protocol violation",
+            value=st.protocol_errors,
+        )
+
+        conns = list(broker.connections)
+        out_sum = out_max = 0
+        for conn in conns:
+            t = getattr(conn, "transport", None)
+            size = getattr(conn, "_out_bytes", 0)
+            if t is not None:
+                try:
+                    size += t.get_write_buffer_size()
+                except Exception:  # closing transport, or one without the method
+                    pass
+            out_sum += size
+            if size > out_max:
+                out_max = size
+        yield GaugeMetricFamily(
+            "ingestd_open_sockets",
+            "Open client sockets, including ones that have not sent CONNECT yet",
+            value=len(conns),
+        )
+        yield GaugeMetricFamily(
+            "ingestd_outbound_queue_bytes",
+            "Bytes queued for clients but not yet written to their sockets (all connections)",
+            value=out_sum,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_outbound_queue_max_bytes",
+            "Largest outbound queue of a single connection, in bytes",
+            value=out_max,
+        )
+
+        online = offline = inflight = queued = 0
+        for s in list(broker.sessions.values()):
+            if s.connection is not None:
+                online += 1
+            else:
+                offline += 1
+            inflight += len(s.inflight)
+            queued += len(getattr(s, "queue", ()))
+        g = GaugeMetricFamily("ingestd_sessions", "MQTT sessions by state", labels=["state"])
+        g.add_metric(["online"], online)
+        g.add_metric(["offline"], offline)
+        yield g
+        yield GaugeMetricFamily(
+            "ingestd_inflight_messages",
+            "Outbound QoS 1/2 deliveries sent and not yet acknowledged (all sessions)",
+            value=inflight,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_queued_messages",
+            "Outbound QoS 1/2 deliveries waiting for an inflight slot or an offline client",
+            value=queued,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_retained_messages", "Retained messages stored", value=len(broker.retained)
+        )
+        yield GaugeMetricFamily(
+            "ingestd_subscriptions",
+            "Entries in the subscription trie (client subscriptions and ingest routes)",
+            value=len(broker.trie),
+        )
+
+    # -- ingest --------------------------------------------------------------
+
+    def _ingest_metrics(self, engine: Any) -> Iterator[Metric]:
+        st = getattr(engine, "stats", None)
+        src = (st, engine)
+        rows = CounterMetricFamily(
+            "ingestd_ingest_rows",
+            "Rows committed to PostgreSQL, by table",
+            labels=["table"],
+        )
+        by_table = _get(src, "rows_by_table")
+        if isinstance(by_table, dict):
+            for table, n in sorted(by_table.items()):
+                rows.add_metric([str(table)], n)
+        else:
+            total = int(_get(src, "rows_committed", 0)) + int(_get(src, "rows_replayed", 0))
+            rows.add_metric(["all"], total)
+        yield rows
+        for name, attr, bounds in (
+            ("ingestd_ingest_batch_rows", "batch_rows", BATCH_ROWS_BUCKETS),
+            ("ingestd_ingest_copy_seconds", "copy_seconds", COPY_SECONDS_BUCKETS),
+        ):
+            h = _get(src, attr)
+            if not isinstance(h, Histogram):
+                h = Histogram(bounds)  # engine does not record it: an empty histogram
+            yield HistogramMetricFamily(
+                name,
+                "Rows per COPY batch" if attr == "batch_rows" else "Duration of one COPY batch",
+                buckets=h.buckets(),
+                sum_value=h.sum,
+            )
+        yield GaugeMetricFamily(
+            "ingestd_ingest_pending_rows",
+            "Rows received and not yet committed or spooled",
+            value=_get(src, "pending_rows", 0),
+        )
+        yield GaugeMetricFamily(
+            "ingestd_ingest_saturated",
+            "1 while pending rows are at the bound and publishers are paused",
+            value=1 if _get(src, "saturated", False) else 0,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_ingest_spool_bytes",
+            "Bytes waiting in the local spool for PostgreSQL",
+            value=_get(src, "spool_bytes", 0),
+        )
+        for name, attr, doc in (
+            (
+                "ingestd_ingest_dead_letters",
+                "dead_letters",
+                "Messages written to the dead-letter table",
+            ),
+            (
+                "ingestd_database_errors",
+                "write_errors",
+                "Failed PostgreSQL write attempts (each retry counts)",
+            ),
+            ("ingestd_ingest_messages", "messages_received", "Messages taken by ingest routes"),
+            ("ingestd_ingest_spooled_rows", "rows_spooled", "Rows appended to the local spool"),
+            ("ingestd_ingest_replayed_rows", "rows_replayed", "Rows committed from the spool"),
+            (
+                "ingestd_ingest_skipped_rows",
+                "rows_skipped",
+                "Rows skipped (lookup miss with on_miss = skip)",
+            ),
+            (
+                "ingestd_ingest_lost_rows",
+                "rows_lost",
+                "Rows neither committed nor spooled at shutdown",
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=_get(src, attr, 0))
+
+
+def _codec_implementation() -> str:
+    try:
+        from ingestd.cli import codec_implementation
+
+        return codec_implementation()
+    except Exception:
+        return "unknown"
+
+
+def build_registry(
+    broker: Any = None,
+    engine: Any = None,
+    lag: LoopLagMonitor | None = None,
+    *,
+    process_metrics: bool = True,
+) -> tuple[CollectorRegistry, IngestdCollector]:
+    """A private registry (never the global one) holding an :class:`IngestdCollector`.
+
+    With ``process_metrics`` it also holds prometheus_client's process and
+    platform collectors (``process_resident_memory_bytes``,
+    ``process_cpu_seconds_total``, ``python_info``, ...).
+    """
+    from prometheus_client import PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    collector = IngestdCollector(broker, engine, lag)
+    registry.register(collector)
+    if process_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    return registry, collector

@@ -1,0 +1,1 @@
+"""Network transports feeding :class:`ingestd.broker.connection.MQTTConnection`."""

@@ -1,0 +1,282 @@
+"""The HTTP endpoint over real sockets: routes, keep-alive, garbage, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+
+from ingestd.http import HttpServer, parse_head, readiness_probe
+from ingestd.metrics import build_registry
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    assert lines[0].startswith("HTTP/1.1 ")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return status, headers, body
+
+
+async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    """Send ``raw``, read one response; also report whether the server then closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        status, headers, body = await read_response(reader)
+        closed = headers.get("connection") == "close" and await _closed(reader)
+        return status, headers, body, closed
+    finally:
+        writer.close()
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(1), 10) == b""
+
+
+def get(path: str, version: str = "1.1", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/{version}\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+ReadyFn = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+def run(
+    body: Callable[[HttpServer], Awaitable[None]],
+    ready: ReadyFn | None = None,
+    registry: CollectorRegistry | None = None,
+    **kw: Any,
+) -> None:
+    async def main() -> None:
+        reg = registry if registry is not None else build_registry(process_metrics=False)[0]
+        srv = HttpServer(reg, ready, **kw)
+        port = await srv.start("127.0.0.1", 0)
+        assert port == srv.port and port > 0
+        try:
+            await body(srv)
+        finally:
+            await srv.stop()
+
+    asyncio.run(main())
+
+
+def test_metrics_endpoint_serves_the_registry() -> None:
+    async def body(srv: HttpServer) -> None:
+        status, headers, data, _ = await request(srv.port, get("/metrics"))
+        assert status == 200
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        names = {f.name for f in text_string_to_metric_families(data.decode())}
+        assert "ingestd_build_info" in names
+        # A query string does not change the route.
+        status, _, data2, _ = await request(srv.port, get("/metrics?x=1"))
+        assert status == 200 and b"ingestd_build_info" in data2
+
+    run(body)
+
+
+def test_healthz_and_unknown_paths_and_methods() -> None:
+    async def body(srv: HttpServer) -> None:
+        status, headers, data, _ = await request(srv.port, get("/healthz"))
+        assert (status, data) == (200, b"ok\n")
+        assert headers["content-type"] == "text/plain; charset=utf-8"
+        status, _, _, _ = await request(srv.port, get("/nope"))
+        assert status == 404
+        status, headers, _, _ = await request(
+            srv.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+        )
+        assert status == 405 and headers["allow"] == "GET, HEAD"
+        # HEAD: headers with the length of the body that GET would send, and no body.
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"HEAD /healthz HTTP/1.1\r\n\r\n" + get("/healthz"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Content-Length: 3" in head
+        # the next bytes are the GET's response
+        status, _, data = await read_response(reader)
+        assert (status, data) == (200, b"ok\n")
+        writer.close()
+
+    run(body)
+
+
+def test_keep_alive_and_pipelining() -> None:
+    async def body(srv: HttpServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(get("/healthz") + get("/nope") + get("/metrics"))
+        statuses = [(await read_response(reader))[0] for _ in range(3)]
+        assert statuses == [200, 404, 200]
+        writer.write(get("/healthz", extra="Connection: close\r\n"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await _closed(reader)
+        writer.close()
+        # HTTP/1.0 closes unless asked to keep alive.
+        status, headers, _, closed = await request(srv.port, get("/healthz", "1.0"))
+        assert status == 200 and closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(get("/healthz", "1.0", "Connection: keep-alive\r\n") + get("/healthz"))
+        assert (await read_response(reader))[1]["connection"] == "keep-alive"
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+        assert srv.requests == 7
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"\x00\xff\xfe garbage\r\n\r\n", 400),
+        (b"GET\r\n\r\n", 400),
+        (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+        (b"get /healthz HTTP/1.1\r\n\r\n", 400),
+        (b"GET healthz HTTP/1.1\r\n\r\n", 400),
+        (b"GET /healthz HTTP/2.0\r\n\r\n", 505),
+        (b"GET /healthz FOO/1.1\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nno-colon-here\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+        (b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_garbage_gets_an_error_and_a_closed_connection(raw: bytes, status: int) -> None:
+    async def body(srv: HttpServer) -> None:
+        got, headers, _, closed = await request(srv.port, raw)
+        assert got == status
+        assert headers["connection"] == "close" and closed
+        # The server still serves others.
+        assert (await request(srv.port, get("/healthz")))[0] == 200
+
+    run(body)
+
+
+def test_half_requests_and_abrupt_closes_are_harmless() -> None:
+    async def body(srv: HttpServer) -> None:
+        for raw in (b"", b"GET /metr", b"\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+            _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(raw)
+            await writer.drain()
+            writer.close()
+        assert (await request(srv.port, get("/healthz")))[0] == 200
+
+    run(body)
+
+
+def test_a_silent_client_times_out_with_408() -> None:
+    async def body(srv: HttpServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # never finished
+        status, _, _ = await read_response(reader)
+        assert status == 408
+        assert await _closed(reader)
+        writer.close()
+
+    run(body, request_timeout=0.05)
+
+
+def test_stop_closes_idle_keep_alive_connections() -> None:
+    async def main() -> None:
+        srv = HttpServer(CollectorRegistry())
+        port = await srv.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(get("/healthz"))
+        assert (await read_response(reader))[0] == 200
+        await srv.stop()
+        assert await _closed(reader)
+        writer.close()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        await srv.stop()  # idempotent
+
+    asyncio.run(main())
+
+
+def test_readyz_reports_ready_and_not_ready_with_reason() -> None:
+    state: dict[str, Any] = {"ok": False, "why": "database: connection refused"}
+
+    async def ready() -> tuple[bool, str]:
+        if state.get("raise"):
+            raise RuntimeError("boom")
+        if state.get("hang"):
+            await asyncio.Event().wait()
+        return state["ok"], state["why"]
+
+    async def body(srv: HttpServer) -> None:
+        status, _, data, _ = await request(srv.port, get("/readyz"))
+        assert (status, data) == (503, b"database: connection refused\n")
+        state.update(ok=True, why="ok")
+        status, _, data, _ = await request(srv.port, get("/readyz"))
+        assert (status, data) == (200, b"ok\n")
+        state["raise"] = True
+        status, _, data, _ = await request(srv.port, get("/readyz"))
+        assert status == 503 and data == b"readiness check failed: RuntimeError: boom\n"
+        state.update({"raise": False, "hang": True})
+        status, _, data, _ = await request(srv.port, get("/readyz"))
+        assert status == 503 and b"timed out" in data
+        # /healthz stays 200 whatever readiness says.
+        assert (await request(srv.port, get("/healthz")))[0] == 200
+
+    run(body, ready, ready_timeout=0.05)
+
+
+def test_readyz_without_a_check_is_ready() -> None:
+    async def body(srv: HttpServer) -> None:
+        assert (await request(srv.port, get("/readyz")))[0] == 200
+
+    run(body)
+
+
+def test_readiness_probe() -> None:
+    class Pool:
+        def __init__(self, fail: Exception | None = None) -> None:
+            self.fail = fail
+            self.calls = 0
+
+        async def fetchval(self, sql: str) -> int:
+            self.calls += 1
+            assert sql == "SELECT 1"
+            if self.fail is not None:
+                raise self.fail
+            return 1
+
+    async def main() -> None:
+        up = {"v": False}
+        pool = Pool()
+        ready = readiness_probe(lambda: up["v"], lambda: pool)
+        assert await ready() == (False, "listeners not up")
+        up["v"] = True
+        assert await ready() == (True, "ok")
+        assert pool.calls == 1
+        pool.fail = ConnectionRefusedError("refused")
+        ok, why = await ready()
+        assert not ok and why == "database: ConnectionRefusedError: refused"
+        assert await readiness_probe(lambda: True, lambda: None)() == (True, "ok")
+
+        def no_pool() -> Any:
+            raise RuntimeError("the database is closed")
+
+        assert await readiness_probe(lambda: True, no_pool)() == (
+            False,
+            "database: the database is closed",
+        )
+
+    asyncio.run(main())
+
+
+def test_parse_head() -> None:
+    m, p, v, h = parse_head(b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-Y:  z \r\n\r\n")
+    assert (m, p, v) == ("GET", "/a?b", "HTTP/1.1")
+    assert h == {"host": "x", "x-y": "z"}
