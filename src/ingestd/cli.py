@@ -183,5 +183,15 @@ def passwd(username: str, password: str) -> None:
     click.echo(f"{username}:{hash_password(password)}")
 
 
+def _register_plugins() -> None:
+    from ingestd.bench.command import bench
+    from ingestd.tune import tune
+
+    main.add_command(bench)
+    main.add_command(tune)
+
+
+_register_plugins()
+
 if __name__ == "__main__":
     main()

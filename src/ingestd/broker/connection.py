@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingestd.broker")
 
+# Writes are coalesced per event-loop turn, but never more than this many bytes.
+_EAGER_FLUSH_BYTES = 65_536
+
 AWAIT_CONNECT = 0
 CONNECTED = 1
 CLOSED = 2
@@ -196,12 +199,19 @@ class MQTTConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
-        if not self._flush_scheduled:
+        if self._out_bytes >= _EAGER_FLUSH_BYTES:
+            # Enough to fill a segment train: hand it to the kernel now rather than let
+            # one loop turn's burst count against the connection's outbound bound.
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         out = self._out
         if not out:
             return

@@ -86,3 +86,43 @@ class BrokerStats:
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+@dataclass(slots=True)
+class StoredSession:
+    """A session as persisted: enough to rebuild it offline after a restart."""
+
+    client_id: str
+    expiry_interval: int
+    # filter -> (qos, no_local, retain_as_published, retain_handling, subscription id)
+    subscriptions: dict[str, tuple[int, bool, bool, int, int]]
+    # time.time() when its connection ended (None: it was online at the snapshot)
+    disconnected_at: float | None
+    # undelivered QoS 1/2 messages, inflight first then queued:
+    # (topic, payload, qos, retain, properties, subscription ids or None)
+    pending: list[tuple[str, bytes, int, bool, dict, list[int] | None]] = field(
+        default_factory=list
+    )
+
+
+class BrokerStore(Protocol):
+    """Durable state of the broker (retained messages, sessions) across restarts.
+
+    The broker calls the sync methods on the hot path: they must only enqueue
+    (write-behind) and never block. ``save_sessions`` runs once at shutdown,
+    ``load`` once at start-up before any listener accepts connections.
+    """
+
+    def retained_set(self, message: Message) -> None: ...
+
+    def retained_delete(self, topic: str) -> None: ...
+
+    def session_saved(self, session: StoredSession) -> None: ...
+
+    def session_deleted(self, client_id: str) -> None: ...
+
+    async def load(self) -> tuple[list[Message], list[StoredSession]]: ...
+
+    async def save_sessions(self, sessions: list[StoredSession]) -> None: ...
+
+    async def close(self) -> None: ...

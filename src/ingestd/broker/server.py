@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd._trie import SubscriptionTrie
 from ingestd.auth import load_password_file, verify_password
-from ingestd.broker.hooks import BrokerListener, BrokerStats, MessageSink
+from ingestd.broker.hooks import (
+    BrokerListener,
+    BrokerStats,
+    BrokerStore,
+    MessageSink,
+    StoredSession,
+)
 from ingestd.broker.message import Message
 from ingestd.broker.retained import RetainedStore
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions
@@ -62,6 +68,7 @@ class Broker:
             load_password_file(config.mqtt.password_file) if config.mqtt.password_file else None
         )
         self.closing = False
+        self.store: BrokerStore | None = None
 
     # -- plumbing for plugins ---------------------------------------------
 
@@ -186,6 +193,7 @@ class Broker:
                     session.expiry_handle = self.loop.call_later(
                         session.expiry_interval, self._expire_session, session
                     )
+                self._save(session)
         if info is not None:
             for listener in self.listeners:
                 try:
@@ -223,6 +231,8 @@ class Broker:
         session.clear_pending()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            if self.store is not None:
+                self.store.session_deleted(session.client_id)
 
     # -- subscriptions ----------------------------------------------------
 
@@ -231,12 +241,14 @@ class Broker:
         existed = topic_filter in session.subscriptions
         session.subscriptions[topic_filter] = opts
         self.trie.subscribe(topic_filter, session, opts)
+        self._save(session)
         return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
         self.trie.unsubscribe(topic_filter, session)
+        self._save(session)
         return True
 
     # -- routing ----------------------------------------------------------
@@ -247,8 +259,14 @@ class Broker:
         Returns a future to wait on before acknowledging the publisher (some
         sink must make it durable first), or None.
         """
-        if message.retain and not self.retained.set(message):
-            self.stats.drop("retained_store_full")
+        if message.retain:
+            if not self.retained.set(message):
+                self.stats.drop("retained_store_full")
+            elif self.store is not None:
+                if message.payload:
+                    self.store.retained_set(message)
+                else:
+                    self.store.retained_delete(message.topic)
         subs, groups = self.trie.match_all(message.topic)
         if not subs and not groups:
             return None
@@ -353,6 +371,59 @@ class Broker:
             self._paused.discard(conn)
             conn.resume_reading()
 
+    # -- persistence ------------------------------------------------------
+
+    def _save(self, session: Session) -> None:
+        """Tell the store about a persistent session's subscriptions and expiry."""
+        if self.store is not None and session.expiry_interval:
+            self.store.session_saved(self.snapshot_session(session, with_pending=False))
+
+    def snapshot_session(self, session: Session, with_pending: bool = True) -> StoredSession:
+        pending: list[tuple[str, bytes, int, bool, dict, list[int] | None]] = []
+        if with_pending:
+            for d in list(session.inflight.values()) + list(session.queue):
+                m = d.message
+                pending.append((m.topic, m.payload, d.qos, d.retain, m.properties, d.sub_ids))
+        return StoredSession(
+            client_id=session.client_id,
+            expiry_interval=session.expiry_interval,
+            subscriptions={
+                f: (o.qos, o.no_local, o.retain_as_published, o.retain_handling, o.sub_id)
+                for f, o in session.subscriptions.items()
+            },
+            disconnected_at=None if session.connection is not None else time.time(),
+            pending=pending,
+        )
+
+    def restore(self, retained: list[Message], sessions: list[StoredSession]) -> None:
+        """Rebuild retained messages and offline sessions loaded from the store at start-up."""
+        for message in retained:
+            self.retained.set(message)
+        now = time.time()
+        m = self.config.mqtt
+        for stored in sessions:
+            left = stored.expiry_interval
+            if left != NEVER_EXPIRES:
+                gone = now - (stored.disconnected_at or now)
+                left = int(stored.expiry_interval - gone)
+                if left <= 0:
+                    if self.store is not None:
+                        self.store.session_deleted(stored.client_id)
+                    continue
+            session = Session(
+                stored.client_id, self.stats, m.max_queued_messages, m.max_queued_bytes
+            )
+            session.expiry_interval = stored.expiry_interval
+            self.sessions[stored.client_id] = session
+            for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
+                opts = SubOptions(qos, nl, rap, rh, sub_id)
+                session.subscriptions[flt] = opts
+                self.trie.subscribe(flt, session, opts)
+            for topic, payload, qos, retain, props, sub_ids in stored.pending:
+                session.deliver(Message(topic, payload, qos, retain, props), qos, retain, sub_ids)
+            if left != NEVER_EXPIRES:
+                session.expiry_handle = self.loop.call_later(left, self._expire_session, session)
+
     # -- shutdown ---------------------------------------------------------
 
     async def shutdown(self) -> None:
@@ -369,6 +440,10 @@ class Broker:
             if session.will is not None:
                 self._fire_delayed_will(session)
             session.cancel_timers()
+        if self.store is not None:
+            await self.store.save_sessions(
+                [self.snapshot_session(s) for s in self.sessions.values() if s.expiry_interval]
+            )
 
 
 def _target(opts: SubOptions) -> list[Any]:
