@@ -212,3 +212,45 @@ def test_outbound_topic_aliases_when_client_allows(server):
     assert [m.topic for m in msgs] == ["oa/x", "", ""]
     aliases = {m.properties.TopicAlias for m in msgs}
     assert len(aliases) == 1 and 1 <= aliases.pop() <= 5
+
+
+def test_server_keep_alive_caps_the_clients(server_factory):
+    srv = server_factory(max_keepalive=10)
+    c = Client(srv.port, keepalive=60)
+    assert c.connack_props.ServerKeepAlive == 10
+
+
+def test_client_receive_maximum_limits_inflight(server):
+    """With Receive Maximum 2, a third QoS 1 delivery waits until one is acknowledged."""
+    r = Raw(server.port)
+    # CONNECT v5, properties: Receive Maximum (0x21) = 2
+    r.send(connect_v5("rm-client", props=b"\x21\x00\x02"))
+    assert r.read_packet()[0] == 0x20
+    # SUBSCRIBE id 1: "rm/q1" QoS 1 and "rm/barrier" QoS 0
+    r.send(packet(0x82, b"\x00\x01\x00" + s("rm/q1") + b"\x01" + s("rm/barrier") + b"\x00"))
+    assert r.read_packet() == (0x90, b"\x00\x01\x00\x01\x00")
+    pub = Client(server.port)
+    for i in range(5):
+        pub.publish("rm/q1", str(i).encode(), 1)
+    pub.publish("rm/barrier", b"b", 0)  # QoS 0 is not held by the window
+    got = [r.read_packet() for _ in range(3)]
+    kinds = [(first & 0xF6, body[-1:]) for first, body in got]
+    # two QoS 1 PUBLISH (0x32), then the QoS 0 barrier (0x30): the rest wait
+    assert kinds == [(0x32, b"0"), (0x32, b"1"), (0x30, b"b")]
+    first_pid = got[0][1][2 + len("rm/q1") : 4 + len("rm/q1")]
+    r.send(b"\x40\x02" + first_pid)  # PUBACK the first
+    first, body = r.read_packet()
+    assert (first & 0xF6, body[-1:]) == (0x32, b"2")
+    r.sock.close()
+
+
+def test_client_maximum_packet_size_respected(server):
+    cp = props(PacketTypes.CONNECT, MaximumPacketSize=200)
+    sub = Client(server.port, connect_props=cp)
+    sub.subscribe("mps/#", 1)
+    pub = Client(server.port)
+    pub.publish("mps/big", b"x" * 500, 1)  # too large for this client: not sent [MQTT-3.1.2-24]
+    pub.publish("mps/small", b"ok", 1)
+    [m] = sub.expect()
+    assert m.topic == "mps/small"
+    sub.expect_nothing()
