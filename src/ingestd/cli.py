@@ -98,6 +98,8 @@ def serve(
         level=cfg.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pgserver logs every initdb/pg_ctl command line at INFO; ingestd.db says what matters.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     from ingestd.app import App
 
     try:

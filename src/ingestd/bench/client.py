@@ -102,6 +102,7 @@ class BenchClient(asyncio.Protocol):
         self.acked = 0
         self.rejected = 0
         self._window_waiter: asyncio.Future[None] | None = None
+        self._wake_at = 0
         self._send_ns = [0] * 65536
         self.ack_latency = LatencySampler(latency_cap)
         self._suback: asyncio.Future[list[int]] | None = None
@@ -342,14 +343,21 @@ class BenchClient(asyncio.Protocol):
             self.ack_latency.add((now - self._send_ns[pid]) // 1000)
         self.inflight -= 1
         w = self._window_waiter
-        if w is not None:
+        if w is not None and self.inflight <= self._wake_at:
             self._window_waiter = None
             if not w.done():
                 w.set_result(None)
 
-    async def _wait_window(self) -> None:
+    async def _wait_window(self, low: int) -> None:
+        """Wait until at most ``low`` publishes are unacknowledged.
+
+        Waking at a low-water mark rather than at every ack lets the publisher
+        refill the window with one batch (one write) instead of one packet per
+        ack, which matters against brokers that send each ack in its own segment.
+        """
         if self.transport is None:
             raise self.error or BenchError(f"{self.client_id}: connection lost")
+        self._wake_at = low
         self._window_waiter = w = self.loop.create_future()
         await w
 
@@ -381,6 +389,7 @@ class BenchClient(asyncio.Protocol):
         pack_pid = _PID.pack_into
         send_ns = self._send_ns
         window = max(1, min(window, self.server_receive_max)) if qos else 0
+        low_water = window - min(batch, max(1, window // 2))
         clock = time.monotonic_ns
         t_start = clock()
         seq = 0
@@ -403,7 +412,7 @@ class BenchClient(asyncio.Protocol):
             if qos:
                 free = window - self.inflight
                 if free <= 0:
-                    await self._wait_window()
+                    await self._wait_window(low_water)
                     continue
                 if free < n:
                     n = free
@@ -428,7 +437,7 @@ class BenchClient(asyncio.Protocol):
             self.write(buf)
             await asyncio.sleep(0)
         while self.inflight > 0:
-            await self._wait_window()
+            await self._wait_window(0)
         await self.ping()
 
     async def publish_each(
@@ -444,7 +453,7 @@ class BenchClient(asyncio.Protocol):
         for seq, payload in enumerate(payloads):
             if qos:
                 while self.inflight >= window:
-                    await self._wait_window()
+                    await self._wait_window(window - 1)
             if self._paused:
                 await self.writable()
             pid = seq % 65535 + 1 if qos else 0
@@ -456,5 +465,5 @@ class BenchClient(asyncio.Protocol):
             if self.sent % 64 == 0:
                 await asyncio.sleep(0)
         while self.inflight > 0:
-            await self._wait_window()
+            await self._wait_window(0)
         await self.ping()
