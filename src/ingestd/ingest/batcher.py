@@ -3,7 +3,10 @@
 Flow of one table's batch::
 
     deliver() -> TableBatcher.add()          (O(1): append the message)
-      ... batch_rows reached, or flush_interval_ms after the first row ...
+      ... group commit: flushed on the next loop turn while the table has a
+      free writer slot (max_concurrent_copies); while every slot is busy the
+      batch grows until a writer finishes, batch_rows is reached, or
+      flush_interval_ms passes ...
     TableBatcher.flush() -> task:
       convert_entries()  -> Groups (one per route, rows in column order)
                             + a dead-letter Group for messages that failed
@@ -480,6 +483,7 @@ class TableBatcher:
     """
 
     __slots__ = (
+        "_active",
         "_engine",
         "_last_task",
         "_loop",
@@ -514,9 +518,11 @@ class TableBatcher:
         self.routes: list[Route] | None = None if self.single is not None else []
         # One future per batch, shared by every after-commit message in it.
         self.future: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # call_soon or call_later
         self._last_task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        # Writer tasks of this table in flight (group commit: see the module docstring).
+        self._active = 0
 
     def add(self, route: Route, msg: Message, durable: bool) -> asyncio.Future[None] | None:
         """Queue one message; returns the batch's future if ``durable``."""
@@ -533,7 +539,12 @@ class TableBatcher:
         if len(msgs) >= self.batch_rows:
             self.flush()
         elif self._timer is None:
-            self._timer = self._loop.call_later(self.flush_interval, self.flush)
+            if self._active < self._engine.config.ingest.max_concurrent_copies:
+                # A writer is free: take everything that arrives in this loop turn and go.
+                # Waiting for more rows would only add latency to after-commit acks.
+                self._timer = self._loop.call_soon(self.flush)
+            else:
+                self._timer = self._loop.call_later(self.flush_interval, self.flush)
         return fut
 
     def flush(self) -> asyncio.Task[None] | None:
@@ -558,5 +569,13 @@ class TableBatcher:
         task = self._loop.create_task(self._engine._process_batch(self, msgs, routes, fut, prev))
         if self.kind == "latest":
             self._last_task = task
+        self._active += 1
+        task.add_done_callback(self._writer_done)
         self._engine._track(task)
         return task
+
+    def _writer_done(self, _task: asyncio.Task[None]) -> None:
+        self._active -= 1
+        # Rows that piled up while every writer was busy go out now, not at the timer.
+        if self.msgs:
+            self.flush()
