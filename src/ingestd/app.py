@@ -9,6 +9,7 @@ v5 "server shutting down", flush the ingest batches, close the database.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -78,6 +79,12 @@ class App:
 
             for addr in cfg.server.ws_listen:
                 await self._listen("ws", addr, lambda: WebSocketProtocol(broker, "ws"))
+        # Everything built at start-up lives as long as the process: keep it out of the
+        # collector's scans, and collect the young generation less often (every message
+        # allocates a few objects). Measured: ~8% more msgs per broker CPU-second in
+        # fan-in QoS 1 (ingestd bench --compare of both settings, 4 rounds).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         log.info(
             "ingestd listening on %s",
             ", ".join(f"{b.kind}://{b.host}:{b.port}" for b in self.bound),
