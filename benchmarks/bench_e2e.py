@@ -128,6 +128,7 @@ def main() -> None:
                 "-m",
                 "ingestd",
                 "serve",
+                "--no-db",  # broker only: Mosquitto has no database either
                 "--config",
                 str(tmp / "ingestd.toml"),
                 "--listen",

@@ -280,3 +280,55 @@ def test_parse_head() -> None:
     m, p, v, h = parse_head(b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-Y:  z \r\n\r\n")
     assert (m, p, v) == ("GET", "/a?b", "HTTP/1.1")
     assert h == {"host": "x", "x-y": "z"}
+
+
+def test_wired_like_the_app_against_a_real_broker(server: Any) -> None:
+    """build_registry + HttpServer + readiness_probe on the broker's own loop, scraped over TCP."""
+    import socket
+
+    from ingestd.metrics import LoopLagMonitor
+
+    app = server.app
+    holder: dict[str, Any] = {}
+
+    async def start() -> int:
+        lag = LoopLagMonitor()
+        lag.start()
+        registry, _ = build_registry(app.broker, app.ingest, lag)
+        ready = readiness_probe(lambda: any(b.kind == "mqtt" for b in app.bound), lambda: None)
+        http = HttpServer(registry, ready)
+        holder.update(lag=lag, http=http)
+        return await http.start("127.0.0.1", 0)
+
+    port = server.run(start())
+
+    def fetch(path: str) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), body
+
+    try:
+        # One MQTT client connected (raw 3.1.1 CONNECT), so the gauges have something to show.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+            c.sendall(b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02hx")
+            assert c.recv(4)[0] == 0x20
+            status, body = fetch("/metrics")
+            assert status == 200
+            fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+            conns = {s.labels["protocol"]: s.value for s in fams["ingestd_connections"].samples}
+            assert conns["4"] == 1
+            assert "ingestd_event_loop_lag_seconds" in fams
+            assert "process_resident_memory_bytes" in fams
+            assert fetch("/readyz") == (200, b"ok\n")
+            assert fetch("/healthz") == (200, b"ok\n")
+    finally:
+
+        async def stop() -> None:
+            await holder["http"].stop()
+            await holder["lag"].stop()
+
+        server.run(stop())

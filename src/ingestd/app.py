@@ -44,6 +44,10 @@ class App:
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: list[BoundListener] = []
         self.extras: list[Any] = []  # started plugins with an async stop()
+        self.http: Any = None
+        self.lag: Any = None
+        self.registry: Any = None
+        self.collector: Any = None
         self._stopped = asyncio.Event()
 
     def port(self, kind: str = "mqtt") -> int:
@@ -68,6 +72,7 @@ class App:
                 broker.add_sink(topic_filter, sink)
             broker.add_listener(engine)
             broker.set_ingest(engine)
+        await self._start_http(broker)
         for addr in cfg.server.listen:
             await self._listen("mqtt", addr, lambda: MQTTConnection(broker, "tcp"))
         if cfg.server.tls_listen:
@@ -89,6 +94,29 @@ class App:
             "ingestd listening on %s",
             ", ".join(f"{b.kind}://{b.host}:{b.port}" for b in self.bound),
         )
+
+    async def _start_http(self, broker: Broker) -> None:
+        """Prometheus /metrics, /healthz and /readyz (server.http_listen; empty disables)."""
+        from ingestd.http import HttpServer, readiness_probe
+        from ingestd.metrics import LoopLagMonitor, build_registry
+
+        self.lag = LoopLagMonitor()
+        self.lag.start()
+        self.registry, self.collector = build_registry(broker, self.ingest, self.lag)
+        listen = self.config.server.http_listen
+        if not listen:
+            return
+        try:
+            host, port = parse_hostport(listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="server.http_listen") from None
+        ingest = self.ingest
+        ready = readiness_probe(
+            lambda: any(b.kind == "mqtt" for b in self.bound) and not broker.closing,
+            lambda: None if ingest is None else ingest.database.pool,
+        )
+        self.http = HttpServer(self.registry, ready)
+        self.bound.append(BoundListener("http", host, await self.http.start(host, port)))
 
     def _tls_context(self) -> ssl.SSLContext:
         s = self.config.server
@@ -132,6 +160,10 @@ class App:
                 log.exception("error stopping %r", extra)
         for server in self.servers:
             await server.wait_closed()
+        if self.http is not None:
+            await self.http.stop()
+        if self.lag is not None:
+            await self.lag.stop()
         self._stopped.set()
 
     async def run(self) -> None:

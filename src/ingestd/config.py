@@ -211,7 +211,8 @@ class LookupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     columns: dict[str, str]
     # Whole-table reload period (seconds).
     refresh_s: float = 60.0
-    # On a miss, reload at most this often (seconds) before giving up on the row.
+    # On a miss, reload at most this often (seconds) before giving up on the row;
+    # 0 reloads on every miss.
     miss_refresh_s: float = 5.0
     # What a row whose key is not in the table becomes.
     on_miss: Literal["dead-letter", "null", "skip"] = "dead-letter"

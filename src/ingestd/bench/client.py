@@ -103,7 +103,7 @@ class BenchClient(asyncio.Protocol):
         self.rejected = 0
         self._window_waiter: asyncio.Future[None] | None = None
         self._wake_at = 0
-        self._send_ns = [0] * 65536
+        self._send_ns: list[int] = []  # send time by packet id; allocated when publishing
         self.ack_latency = LatencySampler(latency_cap)
         self._suback: asyncio.Future[list[int]] | None = None
         self._pings_sent = 0
@@ -387,6 +387,8 @@ class BenchClient(asyncio.Protocol):
         size = len(tpl)
         pack = HEADER.pack_into
         pack_pid = _PID.pack_into
+        if qos and not self._send_ns:
+            self._send_ns = [0] * 65536
         send_ns = self._send_ns
         window = max(1, min(window, self.server_receive_max)) if qos else 0
         low_water = window - min(batch, max(1, window // 2))
@@ -450,6 +452,8 @@ class BenchClient(asyncio.Protocol):
     ) -> None:
         """Publish each payload of an iterable (used for JSON ingest payloads), windowed."""
         window = max(1, min(window, self.server_receive_max)) if qos else 0
+        if qos and not self._send_ns:
+            self._send_ns = [0] * 65536
         for seq, payload in enumerate(payloads):
             if qos:
                 while self.inflight >= window:

@@ -359,6 +359,7 @@ class _Worker:
         cpu0 = time.process_time()
         results = await self._gather_limited([_capture(self._open(f"{pre}{k}")) for k in mine])
         t1 = time.monotonic_ns()
+        cpu1 = time.process_time()
         clients = [r for r in results if not isinstance(r, BaseException)]
         failures = [str(r) for r in results if isinstance(r, BaseException)]
         self.send(
@@ -379,6 +380,8 @@ class _Worker:
             {
                 "alive": alive,
                 "cpu_s": cpu,
+                # connecting phase only: CPU seconds per wall second
+                "peak_util": (cpu1 - cpu0) / max((t1 - t0) / 1e9, 1e-9),
                 "errors": failures[:5],
                 "subscribers": [],
                 "latency": [],

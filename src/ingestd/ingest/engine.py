@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from ingestd.ingest.presence import Presence
 from ingestd.ingest.routes import CompiledConfig, LookupCache, Route, compile_config
 from ingestd.ingest.schema import ensure_schema
 from ingestd.ingest.spool import Spool, SpoolFull
+from ingestd.metrics import Histogram, batch_rows_histogram, copy_seconds_histogram
 
 if TYPE_CHECKING:
     from ingestd.broker.hooks import ClientInfo
@@ -76,6 +77,11 @@ class IngestStats:
     rows_lost: int = 0  # rows neither committed nor spooled at shutdown
     bisections: int = 0  # batches PostgreSQL rejected for their data
     lookup_reloads: int = 0
+    # For ingestd_ingest_rows_total{table}: rows handed to a committed batch, per table
+    # (dead letters counted under their own table).
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+    batch_rows: Histogram = field(default_factory=batch_rows_histogram)
+    copy_seconds: Histogram = field(default_factory=copy_seconds_histogram)
 
 
 class RouteSink:
@@ -358,7 +364,13 @@ class IngestEngine:
             else:
                 try:
                     async with self._copy_sem:
+                        t0 = time.perf_counter()
                         dead = await self.writer.write(groups, origins)
+                        self.stats.copy_seconds.observe(time.perf_counter() - t0)
+                    self.stats.batch_rows.observe(rows)
+                    by_table = self.stats.rows_by_table
+                    for g in groups:
+                        by_table[g.table] = by_table.get(g.table, 0) + len(g.records)
                     self.stats.batches_committed += 1
                     self.stats.rows_committed += data_rows - dead
                     self.stats.dead_letters += dead

@@ -1268,9 +1268,11 @@ def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:
         if t is None:
             raise ConfigError(f"unknown column type {typ!r}", key=f"{key}.columns.{col}")
         value_types.append(t)
-    for name, v in (("refresh_s", lc.refresh_s), ("miss_refresh_s", lc.miss_refresh_s)):
-        if not v > 0:
-            raise ConfigError("must be > 0", key=f"{key}.{name}")
+    if not lc.refresh_s > 0:
+        raise ConfigError("must be > 0", key=f"{key}.refresh_s")
+    # 0 is allowed: reload on every miss (small mapping tables that change often).
+    if not lc.miss_refresh_s >= 0:
+        raise ConfigError("must be >= 0", key=f"{key}.miss_refresh_s")
     return LookupCache(
         name=lc.name,
         table=lc.table,
