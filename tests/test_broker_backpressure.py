@@ -39,7 +39,7 @@ def test_stalled_subscriber_is_bounded_and_others_keep_flowing(server_factory):
         sess = b.sessions["stalled"]
         return (
             conn.transport.get_write_buffer_size() + conn._out_bytes,
-            len(sess.queue),
+            len(sess.queue or ()),
             len(sess.inflight),
             dict(b.stats.dropped),
         )

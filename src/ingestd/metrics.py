@@ -383,7 +383,7 @@ class IngestdCollector(Collector):
             else:
                 offline += 1
             inflight += len(s.inflight)
-            queued += len(getattr(s, "queue", ()))
+            queued += len(getattr(s, "queue", None) or ())
         g = GaugeMetricFamily("ingestd_sessions", "MQTT sessions by state", labels=["state"])
         g.add_metric(["online"], online)
         g.add_metric(["offline"], offline)

@@ -104,7 +104,8 @@ class MQTTConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         # Inbound QoS 1/2 acks in arrival order: [future-or-None, encoded ack, qos, packet id].
-        self._acks: deque[list[Any]] = deque()
+        # Created on first use (an empty deque costs ~760 bytes per connection).
+        self._acks: deque[list[Any]] | None = None
         self._pending_qos1 = 0
         self._inbound_aliases: dict[int, str] = {}
         self._outbound_aliases: dict[str, int] = {}
@@ -149,7 +150,7 @@ class MQTTConnection(asyncio.Protocol):
             self._protocol_error(exc)
             return
         if not self._read_paused and (
-            len(self._acks) > self.cfg.receive_maximum or self.broker.ingest_saturated()
+            len(self._acks or ()) > self.cfg.receive_maximum or self.broker.ingest_saturated()
         ):
             self.pause_reading()
 
@@ -189,7 +190,7 @@ class MQTTConnection(asyncio.Protocol):
         """Resume if nothing still holds this connection back."""
         if not self._read_paused or self.state == CLOSED or self.transport is None:
             return
-        if len(self._acks) > self.cfg.receive_maximum or self.broker.ingest_saturated():
+        if len(self._acks or ()) > self.cfg.receive_maximum or self.broker.ingest_saturated():
             return
         self._read_paused = False
         self.transport.resume_reading()
@@ -287,7 +288,7 @@ class MQTTConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._acks.clear()
+        self._acks = None
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if reason_code is not None and self.version == 5 and was_connected:
@@ -573,6 +574,8 @@ class MQTTConnection(asyncio.Protocol):
         if fut is None and not self._acks:
             self._send_ack(ptype, pid, qos)
             return
+        if self._acks is None:
+            self._acks = deque()
         self._acks.append([fut, ptype, pid, qos])
         if fut is not None:
             fut.add_done_callback(self._ack_ready)
@@ -586,6 +589,8 @@ class MQTTConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         acks = self._acks
+        if acks is None:
+            return
         while acks:
             fut, ptype, pid, qos = acks[0]
             if fut is not None:

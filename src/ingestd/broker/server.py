@@ -381,7 +381,7 @@ class Broker:
     def snapshot_session(self, session: Session, with_pending: bool = True) -> StoredSession:
         pending: list[tuple[str, bytes, int, bool, dict, list[int] | None]] = []
         if with_pending:
-            for d in list(session.inflight.values()) + list(session.queue):
+            for d in list(session.inflight.values()) + list(session.queue or ()):
                 m = d.message
                 pending.append((m.topic, m.payload, d.qos, d.retain, m.properties, d.sub_ids))
         return StoredSession(

@@ -37,7 +37,7 @@ queue is pumped.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import TYPE_CHECKING
 
 from ingestd.broker.message import Message
@@ -130,8 +130,10 @@ class Session:
         self.stats = stats
         self.connection: MQTTConnection | None = None
         self.subscriptions: dict[str, SubOptions] = {}
-        self.inflight: OrderedDict[int, Delivery] = OrderedDict()
-        self.queue: deque[Delivery] = deque()
+        # Plain dicts keep insertion (send) order; OrderedDict would cost more per session.
+        self.inflight: dict[int, Delivery] = {}
+        # Created on first use: an empty deque costs ~760 bytes, and most sessions never queue.
+        self.queue: deque[Delivery] | None = None
         self.queued_bytes = 0
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -166,13 +168,16 @@ class Session:
             self._send_new(conn, d)
             return
         size = len(message.payload) + len(message.topic)
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
         if (
-            len(self.queue) >= self.max_queued_messages
+            len(queue) >= self.max_queued_messages
             or self.queued_bytes + size > self.max_queued_bytes
         ):
             self.stats.drop("session_queue_full")
             return
-        self.queue.append(d)
+        queue.append(d)
         self.queued_bytes += size
 
     def _alloc_packet_id(self) -> int:
@@ -254,7 +259,7 @@ class Session:
     def clear_pending(self) -> None:
         """Drop every queued and inflight delivery (the session is being discarded)."""
         self.inflight.clear()
-        self.queue.clear()
+        self.queue = None
         self.queued_bytes = 0
         self.inbound_qos2.clear()
 
@@ -268,7 +273,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = "online" if self.connection is not None else "offline"
-        return f"<Session {self.client_id!r} {state} subs={len(self.subscriptions)} inflight={len(self.inflight)} queued={len(self.queue)}>"
+        return f"<Session {self.client_id!r} {state} subs={len(self.subscriptions)} inflight={len(self.inflight)} queued={len(self.queue or ())}>"
 
 
 class WillSpec:
