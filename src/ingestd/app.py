@@ -72,6 +72,19 @@ class App:
                 broker.add_sink(topic_filter, sink)
             broker.add_listener(engine)
             broker.set_ingest(engine)
+            if cfg.persistence.enabled:
+                # Retained messages and sessions come back before any client can connect.
+                from ingestd.broker_store import PgBrokerStore
+
+                assert engine.database is not None  # started by engine.start()
+                store = PgBrokerStore(
+                    engine.database.pool, cfg.persistence.flush_interval_ms / 1000.0
+                )
+                await store.start()
+                broker.restore(*await store.load())
+                broker.store = store
+                # Stopped before the engine (extras stop in reverse), while the pool is open.
+                self.extras.append(store)
         await self._start_http(broker)
         for addr in cfg.server.listen:
             await self._listen("mqtt", addr, lambda: MQTTConnection(broker, "tcp"))

@@ -148,6 +148,14 @@ class PresenceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reset_on_start: bool = True
 
 
+class PersistenceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Retained messages and persistent sessions kept in PostgreSQL across restarts."""
+
+    enabled: bool = True
+    # Write-behind period for retained/session changes (what a crash can lose at most).
+    flush_interval_ms: float = 100.0
+
+
 class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """One column of a route's table and where its value comes from.
 
@@ -226,6 +234,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     presence: PresenceConfig = msgspec.field(default_factory=PresenceConfig)
+    persistence: PersistenceConfig = msgspec.field(default_factory=PersistenceConfig)
     lookups: list[LookupConfig] = msgspec.field(default_factory=list)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
 
@@ -237,6 +246,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "database": DatabaseConfig,
     "ingest": IngestConfig,
     "presence": PresenceConfig,
+    "persistence": PersistenceConfig,
 }
 
 ENV_PREFIX = "INGESTD_"
