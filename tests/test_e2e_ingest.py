@@ -137,3 +137,62 @@ def test_sigkill_loses_no_acknowledged_message(pg_dsn, tmp_path):
     missing = acked_now - stored
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
     assert len(acked_now) >= 300
+
+
+class _LoopThread:
+    """An event loop on its own thread (for the database proxy)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+
+
+def test_after_commit_ack_withheld_during_outage_and_released_after(pg_dsn, tmp_path):
+    from test_ingest_outage import CuttableProxy
+
+    lt = _LoopThread()
+    proxy = CuttableProxy(pg_dsn)
+    lt.run(proxy.start())
+    cfg = config_from_toml(
+        ROUTES,
+        tmp_path,
+        proxy.dsn,
+        ingest={"retry_initial_ms": 10, "retry_max_ms": 50, "spool_after_ms": 3_600_000},
+        persistence={"enabled": False},
+    )
+    cfg.server.listen = ["127.0.0.1:0"]
+    srv = ServerThread(cfg, database=True).start()
+    try:
+        pub = Client(srv.port)
+        pub.publish("company/o/machine/m1/telemetry", json.dumps({"seq": 1, "battery": 1}), 1)
+        lt.run(proxy.cut())
+        info = pub.c.publish(
+            "company/o/machine/m1/telemetry", json.dumps({"seq": 2, "battery": 2}), 1
+        )
+        stats = srv.app.ingest.stats
+        deadline = time.monotonic() + WAIT
+        while srv.call(lambda: stats.write_errors) == 0:
+            assert time.monotonic() < deadline, "the batch was never attempted"
+            time.sleep(0.02)
+        # The batch holding seq 2 failed to commit: its PUBACK can only follow a commit.
+        assert not info.is_published()
+        lt.run(proxy.start())  # the database is back (same port)
+        info.wait_for_publish(WAIT)
+        assert info.is_published()
+        seqs = sorted(r[0] for r in fetch_sync(pg_dsn, "SELECT seq FROM e2e_telemetry"))
+        assert seqs == [1, 2]
+    finally:
+        srv.stop()
+        lt.close()
