@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from codec_helpers import vbi
+
 WAIT = 10.0
 
 
@@ -13,13 +15,8 @@ def s(text: str | bytes) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+# The codec tests' hand encoder of a Variable Byte Integer (not the codec under test).
+varint = vbi
 
 
 def packet(first: int, body: bytes) -> bytes:
