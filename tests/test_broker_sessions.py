@@ -276,3 +276,23 @@ def test_shared_subscription_round_robin_and_redistribution(server):
         pub.publish("jobs/y", str(i).encode(), 1)
     b.barrier()
     assert b.messages.qsize() == 5 + 4
+
+
+@pytest.mark.parametrize("clean_start,published", [(True, True), (False, False)])
+def test_takeover_with_delayed_will(server, clean_start, published):
+    """Takeover: a delayed will goes out if the new CONNECT ends the session (Clean Start)."""
+    watcher = Client(server.port)
+    watcher.subscribe("tw/#", 1)
+    wp = props(PacketTypes.WILLMESSAGE, WillDelayInterval=300)
+    cid = f"tw-{clean_start}"
+    Client(
+        server.port,
+        client_id=cid,
+        session_expiry=600,
+        will=("tw/dev", b"gone", 1, False),
+        will_props=wp,
+    )
+    Client(server.port, client_id=cid, session_expiry=600, clean_start=clean_start)
+    if published:
+        assert watcher.expect()[0].payload == b"gone"
+    watcher.expect_nothing()

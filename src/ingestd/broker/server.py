@@ -162,24 +162,29 @@ class Broker:
             v = info.protocol_version
             self.stats.connections_current[v] = self.stats.connections_current.get(v, 1) - 1
         session = conn.session
-        will = conn.will
+        # A normal DISCONNECT discards the will [MQTT-3.1.2-10]; every other end publishes it.
+        will = conn.will if reason != "normal" else None
         conn.will = None
         will_published = False
         if session is not None and session.connection is conn:
             session.connection = None
-            publish_will = will is not None and reason != "normal"
             if reason == "taken_over":
-                # The session lives on in the new connection; a delayed will is cancelled by it.
-                if publish_will and will is not None and will.delay == 0:
-                    self.publish(will.to_message(), None)
-                    will_published = True
-            elif session.expiry_interval == 0 or (self.closing and session.expiry_interval == 0):
-                if publish_will and will is not None:
+                # The session lives on in the new connection. A will with a delay waits on
+                # the session: attach_session publishes it if the new CONNECT has Clean
+                # Start (the session ends) and cancels it otherwise [MQTT-3.1.3-9].
+                if will is not None:
+                    if will.delay == 0:
+                        self.publish(will.to_message(), None)
+                        will_published = True
+                    else:
+                        session.will = will
+            elif session.expiry_interval == 0:
+                if will is not None:
                     self.publish(will.to_message(), None)
                     will_published = True
                 self._discard_session(session)
             else:
-                if publish_will and will is not None:
+                if will is not None:
                     if will.delay == 0:
                         self.publish(will.to_message(), None)
                         will_published = True
