@@ -168,32 +168,24 @@ class Broker:
         will_published = False
         if session is not None and session.connection is conn:
             session.connection = None
-            if reason == "taken_over":
-                # The session lives on in the new connection. A will with a delay waits on
-                # the session: attach_session publishes it if the new CONNECT has Clean
-                # Start (the session ends) and cancels it otherwise [MQTT-3.1.3-9].
-                if will is not None:
-                    if will.delay == 0:
-                        self.publish(will.to_message(), None)
-                        will_published = True
-                    else:
-                        session.will = will
-            elif session.expiry_interval == 0:
-                if will is not None:
+            # On takeover the session lives on in the new connection whatever its expiry.
+            session_ends = reason != "taken_over" and session.expiry_interval == 0
+            if will is not None:
+                if will.delay == 0 or session_ends:
                     self.publish(will.to_message(), None)
                     will_published = True
+                else:
+                    # Waits on the session for its delay. After a takeover attach_session
+                    # publishes it (Clean Start ends the session) or cancels it [MQTT-3.1.3-9].
+                    session.will = will
+            if session_ends:
                 self._discard_session(session)
-            else:
-                if will is not None:
-                    if will.delay == 0:
-                        self.publish(will.to_message(), None)
-                        will_published = True
-                    else:
-                        session.will = will
-                        delay = min(will.delay, session.expiry_interval)
-                        session.will_handle = self.loop.call_later(
-                            delay, self._fire_delayed_will, session
-                        )
+            elif reason != "taken_over":
+                if session.will is not None:
+                    delay = min(session.will.delay, session.expiry_interval)
+                    session.will_handle = self.loop.call_later(
+                        delay, self._fire_delayed_will, session
+                    )
                 if session.expiry_interval != NEVER_EXPIRES:
                     session.expiry_handle = self.loop.call_later(
                         session.expiry_interval, self._expire_session, session
