@@ -541,21 +541,8 @@ class MQTTConnection(asyncio.Protocol):
             self.broker.publish(message, session)
             return
         pid = p.packet_id
-        if qos == 1:
-            if (
-                self.version == 5
-                and self._pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
-            ):
-                raise ProtocolError(
-                    "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
-                    Reason.RECEIVE_MAXIMUM_EXCEEDED,
-                )
-            durable = self.broker.publish(message, session)
-            self._pending_qos1 += 1
-            self._queue_ack(durable, _PUBACK, pid, 1)
-            return
-        # QoS 2: route once; a re-sent PUBLISH with a pending id only gets PUBREC again.
-        if pid in session.inbound_qos2:
+        if qos == 2 and pid in session.inbound_qos2:
+            # QoS 2 is routed once: a re-sent PUBLISH with a pending id only gets PUBREC again.
             self._queue_ack(None, _PUBREC, pid, 2)
             return
         if (
@@ -566,9 +553,14 @@ class MQTTConnection(asyncio.Protocol):
                 "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
                 Reason.RECEIVE_MAXIMUM_EXCEEDED,
             )
-        session.inbound_qos2.add(pid)
-        durable = self.broker.publish(message, session)
-        self._queue_ack(durable, _PUBREC, pid, 2)
+        if qos == 1:
+            durable = self.broker.publish(message, session)
+            self._pending_qos1 += 1
+            self._queue_ack(durable, _PUBACK, pid, 1)
+        else:
+            session.inbound_qos2.add(pid)
+            durable = self.broker.publish(message, session)
+            self._queue_ack(durable, _PUBREC, pid, 2)
 
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
         if fut is None and not self._acks:
