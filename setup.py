@@ -10,6 +10,7 @@ DEBUG = os.environ.get("INGESTD_CYTHON_DEBUG") == "1"
 extensions = [
     Extension("ingestd._codec", ["ext/ingestd/_codec.pyx"]),
     Extension("ingestd._trie", ["ext/ingestd/_trie.pyx"]),
+    Extension("ingestd._copy", ["ext/ingestd/_copy.pyx"]),
 ]
 
 setup(

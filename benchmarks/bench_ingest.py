@@ -2,8 +2,8 @@
 
 Usage::
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_ingest.py [--rows 200000] [--batch 5000]
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_ingest.py --upsert   # latest-table methods
+    .venv/bin/python benchmarks/bench_ingest.py [--rows 200000] [--batch 5000]
+    .venv/bin/python benchmarks/bench_ingest.py --upsert   # latest-table methods
 
 PostgreSQL: ``$INGESTD_BENCH_DSN``, else an embedded server in a temp dir.
 
@@ -14,7 +14,10 @@ Measured, each into the same (truncated) ``telemetry`` table, same run:
 * ``decode+copy`` the minimal hand-written ingester: msgspec-decode each
               payload, build the tuple, COPY per batch;
 * ``engine``  Message objects handed to the route sink exactly as the broker
-              does (after-commit acks), until every future resolved.
+              does (after-commit acks), until every future resolved;
+* ``engine/asyncpg-enc`` the same with ``batcher.USE_COPY_ENCODER = False``:
+              rows encoded by asyncpg's ``copy_records_to_table`` instead of
+              ``ingestd._copy.CopyEncoder`` (the before/after of that change).
 
 The issue's goal is engine >= 0.7x the plain loop.
 """
@@ -270,7 +273,12 @@ async def main() -> None:
         gc.collect()
         gc.freeze()
         print(f"{args.rows} rows, batch {args.batch}, PostgreSQL {dsn.split('?')[0]}")
-        results: dict[str, list[float]] = {"copy": [], "decode+copy": [], "engine": []}
+        results: dict[str, list[float]] = {
+            "copy": [],
+            "decode+copy": [],
+            "engine": [],
+            "engine/asyncpg-enc": [],
+        }
         stalls = []
         for _ in range(args.repeat):
             results["copy"].append(await bench_plain_copy(dsn, msgs, args.batch))
@@ -278,12 +286,18 @@ async def main() -> None:
             rate, stall = await bench_engine(cfg, dsn, msgs)
             results["engine"].append(rate)
             stalls.append(stall)
+            batcher.USE_COPY_ENCODER = False
+            try:
+                rate, _stall = await bench_engine(cfg, dsn, msgs)
+            finally:
+                batcher.USE_COPY_ENCODER = True
+            results["engine/asyncpg-enc"].append(rate)
         best = {k: max(v) for k, v in results.items()}
         med = {k: statistics.median(v) for k, v in results.items()}
         for k, v in results.items():
             runs = ", ".join(f"{x:,.0f}" for x in v)
             print(
-                f"  {k:12s} best {best[k]:>9,.0f}  median {med[k]:>9,.0f} rows/s   (runs: {runs})"
+                f"  {k:18s} best {best[k]:>9,.0f}  median {med[k]:>9,.0f} rows/s   (runs: {runs})"
             )
         for base in ("copy", "decode+copy"):
             print(

@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import ingestd._codec
+import ingestd._copy
 import ingestd._trie
 
 
 def test_compiled_modules_are_loaded():
-    for mod in (ingestd._codec, ingestd._trie):
+    for mod in (ingestd._codec, ingestd._trie, ingestd._copy):
         assert mod.__file__ is not None
         assert mod.__file__.endswith(".so"), mod.__file__
 

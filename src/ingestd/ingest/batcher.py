@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
+from ingestd._copy import CopyEncoder
+from ingestd._copy import supports as copy_supports
 from ingestd.ingest import deadletter
 from ingestd.ingest.routes import (
     SQL_TYPE,
@@ -74,6 +76,10 @@ log = logging.getLogger("ingestd.ingest.batcher")
 
 # "unnest" | "temp-table" | "executemany" (see the module docstring).
 UPSERT_METHOD = "unnest"
+
+# Append groups go through ingestd._copy.CopyEncoder (False: asyncpg's copy_records_to_table,
+# kept for measuring one against the other: benchmarks/bench_ingest.py).
+USE_COPY_ENCODER = True
 
 # Rows converted between two yields to the event loop.
 CONVERT_CHUNK = 1000
@@ -330,7 +336,17 @@ class Writer:
         self.dead_letter_table = dead_letter_table
         self.upsert_method = upsert_method or UPSERT_METHOD
         self._sql: dict[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], str] = {}
+        self._encoders: dict[tuple[str, ...], CopyEncoder | None] = {}
         self.bisections = 0
+
+    def _copy_encoder(self, types: tuple[str, ...]) -> CopyEncoder | None:
+        """The binary COPY encoder for these column types, or None (e.g. numeric): asyncpg's path."""
+        try:
+            return self._encoders[types]
+        except KeyError:
+            enc = CopyEncoder(types) if USE_COPY_ENCODER and copy_supports(types) else None
+            self._encoders[types] = enc
+            return enc
 
     async def write(
         self, groups: list[Group], origins: list[list[Message] | None] | None = None
@@ -415,9 +431,22 @@ class Writer:
             return
         if g.kind == "append":
             schema, table = _split_table(g.table)
-            await conn.copy_records_to_table(
-                table, records=g.records, columns=g.columns, schema_name=schema
-            )
+            encoder = self._copy_encoder(g.types)
+            if encoder is None:
+                await conn.copy_records_to_table(
+                    table, records=g.records, columns=g.columns, schema_name=schema
+                )
+            else:
+                # Encoded here (Cython, one pass) and sent as one CopyData message;
+                # see ext/ingestd/_copy.pyx for why and for the asyncpg-compatible contract.
+                # A memoryview, because asyncpg takes a bytes source for a file path.
+                await conn.copy_to_table(
+                    table,
+                    source=memoryview(encoder.encode(g.records)),
+                    columns=g.columns,
+                    schema_name=schema,
+                    format="binary",
+                )
             return
         method = self.upsert_method
         if method == "unnest":
