@@ -106,6 +106,10 @@ class MQTTConnection(asyncio.Protocol):
         # Inbound QoS 1/2 acks in arrival order: [future-or-None, encoded ack, qos, packet id].
         # Created on first use (an empty deque costs ~760 bytes per connection).
         self._acks: deque[list[Any]] | None = None
+        # The durability future _ack_ready already watches: the messages of one ingest
+        # batch share a future, so one callback per batch and connection releases them
+        # all (not one callback per message, scheduled by the thousand at commit).
+        self._ack_watch: asyncio.Future[Any] | None = None
         self._pending_qos1 = 0
         self._inbound_aliases: dict[int, str] = {}
         self._outbound_aliases: dict[str, int] = {}
@@ -289,6 +293,7 @@ class MQTTConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._acks = None
+        self._ack_watch = None
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if reason_code is not None and self.version == 5 and was_connected:
@@ -569,7 +574,10 @@ class MQTTConnection(asyncio.Protocol):
         if self._acks is None:
             self._acks = deque()
         self._acks.append([fut, ptype, pid, qos])
-        if fut is not None:
+        if fut is not None and fut is not self._ack_watch:
+            # _ack_ready releases every ack at the head whose future is done, so a
+            # future already watched needs no second callback.
+            self._ack_watch = fut
             fut.add_done_callback(self._ack_ready)
 
     def _send_ack(self, ptype: int, pid: int, qos: int) -> None:
