@@ -168,6 +168,10 @@ class Database:
             self.embedded = None
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to reset (see create_pool)."""
+
+
 async def create_pool(dsn: str, cfg: Config) -> asyncpg.Pool:
     """An asyncpg pool sized by ``database.pool_size``. Raises DatabaseError."""
     d = cfg.database
@@ -183,6 +187,11 @@ async def create_pool(dsn: str, cfg: Config) -> asyncpg.Pool:
             # Connections are long-lived; recycle idle ones so a server restart
             # does not leave the pool full of dead sockets for long.
             max_inactive_connection_lifetime=60.0,
+            # ingestd keeps no session state on pooled connections (no SET, LISTEN,
+            # advisory locks or cursors), so the default reset query (a round trip
+            # per release, i.e. per batch) would reset nothing; asyncpg still rolls
+            # back a transaction left open.
+            reset=_keep_session,
         )
         assert pool is not None
         try:

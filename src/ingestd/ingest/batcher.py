@@ -357,14 +357,23 @@ class Writer:
         """
         async with self.pool.acquire() as conn:
             try:
-                async with conn.transaction():
-                    for g in groups:
-                        await self._write_group(conn, g)
+                if len(groups) == 1 and self._one_statement(groups[0]):
+                    # One COPY (or one upsert) is atomic on its own: no BEGIN/COMMIT
+                    # round trips for the common batch (one table, no dead letters).
+                    await self._write_group(conn, groups[0])
+                else:
+                    async with conn.transaction():
+                        for g in groups:
+                            await self._write_group(conn, g)
                 return 0
             except DATA_ERRORS as e:
                 log.warning("batch rejected for its data (%s); isolating the bad rows", e)
                 self.bisections += 1
             return await self._write_isolating(conn, groups, origins)
+
+    def _one_statement(self, g: Group) -> bool:
+        """True when writing ``g`` is a single SQL statement (hence atomic without BEGIN)."""
+        return g.kind == "append" or self.upsert_method == "unnest"
 
     async def _write_isolating(
         self, conn: Any, groups: list[Group], origins: list[list[Message] | None] | None
