@@ -152,6 +152,11 @@ def test_bad_env(env: dict[str, str], expected: str) -> None:
         ("[ingest]\nbatch_rows = 0\n", "ingest.batch_rows", "must be > 0"),
         ("[ingest]\nack = 'never'\n", "ingest.ack", "Invalid enum value 'never'"),
         ("[presence]\ntable = 'dead_letters'\n", "presence.table", ""),
+        (
+            "[database]\npool_size = 3\n[ingest]\nmax_concurrent_copies = 3\n",
+            "ingest.max_concurrent_copies",
+            "must be less than database.pool_size (3)",
+        ),
     ],
 )
 def test_file_errors_name_file_key_and_reason(

@@ -561,6 +561,14 @@ def validate_config(cfg: Config) -> None:
     _positive(ing.spool_after_ms, "ingest.spool_after_ms", allow_zero=True)
     if cfg.database.pool_size < 1:
         raise ConfigError("must be >= 1", key="database.pool_size")
+    if ing.max_concurrent_copies >= cfg.database.pool_size:
+        # Writers would hold every pooled connection and starve presence upserts,
+        # lookup reloads and the broker store's write-behind for as long as ingest is busy.
+        raise ConfigError(
+            f"must be less than database.pool_size ({cfg.database.pool_size}): each COPY"
+            " holds a pooled connection and presence, lookups and the broker store need one",
+            key="ingest.max_concurrent_copies",
+        )
     _positive(cfg.presence.flush_interval_ms, "presence.flush_interval_ms")
     # Routes, lookups and tables: compiling them is the validation.
     from ingestd.ingest.routes import compile_config
