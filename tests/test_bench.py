@@ -25,8 +25,8 @@ from ingestd.bench.accounting import (
     percentiles,
 )
 from ingestd.bench.command import bench, parse_target
-from ingestd.bench.runner import Result, format_table, run
-from ingestd.bench.worker import TOPIC_FILTER, Plan, publisher_topic
+from ingestd.bench.runner import BenchFailed, Result, format_table, run
+from ingestd.bench.worker import TOPIC_FILTER, Plan, json_payloads, publisher_topic
 
 # -- accounting (no network) ----------------------------------------------------------
 
@@ -126,6 +126,30 @@ def test_publish_template_round_trips_through_the_decoder() -> None:
         publish_template("t", 15, 0, 4)
 
 
+@pytest.mark.parametrize("size", [16, 100, 130, 300])
+def test_json_payloads_fields_and_size(size: int) -> None:
+    t_before = time.time_ns()
+    got = list(json_payloads('r"1', 7, size, 250, None))
+    t_after = time.time_ns()
+    assert len(got) == 250
+    for seq, body in enumerate(got):
+        assert isinstance(body, bytes)
+        d = json.loads(body)
+        assert list(d) == ["run", "pub", "seq", "ts", "temperature", "pressure", "pad"]
+        assert (d["run"], d["pub"], d["seq"]) == ('r"1', 7, seq)
+        assert isinstance(d["ts"], int) and t_before <= d["ts"] <= t_after
+        assert d["temperature"] == 20.0 + (seq % 100) / 10
+        assert d["pressure"] == 1007.0
+        assert set(d["pad"]) <= {"x"}
+        # Padded to exactly `size` when shorter; never padded when longer.
+        natural = len(body) - len(d["pad"])
+        assert len(body) == max(size, natural)
+        assert (d["pad"] == "") == (natural >= size)
+    # A deadline ends an unbounded stream; a past one yields nothing.
+    assert list(json_payloads("r", 0, 100, None, time.monotonic_ns())) == []
+    assert len(list(json_payloads("r", 0, 100, None, time.monotonic_ns() + 20_000_000))) > 0
+
+
 # -- against ingestd -------------------------------------------------------------------
 
 
@@ -198,6 +222,137 @@ def test_publish_only_counts_acks(server: Any) -> None:
     assert res.latency_kind == "publish->ack"
     assert res.latency_ms["p50"] is not None
     assert server.call(lambda: server.app.broker.stats.messages_received[1]) == 5000
+
+
+@pytest.mark.parametrize(("qos", "batch"), [(1, 32), (2, 64), (0, 50)])
+def test_publish_each_writes_whole_batches(server: Any, qos: int, batch: int) -> None:
+    """1000 JSON payloads, a window that never fills: one write per batch, exact accounting."""
+    import asyncio
+
+    from ingestd.bench.client import BenchClient
+
+    async def go() -> tuple[Any, list[bytes]]:
+        c = await BenchClient.open("127.0.0.1", server.port, "each", 4)
+        writes: list[bytes] = []
+        assert c.transport is not None
+        raw_write = c.transport.write
+
+        def counting_write(data: Any) -> None:
+            writes.append(bytes(data))
+            raw_write(data)
+
+        c.transport.write = counting_write  # type: ignore[method-assign]
+        payloads = json_payloads("each", 3, 100, 1000, None)
+        await c.publish_each(publisher_topic(3), payloads, qos, window=65535, batch=batch)
+        await c.disconnect()
+        return c, writes
+
+    c, writes = asyncio.run(go())
+    assert c.error is None
+    assert (c.sent, c.inflight) == (1000, 0)
+    assert c.acked == (1000 if qos else 0)
+    assert c.ack_latency.count == c.acked
+    publish_writes = [w for w in writes if w[0] >> 4 == 3]
+    assert len(publish_writes) == -(-1000 // batch)
+    stats = server.call(lambda: server.app.broker.stats)
+    assert stats.messages_received[qos] == 1000
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None:
+    """Window 10, batch 64: 10 packets, then nothing until 5 are acknowledged, then 5 more."""
+    import asyncio
+
+    from ingestd._codec import PINGRESP, Decoder, Publish, encode_ack
+
+    from ingestd.bench.client import BenchClient
+    from ingestd.protocol import PacketType
+
+    decoder = Decoder(server_side=False)  # it decodes PUBLISH without a CONNECT first
+    decoder.protocol_version = 4
+    first_ack = int(PacketType.PUBACK if qos == 1 else PacketType.PUBREC)
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def go() -> tuple[BenchClient, list[list[Any]]]:
+        c = BenchClient("fake", 4, keepalive=0)
+        t = _FakeTransport()
+        c.connection_made(t)  # type: ignore[arg-type]
+        task = asyncio.create_task(
+            c.publish_each("t/x", json_payloads("f", 0, 100, 23, None), qos, window=10, batch=64)
+        )
+        batches: list[list[Any]] = []
+
+        async def take() -> list[int]:
+            """Sizes of the PUBLISH writes since the last call (PUBRELs are written apart)."""
+            await settle()
+            sizes = []
+            for w in t.writes:
+                if w[0] >> 4 == 3:
+                    pkts = decoder.feed(w)
+                    assert all(type(p) is Publish for p in pkts)
+                    batches.append(pkts)
+                    sizes.append(len(pkts))
+            t.writes.clear()
+            return sizes
+
+        def ack(pid: int) -> None:
+            c.data_received(encode_ack(first_ack, pid, 0, 4))
+            if qos == 2:
+                c.data_received(encode_ack(int(PacketType.PUBCOMP), pid, 0, 4))
+
+        assert await take() == [10]
+        for pid in range(1, 5):  # 6 in flight: above the low-water mark (5)
+            ack(pid)
+        assert await take() == []
+        assert (c.inflight, c.acked) == (6, 4)
+        ack(5)  # 5 in flight: refill with one write of 5
+        assert await take() == [5]
+        for pid in range(6, 16):
+            ack(pid)  # 0 in flight; the rest (8 of 23) in one write
+        assert await take() == [8]
+        for pid in range(16, 24):
+            ack(pid)
+        await settle()
+        assert t.writes[-1] == b"\xc0\x00"  # PINGREQ: all acknowledged
+        assert not [w for w in t.writes if w[0] >> 4 == 3]
+        c.data_received(PINGRESP)
+        await asyncio.wait_for(task, 5)
+        return c, batches
+
+    c, batches = asyncio.run(go())
+    assert [len(b) for b in batches] == [10, 5, 8]
+    flat = [p for b in batches for p in b]
+    assert [p.packet_id for p in flat] == list(range(1, 24))
+    assert [json.loads(p.payload)["seq"] for p in flat] == list(range(23))
+    assert all(p.qos == qos and p.topic == "t/x" for p in flat)
+    assert (c.sent, c.acked, c.inflight) == (23, 23, 0)
+    assert c.ack_latency.count == 23
 
 
 def test_loss_is_counted_exactly_when_the_broker_drops(server_factory: Any) -> None:
@@ -343,6 +498,12 @@ def test_cli_json_and_compare(server_factory: Any) -> None:
 def test_cli_errors() -> None:
     r = CliRunner().invoke(bench, ["--messages", "1", "--duration", "1"])
     assert r.exit_code != 0 and "not both" in r.output
+    r = CliRunner().invoke(bench, ["--scenario", "ingest", "--reference"])
+    assert r.exit_code == 2 and "--reference needs" in r.output
+    r = CliRunner().invoke(
+        bench, ["--scenario", "fan-in", "--dsn", "postgresql:///x", "--reference"]
+    )
+    assert r.exit_code == 2 and "--reference needs" in r.output
     # Nothing listens there: a clean failure, not a hang.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -352,6 +513,16 @@ def test_cli_errors() -> None:
     )
     assert r.exit_code == 1
     assert "benchmark failed" in r.output and "cannot connect" in r.output
+    # PostgreSQL is connected before the run: an unreachable one fails at once.
+    r = CliRunner().invoke(
+        bench,
+        [
+            *("--port", str(port), "--scenario", "ingest", "--messages", "1"),
+            *("--dsn", f"postgresql://bench@127.0.0.1:{port}/x", "--processes", "1"),
+        ],
+    )
+    assert r.exit_code == 1
+    assert "cannot connect to PostgreSQL" in r.output
 
 
 # -- the ingest scenario: rows verified in PostgreSQL ------------------------------------
@@ -378,18 +549,18 @@ machine = "topic.machine"
 """
 
 
-@pytest.mark.pg
-def test_ingest_scenario_verifies_rows(tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
+@pytest.fixture(scope="module")
+def ingest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """(server, DSN): ingestd with the bench route into a fresh database, for this module."""
     import pg
     from ingestd.config import load_config
+    from server_thread import ServerThread
 
     try:
         dsn = pg.create_database()
     except Exception as e:  # pragma: no cover
         pytest.skip(f"no PostgreSQL: {e}")
+    tmp_path = tmp_path_factory.mktemp("ingest")
     try:
         cfg_path = tmp_path / "bench.toml"
         cfg_path.write_text(ROUTE)
@@ -405,34 +576,219 @@ def test_ingest_scenario_verifies_rows(tmp_path: Path) -> None:
                 "database": {"dsn": dsn},
             },
         )
-        from server_thread import ServerThread
-
         srv = ServerThread(cfg, database=True).start()
         try:
             assert srv.call(lambda: srv.app.broker._sinks)  # the route is in the trie
-            res = run(
-                Plan(
-                    "ingest",
-                    "127.0.0.1",
-                    srv.port,
-                    publishers=4,
-                    subscribers=0,
-                    messages=250,
-                    qos=1,
-                    payload_size=120,
-                    drain_timeout=10.0,
-                ),
-                dsn=dsn,
-                table="bench_telemetry",
-            )
+            yield srv, dsn
         finally:
             srv.stop()
-        assert res.errors == []
-        assert res.sent == res.acked == 1000
-        assert (res.rows, res.unique_rows, res.lost, res.duplicates) == (1000, 1000, 0, 0)
-        assert res.rate_of == "rows/s" and res.msgs_per_s > 0
     finally:
         pg.drop_database(dsn)
+
+
+def pg_value(dsn: str, sql: str, *args: Any) -> Any:
+    import asyncio
+
+    import asyncpg
+
+    async def q() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(q())
+
+
+def ingest_plan(port: int, **kw: Any) -> Plan:
+    base: dict[str, Any] = {
+        "publishers": 4,
+        "subscribers": 0,
+        "messages": 250,
+        "qos": 1,
+        "payload_size": 120,
+        "drain_timeout": 10.0,
+    }
+    base.update(kw)
+    return Plan("ingest", "127.0.0.1", port, **base)
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize(
+    ("qos", "inflight", "batch"),
+    [(1, 64, 64), (1, 10, 64), (2, 50, 16), (0, 64, 7)],
+)
+def test_ingest_scenario_verifies_rows_and_measures_the_reference(
+    ingest_server: tuple[Any, str], qos: int, inflight: int, batch: int
+) -> None:
+    srv, dsn = ingest_server
+    total_before = pg_value(dsn, "SELECT count(*) FROM bench_telemetry")
+    plan = ingest_plan(srv.port, qos=qos, inflight=inflight, batch=batch)
+    res = run(
+        plan,
+        dsn=dsn,
+        table="bench_telemetry",
+        reference_batch=300,
+    )
+    assert res.errors == [] and res.notes == []
+    assert res.sent == 1000
+    assert res.acked == (1000 if qos else 0)
+    assert (res.rows, res.unique_rows, res.lost, res.duplicates) == (1000, 1000, 0, 0)
+    assert (res.expected, res.delivered) == (1000, 1000)
+    assert res.rate_of == "rows/s" and res.msgs_per_s > 0
+    assert res.duration_s > 0
+    if qos:
+        assert res.latency_kind == "publish->ack" and res.latency_ms["p50"] is not None
+    # The reference ran (on by default with a DSN), and its rows are gone again:
+    # the table grew by exactly the run's rows.
+    assert res.reference_rows_per_s is not None and res.reference_rows_per_s > 0
+    assert res.reference_batch == 300
+    assert res.vs_reference == pytest.approx(res.msgs_per_s / res.reference_rows_per_s)
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry") == total_before + 1000
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run = $1", plan.run_id) == 1000
+    ref_run = f"{plan.run_id}-ref"
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run = $1", ref_run) == 0
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run LIKE '%-ref'") == 0
+    table = format_table([res])
+    assert "reference rows/s" in table and "vs reference" in table
+    assert f"{res.vs_reference:.2f}x" in table
+    assert res.to_dict()["reference_rows_per_s"] == res.reference_rows_per_s
+
+
+@pytest.mark.pg
+def test_ingest_duration_run_without_reference(ingest_server: tuple[Any, str]) -> None:
+    """--duration: publishers stop at the deadline; every message sent is a row."""
+    srv, dsn = ingest_server
+    res = run(
+        ingest_plan(srv.port, messages=None, duration=0.3, publishers=2, batch=32),
+        dsn=dsn,
+        reference=False,
+    )
+    assert res.errors == [] and res.notes == []
+    assert res.sent > 0
+    assert res.acked == res.sent
+    assert (res.rows, res.unique_rows, res.lost, res.duplicates) == (res.sent, res.sent, 0, 0)
+    assert res.reference_rows_per_s is None and res.vs_reference is None
+    assert "reference" not in format_table([res])
+
+
+@pytest.mark.pg
+def test_ingest_counting_a_missing_table_fails_cleanly(ingest_server: tuple[Any, str]) -> None:
+    srv, dsn = ingest_server
+    with pytest.raises(BenchFailed, match="counting the rows in no_such_table"):
+        run(ingest_plan(srv.port, messages=10, publishers=1), dsn=dsn, table="no_such_table")
+
+
+@pytest.mark.pg
+def test_ingest_reference_skipped_for_a_column_it_cannot_fill(
+    ingest_server: tuple[Any, str],
+) -> None:
+    srv, dsn = ingest_server
+    pg_value(dsn, "ALTER TABLE bench_telemetry ADD COLUMN spot point")
+    try:
+        res = run(ingest_plan(srv.port, messages=50), dsn=dsn)
+    finally:
+        pg_value(dsn, "ALTER TABLE bench_telemetry DROP COLUMN spot")
+    assert res.errors == []
+    assert (res.rows, res.lost) == (200, 0)
+    assert res.reference_rows_per_s is None and res.vs_reference is None
+    assert len(res.notes) == 1
+    assert "reference skipped" in res.notes[0] and "'spot'" in res.notes[0]
+    assert "point" in res.notes[0]
+    assert "note (" in format_table([res])
+
+
+@pytest.mark.pg
+def test_ingest_cli_reference_and_no_reference(ingest_server: tuple[Any, str]) -> None:
+    srv, dsn = ingest_server
+    common = [
+        "--port",
+        str(srv.port),
+        "--scenario",
+        "ingest",
+        "--publishers",
+        "2",
+        "--messages",
+        "100",
+        "--processes",
+        "1",
+        "--dsn",
+        dsn,
+        "--no-progress",
+    ]
+    r = CliRunner().invoke(bench, [*common, "--json", "--reference-batch", "64"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert (data["sent"], data["rows"], data["lost"]) == (200, 200, 0)
+    assert data["reference_rows_per_s"] > 0 and data["reference_batch"] == 64
+    assert data["vs_reference"] == pytest.approx(data["msgs_per_s"] / data["reference_rows_per_s"])
+    r = CliRunner().invoke(bench, [*common, "--json", "--no-reference"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert (data["sent"], data["rows"], data["lost"]) == (200, 200, 0)
+    assert data["reference_rows_per_s"] is None and data["vs_reference"] is None
+    r = CliRunner().invoke(bench, common)
+    assert r.exit_code == 0, r.output
+    assert "reference rows/s" in r.output and "vs reference" in r.output
+    r = CliRunner().invoke(bench, [*common, "--no-reference"])
+    assert r.exit_code == 0, r.output
+    assert "rows/s" in r.output and "reference" not in r.output
+    # Only the runs' own rows are left.
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run LIKE '%-ref'") == 0
+
+
+@pytest.mark.pg
+def test_reference_fills_every_supported_type(ingest_server: tuple[Any, str]) -> None:
+    """The reference's values by column type are accepted by COPY; defaults are left alone."""
+    import asyncio
+
+    import asyncpg
+
+    from ingestd.bench.database import ReferenceSkipped, measure_reference, reference_records
+
+    _, dsn = ingest_server
+
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "CREATE TABLE ref_types (id bigserial, run varchar(20), pub smallint,"
+                " seq numeric(12, 0), ts timestamptz, a real, b double precision, c integer,"
+                " d bigint NOT NULL, e boolean, f jsonb, g json, h bytea, i numeric(4, 2),"
+                " j text, k varchar(2), m smallint, n numeric,"
+                " dd bigint GENERATED ALWAYS AS (d * 2) STORED,"
+                " idn integer GENERATED ALWAYS AS IDENTITY, at timestamptz DEFAULT now(),"
+                " other point DEFAULT '(0,0)')"
+            )
+            cols, recs = await reference_records(conn, "public.ref_types", 700, "r1-ref", 3)
+            assert cols == [
+                *("run", "pub", "seq", "ts", "a", "b", "c", "d", "e"),
+                *("f", "g", "h", "i", "j", "k", "m", "n"),
+            ]
+            assert len(recs) == 700
+            assert len({(r[1], r[2]) for r in recs}) == 700  # distinct (pub, seq)
+            assert {r[1] for r in recs} == {0, 1, 2}
+            rate = await measure_reference(conn, "public.ref_types", 700, "r1-ref", 3, 250)
+            assert rate > 0
+            assert await conn.fetchval("SELECT count(*) FROM ref_types") == 0
+            assert await conn.fetchval("SELECT max(id) FROM ref_types") is None
+            # 700 rows went in (and out) through the serial id.
+            assert await conn.fetchval("SELECT last_value FROM ref_types_id_seq") == 700
+            with pytest.raises(ReferenceSkipped, match="no rows"):
+                await measure_reference(conn, "ref_types", 0, "r1-ref", 3, 250)
+            await conn.execute("CREATE TABLE ref_norun (pub integer, seq bigint)")
+            with pytest.raises(ReferenceSkipped, match="no column run"):
+                await measure_reference(conn, "ref_norun", 10, "r1-ref", 3, 250)
+            await conn.execute("CREATE TABLE ref_shortrun (run varchar(4), pub integer)")
+            with pytest.raises(ReferenceSkipped, match="column run"):
+                await measure_reference(conn, "ref_shortrun", 10, "r1-ref", 3, 250)
+            assert await conn.fetchval("SELECT count(*) FROM ref_shortrun") == 0
+        finally:
+            await conn.execute("DROP TABLE IF EXISTS ref_types, ref_norun, ref_shortrun")
+            await conn.close()
+
+    asyncio.run(go())
 
 
 # -- against Mosquitto (validates the generator against another broker) ------------------

@@ -139,6 +139,20 @@ def parse_target(text: str) -> tuple[str, int]:
     help="Table the ingest route writes (columns run, pub, seq).",
 )
 @click.option(
+    "--reference/--no-reference",
+    default=None,
+    help="After the ingest run, measure a plain asyncpg copy_records_to_table loop (one "
+    "connection, --reference-batch rows per transaction, as many rows as the run stored) into "
+    "the same table, and print the run's rows/s as a multiple of it (default: on with --dsn).",
+)
+@click.option(
+    "--reference-batch",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Rows per COPY transaction of the reference.",
+)
+@click.option(
     "--drain-timeout",
     default=5.0,
     show_default=True,
@@ -181,6 +195,8 @@ def bench(
     rounds: int,
     dsn: str | None,
     table: str,
+    reference: bool | None,
+    reference_batch: int,
     drain_timeout: float,
     batch: int,
     as_json: bool,
@@ -209,6 +225,8 @@ def bench(
         raise click.UsageError("at least one publisher is needed")
     if scenario == "ingest" and n_sub:
         raise click.UsageError("the ingest scenario has no subscribers")
+    if reference and (scenario != "ingest" or not dsn):
+        raise click.UsageError("--reference needs --scenario ingest and --dsn")
     procs = processes or default_processes()
     if scenario == "connections":
         procs = min(procs, connections)
@@ -251,6 +269,8 @@ def bench(
                 echo=echo,
                 dsn=dsn,
                 table=table,
+                reference=reference,
+                reference_batch=reference_batch,
             )
             if as_json:
                 click.echo(json.dumps(out, indent=2))
@@ -273,7 +293,15 @@ def bench(
                         f"msgs per broker CPU second, ratio: {_x(out['cpu_efficiency_ratio'])}"
                     )
         else:
-            res = run(make_plan(host, port), pid=pid, progress=show, dsn=dsn, table=table)
+            res = run(
+                make_plan(host, port),
+                pid=pid,
+                progress=show,
+                dsn=dsn,
+                table=table,
+                reference=reference,
+                reference_batch=reference_batch,
+            )
             if as_json:
                 click.echo(json.dumps(res.to_dict(), indent=2))
             else:

@@ -10,6 +10,12 @@ Times are ``time.monotonic_ns()`` (one clock for all processes on the host):
 the run starts when the parent sends "go"; the delivery rate is the number of
 distinct messages delivered divided by the time from "go" to the last
 message received by any subscriber.
+
+The ingest scenario counts the run's rows in PostgreSQL instead (``--dsn``):
+its rate is the number of distinct rows stored divided by the time from "go"
+to the row-count query that first saw them all. Unless disabled it then
+measures a same-run reference into the same table: a plain asyncpg
+``copy_records_to_table`` loop (see :mod:`ingestd.bench.database`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from typing import Any, TextIO
 
 from ingestd.bench import procstat
 from ingestd.bench.accounting import merge_samples, percentiles
+from ingestd.bench.database import (
+    ReferenceSkipped,
+    RowCount,
+    count_rows,
+    measure_reference,
+)
 from ingestd.bench.worker import Plan, worker_main
 
 SCENARIOS = ("fan-in", "fan-out", "publish-only", "ingest", "connections", "latency")
@@ -73,10 +85,52 @@ class Result:
     rss_per_connection_bytes: float | None = None
     rows: int | None = None
     unique_rows: int | None = None
+    # ingest: a plain COPY loop into the same table in the same run, and the
+    # scenario's rows/s as a multiple of it
+    reference_rows_per_s: float | None = None
+    reference_batch: int | None = None
+    vs_reference: float | None = None
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Database:
+    """One asyncpg connection, driven from the (synchronous) runner on its own event loop."""
+
+    def __init__(self, dsn: str) -> None:
+        import asyncpg
+
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
+        except Exception as e:
+            self.loop.close()
+            raise BenchFailed(f"cannot connect to PostgreSQL: {type(e).__name__}: {e}") from None
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def count_rows(self, table: str, run_id: str, expected: int, idle_timeout: float) -> RowCount:
+        import asyncpg
+
+        try:
+            counted: RowCount = self.run(
+                count_rows(self.conn, table, run_id, expected, idle_timeout)
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+            raise BenchFailed(f"counting the rows in {table}: {type(e).__name__}: {e}") from None
+        return counted
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.conn.close(timeout=5))
+        except Exception:
+            self.conn.terminate()
+        finally:
+            self.loop.close()
 
 
 @dataclass
@@ -95,8 +149,14 @@ def run(
     table: str = "bench_telemetry",
     progress: TextIO | None = None,
     phase_timeout: float | None = None,
+    reference: bool | None = None,
+    reference_batch: int = 5000,
 ) -> Result:
-    """Run one scenario once; raises :class:`BenchFailed` when a worker fails."""
+    """Run one scenario once; raises :class:`BenchFailed` when a worker fails.
+
+    ``reference`` (ingest scenario with a ``dsn`` only; default: on there)
+    measures the plain-COPY reference after the rows are verified.
+    """
     if not plan.run_id:
         plan.run_id = uuid.uuid4().hex[:8]
     if plan.messages is None and plan.duration is None:
@@ -120,6 +180,15 @@ def run(
         plan.connect_timeout + 60 + (plan.duration or 0) + (plan.messages or 0) / 1000
     )
     rss0 = procstat.rss_bytes(pid) if pid and plan.scenario == "connections" else None
+    verify = plan.scenario == "ingest" and dsn is not None
+    if reference is None:
+        reference = verify
+    elif reference and not verify:
+        raise ValueError("the reference needs the ingest scenario and a DSN")
+    # Connected before the run, so that counting can start as soon as the
+    # publishers are done.
+    db = _Database(dsn) if verify and dsn is not None else None
+    counted: RowCount | None = None
     try:
         for w in range(plan.processes):
             parent, child = ctx.Pipe()
@@ -164,6 +233,9 @@ def run(
                 sent_by_pub.update(info["sent"])
             res.sent = sum(sent_by_pub.values())
             expected_per_sub = res.sent
+            if db is not None:
+                # While the workers wait (idle): their teardown is not in the rows/s.
+                counted = db.count_rows(table, plan.run_id, res.sent, plan.drain_timeout)
         for pr in procs:
             pr.conn.send(("drain", {"expected": expected_per_sub}))
         results = _collect(procs, "result", limit + plan.drain_timeout, status)
@@ -180,10 +252,13 @@ def run(
                     res.delivered or res.acked or res.sent
                 ) / res.broker_cpu_s
         if plan.scenario == "ingest":
-            if dsn is None:
+            if counted is None:
                 res.errors.append("no --dsn: rows not verified")
             else:
-                asyncio.run(_verify_rows(res, plan, dsn, table, t0))
+                _apply_row_count(res, counted, t0)
+        if reference and db is not None:
+            # After the workers have exited, so that they take no CPU from it.
+            _reference(res, plan, db, table, reference_batch)
         return res
     finally:
         for pr in procs:
@@ -191,6 +266,8 @@ def run(
                 pr.proc.terminate()
                 pr.proc.join(5)
             pr.conn.close()
+        if db is not None:
+            db.close()
 
 
 def _collect(
@@ -273,36 +350,36 @@ def _summarize(
     res.latency_ms = {k: (v / 1000 if v is not None else None) for k, v in pct.items()}
 
 
-async def _verify_rows(res: Result, plan: Plan, dsn: str, table: str, t0: int) -> None:
-    """Poll the table until every published row of this run is there, or it stops growing."""
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        ident = ".".join('"' + part.replace('"', '""') + '"' for part in table.split("."))
-        sql = f"SELECT count(*), count(DISTINCT (pub, seq)) FROM {ident} WHERE run = $1"
-        last = -1
-        last_change = time.monotonic()
-        t_seen = t0
-        while True:
-            rows, uniq = await conn.fetchrow(sql, plan.run_id)
-            now = time.monotonic()
-            if rows != last:
-                last, last_change = rows, now
-                t_seen = time.monotonic_ns()
-            if uniq >= res.sent or now - last_change > plan.drain_timeout:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    res.rows, res.unique_rows = int(rows), int(uniq)
+def _apply_row_count(res: Result, counted: RowCount, t0: int) -> None:
+    """The ingest scenario's accounting: rows of the run stored in PostgreSQL."""
+    res.rows, res.unique_rows = counted.rows, counted.unique
     res.delivered = res.unique_rows
     res.expected = res.sent
     res.lost = res.sent - res.unique_rows
     res.duplicates = res.rows - res.unique_rows
-    res.duration_s = (t_seen - t0) / 1e9
+    res.duration_s = (counted.t_seen_ns - t0) / 1e9
     res.msgs_per_s = res.unique_rows / max(res.duration_s, 1e-9)
     res.rate_of = "rows/s"
+
+
+def _reference(res: Result, plan: Plan, db: _Database, table: str, batch: int) -> None:
+    """Measure the plain-COPY reference (as many rows as the run stored) into ``res``."""
+    import asyncpg
+
+    ref_run = f"{plan.run_id}-ref"
+    try:
+        rate = db.run(
+            measure_reference(db.conn, table, res.rows or 0, ref_run, plan.publishers, batch)
+        )
+    except ReferenceSkipped as e:
+        res.notes.append(f"reference skipped: {e}")
+        return
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+        res.notes.append(f"reference failed: {type(e).__name__}: {e}")
+        return
+    res.reference_rows_per_s = rate
+    res.reference_batch = batch
+    res.vs_reference = res.msgs_per_s / rate if rate > 0 else None
 
 
 class _Status:
@@ -386,6 +463,15 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
     ]
     if r.rows is not None:
         rows.append(("rows (distinct)", f"{_fmt(r.rows)} ({_fmt(r.unique_rows)})"))
+    if r.reference_rows_per_s is not None:
+        rows += [
+            (
+                "reference rows/s",
+                _fmt(r.reference_rows_per_s)
+                + f" (plain COPY, {_fmt(r.reference_batch)}-row batches)",
+            ),
+            ("vs reference", "-" if r.vs_reference is None else f"{r.vs_reference:.2f}x"),
+        ]
     if lat:
         kind = f" ({r.latency_kind})" if r.latency_kind else ""
         rows.append(
@@ -408,21 +494,25 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
 
 
 def format_table(results: list[Result], ratio: tuple[str, float] | None = None) -> str:
-    """Results side by side, one column per run."""
-    cols = [table_rows(r) for r in results]
-    labels = [label for label, _ in cols[0]]
+    """Results side by side, one column per run (rows matched by label)."""
+    cols = [dict(table_rows(r)) for r in results]
+    labels: list[str] = []
+    for c in cols:
+        labels += [label for label in c if label not in labels]
     widths = [max(len(label) for label in labels)]
     for c in cols:
-        widths.append(max(len(v) for _, v in c))
+        widths.append(max(len(v) for v in c.values()))
     lines = []
-    for i, label in enumerate(labels):
+    for label in labels:
         cells = [label.ljust(widths[0])]
         for j, c in enumerate(cols):
-            cells.append(c[i][1].rjust(widths[j + 1]) if i < len(c) else "")
+            cells.append(c.get(label, "").rjust(widths[j + 1]))
         lines.append("  ".join(cells).rstrip())
     for r in results:
         for e in r.errors[:5]:
             lines.append(f"error ({r.target}): {e.strip().splitlines()[-1] if e.strip() else e}")
+        for n in r.notes[:5]:
+            lines.append(f"note ({r.target}): {n}")
     if ratio is not None:
         lines.append(f"{ratio[0]}: {ratio[1]:.2f}x")
     return "\n".join(lines)
