@@ -323,3 +323,51 @@ def test_route_config_errors(columns: dict[str, Any], kw: dict[str, Any], error:
     with pytest.raises(ConfigError, match=error) as ei:
         route(columns, **kw)
     assert "routes[0]" in str(ei.value)
+
+
+# -- the generated converter's shortcuts ----------------------------------------
+
+
+def test_topic_levels_cache_is_bounded_and_exact() -> None:
+    from ingestd.ingest import routes as routes_mod
+
+    r = route({"id": "topic.id", "v": "payload.v::bigint"})
+    cache = r._fast.__globals__["_lvc"]
+    n = routes_mod._LEVELS_CACHE_MAX + 500
+    for i in range(n):
+        assert r.convert(msg(f'{{"v": {i}}}', topic=f"dev/d{i}/data")) == (f"d{i}", i)
+        assert len(cache) <= routes_mod._LEVELS_CACHE_MAX
+    # Topics seen before the cache was cleared still convert the same.
+    assert r.convert(msg('{"v": 1}', topic="dev/d0/data")) == ("d0", 1)
+
+
+_json_scalars = st.one_of(
+    st.text(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.lists(st.integers(), max_size=3),
+)
+
+
+@given(value=_json_scalars)
+def test_text_column_inline_path_matches_to_text(value: Any) -> None:
+    import msgspec
+
+    from ingestd.ingest.routes import _to_text
+
+    payload = msgspec.json.encode({"x": value})
+    decoded = msgspec.json.decode(payload)["x"]
+    r = route({"c": "payload.x::text"})
+    try:
+        expected: Any = _to_text(decoded)
+    except RowError as e:
+        expected = e
+    try:
+        got: Any = r.convert(msg(payload))[0]
+    except RowError as e:
+        got = e
+    if isinstance(expected, RowError):
+        assert isinstance(got, RowError)
+    else:
+        assert got == expected

@@ -200,6 +200,11 @@ def _to_text(v: Any) -> str:
     return s
 
 
+# Inline form for the generated converter: a str without NUL (the usual case) is
+# returned as it is, exactly as _to_text would, without a call.
+_to_text.inline = '(_v if (type(_v) is str and "\\x00" not in _v) else {conv}(_v))'  # type: ignore[attr-defined]
+
+
 def _to_bool(v: Any) -> bool:
     t = type(v)
     if t is bool:
@@ -1382,6 +1387,10 @@ def _missing(name: str) -> Any:
     raise RowError(f"column {name}: no value (required)")
 
 
+# Topics whose split levels one route's converter keeps (cleared when full).
+_LEVELS_CACHE_MAX = 4096
+
+
 def _generate_converter(
     columns: list[Column],
     decoder: msgspec.json.Decoder[Any] | None,
@@ -1418,9 +1427,22 @@ def _generate_converter(
             mapping[k] = n
         exprs.append(expr.format(**mapping))
     lines = ["def convert(m):"]
-    lines.append(
-        "    lv = m.topic.split('/')" if needs_levels or check is not None else "    lv = None"
-    )
+    if needs_levels or check is not None:
+        # Devices publish to the same few topics over and over: keep their split
+        # levels (read-only for every getter) instead of splitting each message.
+        env["_lvc"] = {}
+        env["_LVC_MAX"] = _LEVELS_CACHE_MAX
+        lines += [
+            "    t = m.topic",
+            "    lv = _lvc.get(t)",
+            "    if lv is None:",
+            "        lv = t.split('/')",
+            "        if len(_lvc) >= _LVC_MAX:",
+            "            _lvc.clear()",
+            "        _lvc[t] = lv",
+        ]
+    else:
+        lines.append("    lv = None")
     if check is not None:
         lines.append("    _check(lv)")
     if decoder is not None:
