@@ -591,14 +591,23 @@ class MQTTConnection(asyncio.Protocol):
         acks = self._acks
         if acks is None:
             return
+        # Every ack at the head whose future is done leaves now, in order, as one write;
+        # the acks of one batch share a future, so each future is checked once.
+        out: list[bytes] = []
+        released_qos1 = 0
+        version = self.version
+        durable: asyncio.Future[Any] | None = None
         while acks:
             fut, ptype, pid, qos = acks[0]
-            if fut is not None:
+            if fut is not None and fut is not durable:
                 if not fut.done():
                     break
                 if fut.cancelled() or fut.exception() is not None:
                     # Not durable: withhold the ack and drop the connection so the client
                     # re-sends (at least once). A QoS 2 id must be routable again.
+                    if out:
+                        self._pending_qos1 -= released_qos1
+                        self.send(b"".join(out))
                     if qos == 2 and self.session is not None:
                         self.session.inbound_qos2.discard(pid)
                     log.warning(
@@ -611,8 +620,14 @@ class MQTTConnection(asyncio.Protocol):
                         "overloaded", Reason.UNSPECIFIED_ERROR, "message could not be stored"
                     )
                     return
+                durable = fut
             acks.popleft()
-            self._send_ack(ptype, pid, qos)
+            if qos == 1:
+                released_qos1 += 1
+            out.append(encode_ack(ptype, pid, 0, version))
+        if out:
+            self._pending_qos1 -= released_qos1
+            self.send(out[0] if len(out) == 1 else b"".join(out))
         if self._read_paused:
             self.resume_reading()
 
