@@ -13,7 +13,8 @@ System checks (read from ``/proc/sys`` and ``getrlimit``):
 
 Database measurement (``--dsn``, or the embedded server of ``--config``'s
 data directory): COPY batches of 100, 1000, 5000 and 20000 telemetry-shaped
-rows, one transaction each, into a scratch table that is dropped afterwards;
+rows, one binary COPY (its own transaction) each, encoded as the ingest writer
+encodes them, into a scratch table that is dropped afterwards;
 recommends ``ingest.batch_rows`` (the smallest batch within 10 % of the best
 rate: larger batches only add latency and memory) and
 ``ingest.flush_interval_ms`` (about two COPY durations of that batch).
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from ingestd._copy import CopyEncoder
 
 BATCH_SIZES = (100, 1000, 5000, 20000)
 LISTEN_BACKLOG = 4096  # what ingestd.app passes to create_server
@@ -255,6 +258,7 @@ def _rows(n: int, start: int = 0) -> list[tuple[Any, ...]]:
 
 
 COLUMNS = ("ts", "company", "machine", "temperature", "pressure", "extra")
+COLUMN_TYPES = ("timestamptz", "text", "text", "double precision", "double precision", "jsonb")
 
 
 async def measure_copy(
@@ -264,7 +268,7 @@ async def measure_copy(
     min_batches: int = 3,
     max_batches: int = 200,
 ) -> list[CopyMeasurement]:
-    """COPY each batch size for about ``seconds`` (at least ``min_batches``), one transaction each.
+    """COPY each batch size for about ``seconds`` (at least ``min_batches``), one COPY per batch.
 
     ``conn`` is an asyncpg connection. The scratch table is logged like a real
     ingest table (not TEMP: temporary tables skip the WAL and would flatter
@@ -278,6 +282,7 @@ async def measure_copy(
     try:
         await conn.execute(f"CREATE INDEX ON {table} (machine, ts)")
         out = []
+        encoder = CopyEncoder(COLUMN_TYPES)
         for size in sizes:
             rows = _rows(size)
             lat: list[float] = []
@@ -286,8 +291,14 @@ async def measure_copy(
                 time.perf_counter() < t_end and len(lat) < max_batches
             ):
                 t0 = time.perf_counter()
-                async with conn.transaction():
-                    await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
+                # As the ingest writer does it: rows encoded by CopyEncoder, one binary
+                # COPY per batch (a lone statement commits on its own).
+                await conn.copy_to_table(
+                    table,
+                    source=memoryview(encoder.encode(rows)),
+                    columns=COLUMNS,
+                    format="binary",
+                )
                 lat.append(time.perf_counter() - t0)
             total = sum(lat)
             out.append(
@@ -600,7 +611,7 @@ def tune(
                 report.database,
                 "",
                 "scratch table shaped like telemetry rows (index on machine, ts), one "
-                "transaction per batch, dropped afterwards",
+                "binary COPY (a transaction) per batch as ingest writes them, dropped afterwards",
             )
         )
         for m in report.copy:
