@@ -207,6 +207,17 @@ cdef int64_t _as_int(object v) except? -1:
     return PyLong_AsLongLong(v)  # OverflowError past int64
 
 
+cdef int64_t _as_int_in(object v, int64_t lo, int64_t hi, str name) except? -1:
+    cdef int64_t i
+    try:
+        i = _as_int(v)
+    except OverflowError:
+        raise OverflowError(f"value out of {name} range") from None
+    if i < lo or i > hi:
+        raise OverflowError(f"value out of {name} range")
+    return i
+
+
 @cython.final
 @cython.auto_pickle(False)
 cdef class CopyEncoder:
@@ -308,22 +319,12 @@ cdef class CopyEncoder:
             _put32(b, 8)
             _put64(b, i)
         elif code == T_INT4:
-            try:
-                i = _as_int(v)
-            except OverflowError:
-                raise OverflowError("value out of int32 range") from None
-            if i < -2147483648 or i > 2147483647:
-                raise OverflowError("value out of int32 range")
+            i = _as_int_in(v, -2147483648, 2147483647, "int32")
             _reserve(b, 8)
             _put32(b, 4)
             _put32(b, <int32_t>i)
         elif code == T_INT2:
-            try:
-                i = _as_int(v)
-            except OverflowError:
-                raise OverflowError("value out of int16 range") from None
-            if i < -32768 or i > 32767:
-                raise OverflowError("value out of int16 range")
+            i = _as_int_in(v, -32768, 32767, "int16")
             _reserve(b, 6)
             _put32(b, 2)
             _put16(b, <int16_t>i)

@@ -367,6 +367,25 @@ class BenchClient(asyncio.Protocol):
 
     # -- publishing --------------------------------------------------------------
 
+    async def _room(self, n: int, qos: int, window: int, low_water: int) -> int:
+        """How many of ``n`` packets may be written now; 0 after waiting (ask again).
+
+        At QoS 1/2 a full window waits until it drains to ``low_water`` (one
+        refill write instead of one per ack); a paused transport waits until
+        it is writable.
+        """
+        if qos:
+            free = window - self.inflight
+            if free <= 0:
+                await self._wait_window(low_water)
+                return 0
+            if free < n:
+                n = free
+        if self._paused:
+            await self.writable()
+            return 0
+        return n
+
     async def publish_stream(
         self,
         pub_index: int,
@@ -415,15 +434,8 @@ class BenchClient(asyncio.Protocol):
                     continue
                 if due < n:
                     n = due
-            if qos:
-                free = window - self.inflight
-                if free <= 0:
-                    await self._wait_window(low_water)
-                    continue
-                if free < n:
-                    n = free
-            if self._paused:
-                await self.writable()
+            n = await self._room(n, qos, window, low_water)
+            if not n:
                 continue
             buf = tpl_b * n
             if qos:
@@ -475,16 +487,8 @@ class BenchClient(asyncio.Protocol):
         clock = time.monotonic_ns
         seq = 0
         while True:
-            n = batch
-            if qos:
-                free = window - self.inflight
-                if free <= 0:
-                    await self._wait_window(low_water)
-                    continue
-                if free < n:
-                    n = free
-            if self._paused:
-                await self.writable()
+            n = await self._room(batch, qos, window, low_water)
+            if not n:
                 continue
             if qos:
                 first = seq
