@@ -1,4 +1,4 @@
-"""Per-table batches: collect messages, convert them, write them in one transaction.
+"""Per-table batches: collect messages, convert them, write them atomically.
 
 Flow of one table's batch::
 
@@ -10,7 +10,9 @@ Flow of one table's batch::
     TableBatcher.flush() -> task:
       convert_entries()  -> Groups (one per route, rows in column order)
                             + a dead-letter Group for messages that failed
-      engine._persist()  -> Writer.write(): one transaction; on failure retry,
+      engine._persist()  -> Writer.write(): one statement (a lone COPY or upsert
+                            commits on its own) or one transaction for several
+                            groups; on failure retry,
                             then spool (see engine.py)
       resolve the batch future (after-commit acknowledgements)
 
@@ -18,7 +20,9 @@ Conversion happens here, at flush time, in chunks with a yield to the event
 loop between them, so receiving stays cheap and a big batch does not stall
 the broker.
 
-``append`` groups go through ``copy_records_to_table`` (binary COPY).
+``append`` groups are encoded by :class:`ingestd._copy.CopyEncoder` and sent
+as one binary ``COPY`` (``copy_records_to_table`` for a group with a
+``numeric`` column, which the encoder does not cover).
 ``latest`` groups keep only the last row per key (``ON CONFLICT DO UPDATE``
 cannot touch one row twice per statement; the last row is what sequential
 upserts would leave anyway) and are upserted with one
@@ -327,7 +331,7 @@ def _split_table(name: str) -> tuple[str | None, str]:
 
 
 class Writer:
-    """Writes groups to PostgreSQL in one transaction per batch."""
+    """Writes a batch's groups to PostgreSQL atomically (one statement, or one transaction)."""
 
     def __init__(
         self, pool: asyncpg.Pool, dead_letter_table: str, upsert_method: str | None = None
