@@ -286,6 +286,30 @@ def test_dead_letters_never_stop_the_batch(pg_dsn: str, tmp_path: Path) -> None:
     assert all(r["route"] == "telemetry" and r["topic"] == "m/a/t" for r in dls)
 
 
+def test_a_lone_copy_rejected_by_postgresql_is_bisected(pg_dsn: str, tmp_path: Path) -> None:
+    # Only good payloads: the batch is one COPY written without BEGIN/COMMIT. PostgreSQL
+    # rejects it for one row; the retry isolates that row inside a transaction.
+    cfg = config_from_toml(APPEND, tmp_path, pg_dsn, ingest={"flush_interval_ms": 10_000})
+
+    async def body(eng: IngestEngine) -> None:
+        await eng.database.pool.execute("ALTER TABLE telemetry ADD CONSTRAINT v_pos CHECK (v >= 0)")  # type: ignore[union-attr]
+        futs = []
+        for seq in range(1, 8):
+            v = -1 if seq == 4 else seq
+            futs += publish(eng, "m/a/t", f'{{"v": {v}, "seq": {seq}}}', client_id=f"c{seq}")
+        await eng.flush()
+        await asyncio.gather(*futs)
+        assert eng.stats.bisections == 1
+        assert eng.stats.dead_letters == 1
+        assert eng.stats.rows_committed == 6
+
+    run_engine(cfg, body)
+    rows = asyncio.run(fetch(pg_dsn, "SELECT seq FROM telemetry ORDER BY seq"))
+    assert [r[0] for r in rows] == [1, 2, 3, 5, 6, 7]
+    dls = asyncio.run(fetch(pg_dsn, "SELECT client_id, error FROM dead_letters"))
+    assert [(r["client_id"], "CheckViolation" in r["error"]) for r in dls] == [("c4", True)]
+
+
 def test_after_commit_future_resolves_only_after_commit(pg_dsn: str, tmp_path: Path) -> None:
     cfg = config_from_toml(APPEND, tmp_path, pg_dsn, ingest={"flush_interval_ms": 5})
 
