@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ingestd._copy import TYPE_CODES, CopyEncoder, supports
+from ingestd._copy import TYPE_CODES, CopyEncoder, fromtimestamp_utc, supports
 
 from ingestd.ingest.routes import SQL_TYPE
 
@@ -324,3 +324,77 @@ def test_a_refused_value_leaves_the_encoder_usable() -> None:
     with pytest.raises(OverflowError):
         enc.encode([(1,), (2**40,)])
     assert enc.encode([(1,)]) == HEADER + struct.pack("!h", 1) + field("i", 1) + TRAILER
+
+
+# ---------------------------------------------------------------- fromtimestamp_utc
+
+
+def _both(t: Any) -> tuple[Any, Any]:
+    """(datetime.fromtimestamp(t, UTC), fromtimestamp_utc(t)): a value or the exception class."""
+    out = []
+    for f in (dt.datetime.fromtimestamp, fromtimestamp_utc):
+        try:
+            out.append(f(t, UTC))
+        except Exception as e:
+            out.append(type(e))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        0,
+        0.0,
+        -0.0,
+        1.5,
+        -1.5,
+        0.0000005,  # exactly half a microsecond: rounds to even
+        0.0000015,
+        -0.0000005,
+        -0.0000015,
+        1.0000005,
+        1764394000.1234567,
+        1764394000123456789 / 1e9,
+        -1e9,
+        253402300799,  # 9999-12-31T23:59:59
+        253402300799.9999995,  # rounds up past datetime.max
+        253402300800,
+        -62135596800,  # 0001-01-01
+        -62135596800.0000005,
+        -62135596801,
+        10**30,
+        -(10**30),
+        math.nan,
+        math.inf,
+        -math.inf,
+        True,
+        Decimal("1.5"),
+        "1.5",
+    ],
+    ids=repr,
+)
+def test_fromtimestamp_utc_equals_datetime_fromtimestamp(t: Any) -> None:
+    expected, got = _both(t)
+    assert got == expected
+    if isinstance(expected, dt.datetime):
+        assert got.tzinfo is UTC
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-62135596801, max_value=253402300801),
+        st.integers(min_value=-62135596801, max_value=253402300801),
+        st.integers(min_value=-(2**62), max_value=2**62).map(lambda ns: ns / 1e9),
+        st.integers(min_value=-(2**50), max_value=2**50).map(lambda us: us / 1e6 + 5e-7),
+    )
+)
+def test_fromtimestamp_utc_equals_datetime_fromtimestamp_anywhere(t: float | int) -> None:
+    expected, got = _both(t)
+    assert got == expected
+
+
+def test_fromtimestamp_utc_with_another_zone_is_datetime_fromtimestamp() -> None:
+    tz = dt.timezone(dt.timedelta(hours=3))
+    got = fromtimestamp_utc(1_700_000_000.25, tz)
+    assert got == dt.datetime.fromtimestamp(1_700_000_000.25, tz)
+    assert got.tzinfo is tz

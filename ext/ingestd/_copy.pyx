@@ -1,4 +1,9 @@
-"""Rows -> one PostgreSQL binary ``COPY ... FROM STDIN (FORMAT binary)`` stream.
+"""The compiled part of the ingest row path.
+
+:class:`CopyEncoder`: rows -> one PostgreSQL binary ``COPY ... FROM STDIN
+(FORMAT binary)`` stream. :func:`fromtimestamp_utc`: the route converters'
+``datetime.fromtimestamp(t, UTC)``, computed without the C library's gmtime
+and the ``tzinfo.fromutc`` call (about 5x cheaper; same results).
 
 Why this exists: handing tuples to asyncpg's ``copy_records_to_table`` costs
 about 2 us of client CPU per 7-column row (a codec lookup and a generic
@@ -25,6 +30,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.datetime cimport (
     PyDateTime_Check,
+    datetime_new,
     PyDateTime_DATE_GET_HOUR,
     PyDateTime_DATE_GET_MICROSECOND,
     PyDateTime_DATE_GET_MINUTE,
@@ -39,7 +45,7 @@ from cpython.float cimport PyFloat_AsDouble
 from cpython.long cimport PyLong_AsLongLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_Check
-from libc.math cimport isinf
+from libc.math cimport fabs, isfinite, isinf, modf, round
 from libc.stdint cimport int16_t, int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -157,6 +163,83 @@ cdef inline int64_t _days_from_civil(int64_t y, int64_t m, int64_t d) noexcept:
     doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     return era * 146097 + doe - 719468
+
+
+cdef inline void _civil_from_days(int64_t z, int* y, int* m, int* d) noexcept:
+    """The proleptic Gregorian date of day ``z`` since 1970-01-01 (H. Hinnant's algorithm)."""
+    cdef int64_t era, doe, yoe, doy, mp, yy
+    z += 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    yy = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d[0] = <int>(doy - (153 * mp + 2) // 5 + 1)
+    m[0] = <int>(mp + 3 if mp < 10 else mp - 9)
+    y[0] = <int>(yy + 1 if m[0] <= 2 else yy)
+
+
+# Seconds since 1970 of 0001-01-01T00:00:00 and 9999-12-31T23:59:59 (datetime's range).
+cdef int64_t _MIN_UNIX = -62135596800
+cdef int64_t _MAX_UNIX = 253402300799
+cdef object _py_fromtimestamp = _dt.datetime.fromtimestamp
+
+
+cdef inline double _round_half_even(double x) noexcept:
+    # CPython's _PyTime_RoundHalfEven.
+    cdef double r = round(x)
+    if fabs(x - r) == 0.5:
+        r = 2.0 * round(x / 2.0)
+    return r
+
+
+def fromtimestamp_utc(t, tz=_UTC):
+    """``datetime.datetime.fromtimestamp(t, tz)``, the same value and the same errors.
+
+    For ``tz`` UTC and an ``int`` or ``float`` within datetime's range it is
+    computed here: seconds and microseconds split and rounded half-even exactly
+    as CPython's ``_PyTime_ObjectToTimeval`` does, the date from the day number.
+    Anything else (another tz, another type, NaN, out of range) is handed to
+    ``datetime.fromtimestamp`` itself, which then raises what it raises.
+    """
+    cdef double x, intpart, frac
+    cdef int64_t secs, days, rem
+    cdef int us = 0
+    cdef int y, mo, d
+    if tz is not _UTC:
+        return _py_fromtimestamp(t, tz)
+    if type(t) is float:
+        x = t
+        if not isfinite(x):
+            return _py_fromtimestamp(t, tz)
+        frac = modf(x, &intpart)
+        frac = _round_half_even(frac * 1e6)
+        if frac >= 1e6:
+            frac -= 1e6
+            intpart += 1.0
+        elif frac < 0:
+            frac += 1e6
+            intpart -= 1.0
+        if not (_MIN_UNIX <= intpart <= _MAX_UNIX):
+            return _py_fromtimestamp(t, tz)
+        secs = <int64_t>intpart
+        us = <int>frac
+    elif type(t) is int:
+        if not (_MIN_UNIX <= t <= _MAX_UNIX):
+            return _py_fromtimestamp(t, tz)
+        secs = t
+    else:
+        return _py_fromtimestamp(t, tz)
+    days = secs // 86400
+    rem = secs - days * 86400
+    if rem < 0:  # built with cdivision: the quotient truncated toward zero
+        rem += 86400
+        days -= 1
+    _civil_from_days(days, &y, &mo, &d)
+    return datetime_new(
+        y, mo, d, <int>(rem // 3600), <int>((rem % 3600) // 60), <int>(rem % 60), us, _UTC
+    )
 
 
 # 2000-01-01, PostgreSQL's epoch, in days since 1970-01-01.

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from ingestd._copy import fromtimestamp_utc
 from ingestd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ def _to_bool(v: Any) -> bool:
 
 def _make_to_ts(unit: str) -> Callable[[Any], _dt.datetime]:
     div = _UNIT_DIV[unit]
-    fromts = _dt.datetime.fromtimestamp
+    fromts = fromtimestamp_utc
 
     def to_ts(v: Any) -> _dt.datetime:
         t = type(v)
@@ -801,7 +802,7 @@ class _RouteBuilder:
     def _simple(self, source: str, pgtype: str, unit: str) -> Getter:
         if source == "received_at":
             if pgtype == "timestamptz":
-                fromts = _dt.datetime.fromtimestamp
+                fromts = fromtimestamp_utc
                 return _fast(
                     lambda m, lv, o: fromts(m.received_at, UTC), "_fromts(m.received_at, _UTC)"
                 )
@@ -1405,7 +1406,7 @@ def _generate_converter(
     """
     env: dict[str, Any] = {
         "_UTC": UTC,
-        "_fromts": _dt.datetime.fromtimestamp,
+        "_fromts": fromtimestamp_utc,
         "RowError": RowError,
         "_VE": msgspec.ValidationError,
         "_DE": msgspec.DecodeError,
