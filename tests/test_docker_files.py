@@ -46,6 +46,8 @@ def test_dockerfile() -> None:
     assert re.search(r"^USER ingestd", text, re.M)  # not root
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and "**/*.so" in ignore
+    # Cython output generated on the host (ext/ingestd/*.c) must not reach the image build.
+    assert "ext/**/*.c" in ignore
 
 
 def test_compose_wiring() -> None:
