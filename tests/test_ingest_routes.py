@@ -371,3 +371,33 @@ def test_text_column_inline_path_matches_to_text(value: Any) -> None:
         assert isinstance(got, RowError)
     else:
         assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        ('{"a": 5, "vs": [1, 2]}', "expected an object at 'b', got int"),
+        ('{"a": {"b": 1}, "vs": 7}', r"expected an array at \[1\], got int"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_on_a_path_is_an_error_whatever_else_reads_it(
+    payload: str, error: str
+) -> None:
+    # payload.a is also read whole, so payload.a.b is walked in Python, not typed by msgspec;
+    # the outcome must be the same as when msgspec checks the path (a RowError).
+    r = route(
+        {
+            "b": "payload.a.b::double precision",
+            "a": "payload.a::jsonb",
+            "v": "payload.vs[1]::bigint",
+            "vs": "payload.vs::jsonb",
+        }
+    )
+    with pytest.raises(RowError, match=error):
+        r.convert(msg(payload))
+    alone = route({"b": "payload.a.b::double precision", "v": "payload.vs[1]::bigint"})
+    with pytest.raises(RowError):
+        alone.convert(msg(payload))
+    # Missing and null stay NULL.
+    assert r.convert(msg('{"a": {"c": 1}, "vs": [1]}'))[0::2] == (None, None)
+    assert r.convert(msg('{"a": null, "vs": null}')) == (None, None, None, None)

@@ -1113,16 +1113,19 @@ def _payload_getter(
             if v is None:
                 return None
         for step in rest_t:
+            # Missing or null: NULL. Something other than the array or object the path
+            # steps into: an error, as msgspec reports it for the typed part of a path
+            # (docs/ingest.md), so a column does not depend on what other columns read.
             if type(step) is int:
                 if type(v) is not list:
-                    return None
+                    raise RowError(f"expected an array at [{step}], got {_type_name(v)}")
                 try:
                     v = v[step]
                 except IndexError:
                     return None
             else:
                 if type(v) is not dict:
-                    return None
+                    raise RowError(f"expected an object at {step!r}, got {_type_name(v)}")
                 v = v.get(step)
             if v is None:
                 return None
