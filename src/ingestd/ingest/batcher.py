@@ -444,22 +444,7 @@ class Writer:
             return
         if g.kind == "append":
             schema, table = _split_table(g.table)
-            encoder = self._copy_encoder(g.types)
-            if encoder is None:
-                await conn.copy_records_to_table(
-                    table, records=g.records, columns=g.columns, schema_name=schema
-                )
-            else:
-                # Encoded here (Cython, one pass) and sent as one CopyData message;
-                # see ext/ingestd/_copy.pyx for why and for the asyncpg-compatible contract.
-                # A memoryview, because asyncpg takes a bytes source for a file path.
-                await conn.copy_to_table(
-                    table,
-                    source=memoryview(encoder.encode(g.records)),
-                    columns=g.columns,
-                    schema_name=schema,
-                    format="binary",
-                )
+            await self._copy(conn, table, schema, g)
             return
         method = self.upsert_method
         if method == "unnest":
@@ -473,14 +458,31 @@ class Writer:
                 f"CREATE TEMP TABLE IF NOT EXISTS {quote_ident(stage)} "
                 f"(LIKE {quote_ident(g.table)} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            await conn.copy_records_to_table(
-                stage, records=g.records, columns=g.columns, schema_name="pg_temp"
-            )
+            await self._copy(conn, stage, "pg_temp", g)
             await conn.execute(self._upsert_sql(g, "stage:" + stage))
             # Another group of this table may follow in the same transaction.
             await conn.execute(f"TRUNCATE pg_temp.{quote_ident(stage)}")
         else:  # pragma: no cover - a programming error
             raise ValueError(f"unknown upsert method {method!r}")
+
+    async def _copy(self, conn: Any, table: str, schema: str | None, g: Group) -> None:
+        """COPY the group's records into ``schema.table`` (binary)."""
+        encoder = self._copy_encoder(g.types)
+        if encoder is None:
+            await conn.copy_records_to_table(
+                table, records=g.records, columns=g.columns, schema_name=schema
+            )
+            return
+        # Encoded here (Cython, one pass) and sent as one CopyData message;
+        # see ext/ingestd/_copy.pyx for why and for the asyncpg-compatible contract.
+        # A memoryview, because asyncpg takes a bytes source for a file path.
+        await conn.copy_to_table(
+            table,
+            source=memoryview(encoder.encode(g.records)),
+            columns=g.columns,
+            schema_name=schema,
+            format="binary",
+        )
 
     def _upsert_sql(self, g: Group, mode: str) -> str:
         k = (mode, (g.table,), g.columns, g.key)
