@@ -188,9 +188,10 @@ async def create_pool(dsn: str, cfg: Config) -> asyncpg.Pool:
             # does not leave the pool full of dead sockets for long.
             max_inactive_connection_lifetime=60.0,
             # ingestd keeps no session state on pooled connections (no SET, LISTEN,
-            # advisory locks or cursors), so the default reset query (a round trip
-            # per release, i.e. per batch) would reset nothing; asyncpg still rolls
-            # back a transaction left open.
+            # advisory locks or cursors; the temp-table upsert's staging table is
+            # meant to stay, and RESET ALL would not drop it anyway), so the default
+            # reset query (a round trip per release, i.e. per batch) would reset
+            # nothing; asyncpg still rolls back a transaction left open.
             reset=_keep_session,
         )
         assert pool is not None
