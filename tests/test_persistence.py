@@ -95,3 +95,150 @@ def test_expired_session_is_not_restored(pg_dsn, tmp_path):
         wait_for_rows(pg_dsn, "SELECT 1 FROM ingestd_sessions WHERE client_id = 'short-lived'", 0)
     finally:
         srv.stop()
+
+
+# -- the delivery journal: persistent sessions' QoS 1/2 deliveries survive a crash --
+
+
+def journal_rows(client_id: str) -> str:
+    return f"SELECT seq FROM ingestd_session_queue WHERE client_id = '{client_id}'"
+
+
+def test_offline_queue_survives_a_crash(pg_dsn, tmp_path):
+    """Messages queued for an offline persistent session are in PostgreSQL without a
+    graceful stop: a second server started on the same database (as after a crash,
+    nothing written at shutdown) delivers them, in order, and they leave the journal
+    once acknowledged."""
+    srv = ServerThread(config(tmp_path, pg_dsn), database=True).start()
+    try:
+        dev = Client(srv.port, client_id="crash-dev", session_expiry=3600)
+        dev.subscribe("cmd/crash-dev/#", 1, sub_id=3)
+        dev.disconnect()
+        pub = Client(srv.port)
+        for i in range(5):
+            pub.publish(f"cmd/crash-dev/{i}", str(i).encode(), 1)  # PUBACKed while queued
+        wait_for_rows(pg_dsn, journal_rows("crash-dev"), 5)
+        other = ServerThread(config(tmp_path / "b", pg_dsn), database=True).start()
+        try:
+            dev2 = Client(other.port, client_id="crash-dev", session_expiry=3600, clean_start=False)
+            assert dev2.session_present
+            got = dev2.expect(5)
+            assert [m.payload for m in got] == [b"0", b"1", b"2", b"3", b"4"]
+            assert all(m.properties.SubscriptionIdentifier == [3] for m in got)
+            dev2.expect_nothing()
+            # Acknowledged (paho acks on receipt): they leave the journal.
+            wait_for_rows(pg_dsn, journal_rows("crash-dev"), 0)
+        finally:
+            other.stop()
+    finally:
+        srv.stop()
+
+
+def test_acknowledged_deliveries_are_not_restored(pg_dsn, tmp_path):
+    """A delivery that completed is not redelivered after a crash."""
+    srv = ServerThread(config(tmp_path, pg_dsn), database=True).start()
+    try:
+        dev = Client(srv.port, client_id="acked-dev", session_expiry=3600)
+        dev.subscribe("cmd/acked-dev/#", 1)
+        wait_for_rows(pg_dsn, "SELECT 1 FROM ingestd_sessions WHERE client_id = 'acked-dev'", 1)
+        pub = Client(srv.port)
+        for i in range(5):
+            pub.publish(f"cmd/acked-dev/{i}", str(i).encode(), 1)
+        assert [m.payload for m in dev.expect(5)] == [b"0", b"1", b"2", b"3", b"4"]
+        dev.barrier()
+        # The queued delivery after these is journaled while it waits...
+        dev.disconnect()
+        pub.publish("cmd/acked-dev/late", b"late", 1)
+        wait_for_rows(pg_dsn, journal_rows("acked-dev"), 1)
+        other = ServerThread(config(tmp_path / "b", pg_dsn), database=True).start()
+        try:
+            dev2 = Client(other.port, client_id="acked-dev", session_expiry=3600, clean_start=False)
+            assert dev2.session_present
+            # ... and is the only one that comes back.
+            assert [m.payload for m in dev2.expect()] == [b"late"]
+            dev2.expect_nothing()
+        finally:
+            other.stop()
+    finally:
+        srv.stop()
+
+
+def test_a_session_that_ends_takes_its_journal_with_it(pg_dsn, tmp_path):
+    srv = ServerThread(config(tmp_path, pg_dsn), database=True).start()
+    try:
+        dev = Client(srv.port, client_id="gone-dev", session_expiry=3600)
+        dev.subscribe("cmd/gone-dev/#", 1)
+        dev.disconnect()
+        pub = Client(srv.port)
+        for i in range(3):
+            pub.publish(f"cmd/gone-dev/{i}", b"x", 1)
+        wait_for_rows(pg_dsn, journal_rows("gone-dev"), 3)
+        # Clean Start discards the session: its undelivered messages go too.
+        fresh = Client(srv.port, client_id="gone-dev", session_expiry=3600, clean_start=True)
+        assert not fresh.session_present
+        wait_for_rows(pg_dsn, journal_rows("gone-dev"), 0)
+        fresh.expect_nothing()
+    finally:
+        srv.stop()
+
+
+def test_journal_changes_in_one_flush(pg_dsn):
+    """The store alone: a put and its done within one interval write nothing, and a new
+    session's delivery survives the old session's clear in the same flush."""
+    import asyncio
+
+    import asyncpg
+
+    from ingestd.broker.message import Message
+    from ingestd.broker.session import Delivery
+    from ingestd.broker_store import PgBrokerStore
+
+    def delivery(payload: bytes) -> Delivery:
+        return Delivery(Message("t/x", payload, 1), 1, False, None)
+
+    async def main() -> None:
+        pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+        store = PgBrokerStore(pool, flush_interval=3600.0)  # flushed by hand below
+        await store.start()
+        try:
+
+            async def seqs() -> list[int]:
+                await store.flush()
+                rows = await pool.fetch(
+                    "SELECT seq FROM ingestd_session_queue WHERE client_id = 'c' ORDER BY seq"
+                )
+                return [r[0] for r in rows]
+
+            old = delivery(b"old")
+            store.put("c", old)
+            assert await seqs() == [old.seq]
+            store.session_deleted("c")
+            new = delivery(b"new")
+            store.put("c", new)
+            assert await seqs() == [new.seq]
+            quick = delivery(b"quick")
+            store.put("c", quick)
+            store.done("c", quick)
+            assert await seqs() == [new.seq]
+            store.done("c", new)
+            assert await seqs() == []
+            # Keys keep growing across a restart of the store: load() starts past them.
+            kept = delivery(b"kept")
+            store.put("c", kept)
+            await store.flush()
+            await pool.execute(
+                "INSERT INTO ingestd_sessions (client_id, state) VALUES ('c', $1)",
+                b"\x94\xcd\x0e\x10\x80\xc0\x90",  # msgpack [3600, {}, None, []]
+            )
+            again = PgBrokerStore(pool, flush_interval=3600.0)
+            _, sessions = await again.load()
+            [s] = [s for s in sessions if s.client_id == "c"]
+            assert [(seq, m.payload) for seq, m, *_ in s.journal] == [(kept.seq, b"kept")]
+            nxt = delivery(b"next")
+            again.put("c", nxt)
+            assert nxt.seq > kept.seq
+        finally:
+            await store.close()
+            await pool.close()
+
+    asyncio.run(main())

@@ -81,8 +81,9 @@ class App:
                     engine.database.pool, cfg.persistence.flush_interval_ms / 1000.0
                 )
                 await store.start()
-                broker.restore(*await store.load())
+                # The store first: restored sessions journal their deliveries in it.
                 broker.store = store
+                broker.restore(*await store.load())
                 # Stopped before the engine (extras stop in reverse), while the pool is open.
                 self.extras.append(store)
         await self._start_http(broker)

@@ -9,10 +9,18 @@ undelivered QoS 1/2 messages, and ``load`` brings them back at start-up.
 
 What survives what:
 - graceful stop (SIGTERM/SIGINT): retained messages, sessions with their
-  subscriptions and undelivered QoS 1/2 messages;
-- a crash (SIGKILL, power loss): retained messages and session
-  subscriptions written by the last flush (at most ``flush_interval`` old);
-  messages queued for offline sessions since the last graceful stop are not.
+  subscriptions, and every undelivered QoS 1/2 message of a persistent
+  session (the delivery journal, flushed at stop);
+- a crash (SIGKILL, power loss): the same as written by the last flush, at
+  most ``flush_interval`` old: a message delivered to a persistent session
+  (online or offline) less than that before the crash can be lost, and one
+  that completed less than that before it can be delivered again.
+
+The delivery journal (``ingestd_session_queue``): a persistent session's
+QoS 1/2 delivery is put when the session accepts it and deleted when it
+completes (see ``ingestd.broker.session``); a put and its delete within one
+flush interval cancel out, so a subscriber that keeps up costs no writes.
+A session that ends takes its rows with it.
 
 Values are stored as msgpack (msgspec): MQTT 5 property dicts have int keys
 and bytes values, which JSON cannot carry losslessly.
@@ -30,6 +38,7 @@ import msgspec
 
 from ingestd.broker.hooks import StoredSession
 from ingestd.broker.message import Message
+from ingestd.broker.session import Delivery
 from ingestd.protocol import Prop
 
 log = logging.getLogger("ingestd.store")
@@ -47,6 +56,12 @@ CREATE TABLE IF NOT EXISTS ingestd_sessions (
     client_id text PRIMARY KEY,
     state bytea NOT NULL,
     stored_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS ingestd_session_queue (
+    client_id text NOT NULL,
+    seq bigint NOT NULL,
+    delivery bytea NOT NULL,
+    PRIMARY KEY (client_id, seq)
 );
 """
 
@@ -107,6 +122,35 @@ def decode_session(client_id: str, body: bytes) -> StoredSession:
     )
 
 
+def encode_delivery(d: Delivery, now_wall: float, now_mono: float) -> bytes:
+    m = d.message
+    expires = None if m.expires_at is None else now_wall + (m.expires_at - now_mono)
+    return _enc.encode(
+        [
+            m.topic,
+            m.payload,
+            m.qos,
+            m.retain,
+            m.properties,
+            m.client_id,
+            m.username,
+            expires,
+            d.qos,
+            d.retain,
+            d.sub_ids,
+        ]
+    )
+
+
+def decode_delivery(
+    seq: int, body: bytes, now_wall: float, now_mono: float
+) -> tuple[int, Message, int, bool, list[int] | None]:
+    topic, payload, qos, retain, props, cid, user, expires, dqos, dretain, ids = _dec.decode(body)
+    expires_at = None if expires is None else now_mono + (expires - now_wall)
+    message = Message(topic, payload, qos, retain, _props_in(props), cid, user, None, expires_at)
+    return seq, message, dqos, dretain, ids
+
+
 class PgBrokerStore:
     """BrokerStore over an asyncpg pool; see the module docstring."""
 
@@ -116,7 +160,13 @@ class PgBrokerStore:
         # Pending changes: latest value per key, None = delete.
         self._retained: dict[str, Message | None] = {}
         self._sessions: dict[str, StoredSession | None] = {}
+        # Delivery journal changes: (client id, seq) -> the delivery to insert, or None
+        # to delete; clients whose rows all go (their session ended) before any insert.
+        self._journal: dict[tuple[str, int], Delivery | None] = {}
+        self._journal_clear: set[str] = set()
+        self._seq = 0  # the last journal key handed out (load() starts past the stored ones)
         self._task: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._closing = False
         self.flush_errors = 0
@@ -142,7 +192,24 @@ class PgBrokerStore:
 
     def session_deleted(self, client_id: str) -> None:
         self._sessions[client_id] = None
+        for key in [k for k in self._journal if k[0] == client_id]:
+            del self._journal[key]
+        self._journal_clear.add(client_id)
         self._wake.set()
+
+    def put(self, client_id: str, d: Delivery) -> None:
+        self._seq += 1
+        d.seq = self._seq
+        self._journal[(client_id, d.seq)] = d
+        self._wake.set()
+
+    def done(self, client_id: str, d: Delivery) -> None:
+        key = (client_id, d.seq)
+        if self._journal.get(key) is not None:
+            del self._journal[key]  # never written: nothing to delete
+        else:
+            self._journal[key] = None
+            self._wake.set()
 
     # -- background writer ---------------------------------------------------
 
@@ -160,11 +227,22 @@ class PgBrokerStore:
             await asyncio.sleep(self.flush_interval)
 
     async def flush(self) -> None:
-        """Write every pending change in one transaction."""
-        if not self._retained and not self._sessions:
+        """Write every pending change in one transaction.
+
+        One flush at a time (the background writer, save_sessions and close may
+        overlap): two transactions in flight could commit out of order, letting an
+        older value of a key, or a session's clear, land after a newer write.
+        """
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not (self._retained or self._sessions or self._journal or self._journal_clear):
             return
         retained, self._retained = self._retained, {}
         sessions, self._sessions = self._sessions, {}
+        journal, self._journal = self._journal, {}
+        clears, self._journal_clear = self._journal_clear, set()
         now_wall, now_mono = time.time(), time.monotonic()
         upserts = []
         deletes = []
@@ -176,6 +254,12 @@ class PgBrokerStore:
                 upserts.append((topic, body, expires))
         s_upserts = [(cid, encode_session(s)) for cid, s in sessions.items() if s is not None]
         s_deletes = [cid for cid, s in sessions.items() if s is None]
+        j_put = [
+            (cid, seq, encode_delivery(d, now_wall, now_mono))
+            for (cid, seq), d in journal.items()
+            if d is not None
+        ]
+        j_del = [(cid, seq) for (cid, seq), d in journal.items() if d is None]
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 if deletes:
@@ -200,12 +284,41 @@ class PgBrokerStore:
                         " stored_at = now()",
                         s_upserts,
                     )
+                # Ended sessions first: a new session of the same client id may have
+                # journaled deliveries in this very flush.
+                if clears:
+                    await conn.execute(
+                        "DELETE FROM ingestd_session_queue WHERE client_id = ANY($1)", list(clears)
+                    )
+                if j_del:
+                    await conn.execute(
+                        "DELETE FROM ingestd_session_queue q"
+                        " USING unnest($1::text[], $2::bigint[]) AS d(client_id, seq)"
+                        " WHERE q.client_id = d.client_id AND q.seq = d.seq",
+                        [c for c, _ in j_del],
+                        [n for _, n in j_del],
+                    )
+                if j_put:
+                    await conn.execute(
+                        "INSERT INTO ingestd_session_queue (client_id, seq, delivery)"
+                        " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])"
+                        " ON CONFLICT DO NOTHING",
+                        [c for c, _, _ in j_put],
+                        [n for _, n, _ in j_put],
+                        [b for _, _, b in j_put],
+                    )
         except BaseException:
             # Put back what was not written, unless a newer change replaced it meanwhile.
             for k, v in retained.items():
                 self._retained.setdefault(k, v)
             for k, s in sessions.items():
                 self._sessions.setdefault(k, s)
+            for jk, d in journal.items():
+                # A newer change to the same key (a done after this put) wins; so does a
+                # session that ended meanwhile (its clear covers the key).
+                if jk not in self._journal and jk[0] not in self._journal_clear:
+                    self._journal[jk] = d
+            self._journal_clear |= clears
             raise
 
     # -- start-up and shutdown -------------------------------------------------
@@ -219,13 +332,30 @@ class PgBrokerStore:
                 now_wall,
             )
             srows = await conn.fetch("SELECT client_id, state FROM ingestd_sessions")
+            jrows = await conn.fetch(
+                "SELECT client_id, seq, delivery FROM ingestd_session_queue ORDER BY client_id, seq"
+            )
         retained = [
             decode_retained(r["topic"], r["message"], r["expires_at"], now_wall, now_mono)
             for r in rows
         ]
         sessions = [decode_session(r["client_id"], r["state"]) for r in srows]
+        by_client = {s.client_id: s for s in sessions}
+        for r in jrows:
+            cid, seq = r["client_id"], r["seq"]
+            self._seq = max(self._seq, seq)
+            stored = by_client.get(cid)
+            if stored is None:
+                self._journal_clear.add(cid)  # no session row: left over, removed next flush
+                continue
+            stored.journal.append(decode_delivery(seq, r["delivery"], now_wall, now_mono))
+        if self._journal_clear:
+            self._wake.set()
         log.info(
-            "broker store: loaded %d retained messages, %d sessions", len(retained), len(sessions)
+            "broker store: loaded %d retained messages, %d sessions, %d journaled deliveries",
+            len(retained),
+            len(sessions),
+            len(jrows),
         )
         return retained, sessions
 

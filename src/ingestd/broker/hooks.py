@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ingestd.broker.message import Message
+
+if TYPE_CHECKING:
+    from ingestd.broker.session import Delivery
 
 
 class MessageSink(Protocol):
@@ -103,6 +106,8 @@ class StoredSession:
     pending: list[tuple[str, bytes, int, bool, dict, list[int] | None]] = field(
         default_factory=list
     )
+    # journaled deliveries in order: (journal key, message, qos, retain, subscription ids)
+    journal: list[tuple[int, Message, int, bool, list[int] | None]] = field(default_factory=list)
 
 
 class BrokerStore(Protocol):
@@ -119,7 +124,14 @@ class BrokerStore(Protocol):
 
     def session_saved(self, session: StoredSession) -> None: ...
 
-    def session_deleted(self, client_id: str) -> None: ...
+    def session_deleted(self, client_id: str) -> None:
+        """The session ended: its row and its journaled deliveries go."""
+
+    def put(self, client_id: str, d: Delivery) -> None:
+        """Journal a persistent session's delivery (assigns ``d.seq``); see session.py."""
+
+    def done(self, client_id: str, d: Delivery) -> None:
+        """The journaled delivery completed or was dropped."""
 
     async def load(self) -> tuple[list[Message], list[StoredSession]]: ...
 

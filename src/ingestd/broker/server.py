@@ -141,6 +141,7 @@ class Broker:
         if session is None:
             m = self.config.mqtt
             session = Session(client_id, self.stats, m.max_queued_messages, m.max_queued_bytes)
+            session.journal = self.store
             self.sessions[client_id] = session
         session.connection = conn
         return session, present
@@ -375,7 +376,9 @@ class Broker:
         if self.store is not None and session.expiry_interval:
             self.store.session_saved(self.snapshot_session(session, with_pending=False))
 
-    def snapshot_session(self, session: Session, with_pending: bool = True) -> StoredSession:
+    def snapshot_session(self, session: Session, with_pending: bool = False) -> StoredSession:
+        """The session as stored. ``with_pending``: its undelivered messages too (only
+        where no journal keeps them: the journal is the store's own copy)."""
         pending: list[tuple[str, bytes, int, bool, dict, list[int] | None]] = []
         if with_pending:
             for d in list(session.inflight.values()) + list(session.queue or ()):
@@ -410,14 +413,24 @@ class Broker:
             session = Session(
                 stored.client_id, self.stats, m.max_queued_messages, m.max_queued_bytes
             )
+            session.journal = self.store
             session.expiry_interval = stored.expiry_interval
             self.sessions[stored.client_id] = session
             for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
                 opts = SubOptions(qos, nl, rap, rh, sub_id)
                 session.subscriptions[flt] = opts
                 self.trie.subscribe(flt, session, opts)
-            for topic, payload, qos, retain, props, sub_ids in stored.pending:
-                session.deliver(Message(topic, payload, qos, retain, props), qos, retain, sub_ids)
+            # Journaled deliveries come back in their order, keeping their journal keys.
+            for seq, message, qos, retain, sub_ids in stored.journal:
+                session.deliver(message, qos, retain, sub_ids, seq)
+            if stored.pending:
+                # Written by a version that kept undelivered messages in the session row:
+                # they join the journal now, and the row is rewritten without them.
+                for topic, payload, qos, retain, props, sub_ids in stored.pending:
+                    session.deliver(
+                        Message(topic, payload, qos, retain, props), qos, retain, sub_ids
+                    )
+                self._save(session)
             if left != NEVER_EXPIRES:
                 session.expiry_handle = self.loop.call_later(left, self._expire_session, session)
 
@@ -438,6 +451,8 @@ class Broker:
                 self._fire_delayed_will(session)
             session.cancel_timers()
         if self.store is not None:
+            # Undelivered messages are in the store's journal already; this writes the
+            # sessions' last state (and flushes the journal with it).
             await self.store.save_sessions(
                 [self.snapshot_session(s) for s in self.sessions.values() if s.expiry_interval]
             )

@@ -32,13 +32,21 @@ Transitions of an outbound delivery::
 On resume (CONNECT with Clean Start 0 finding this session), every inflight
 entry is re-sent: PUBLISH with DUP=1, PUBREL as is [MQTT-4.4.0-1]; then the
 queue is pumped.
+
+Durability: while a session is persistent (``expiry_interval != 0``) and the
+broker has a store, each QoS 1/2 delivery is put in the store's journal when
+it is accepted (queued or sent) and taken out when it completes (PUBACK,
+PUBCOMP, a refusing PUBREC) or is dropped (expired, too large). The journal is
+written behind, so after a crash the deliveries accepted more than one
+``persistence.flush_interval_ms`` earlier come back queued, in order; ones
+that had completed within that time may come back too (at least once).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ingestd.broker.message import Message
 from ingestd.protocol import Prop
@@ -50,6 +58,19 @@ if TYPE_CHECKING:
     from ingestd.broker.hooks import BrokerStats
 
 NEVER_EXPIRES = 0xFFFFFFFF
+
+
+class DeliveryJournal(Protocol):
+    """Where a persistent session's QoS 1/2 deliveries are kept until they complete.
+
+    Implemented by the broker store (write-behind: both calls only record).
+    ``put`` assigns ``d.seq``; ``done`` forgets it. A session that ends is
+    forgotten whole through ``BrokerStore.session_deleted``.
+    """
+
+    def put(self, client_id: str, d: Delivery) -> None: ...
+
+    def done(self, client_id: str, d: Delivery) -> None: ...
 
 
 class SubOptions:
@@ -81,7 +102,7 @@ class SubOptions:
 class Delivery:
     """One outbound QoS 1/2 delivery: a shared message plus this session's view of it."""
 
-    __slots__ = ("message", "packet_id", "qos", "retain", "state", "sub_ids")
+    __slots__ = ("message", "packet_id", "qos", "retain", "seq", "state", "sub_ids")
 
     # states
     QUEUED = 0
@@ -95,6 +116,8 @@ class Delivery:
         self.sub_ids = sub_ids
         self.packet_id = 0
         self.state = Delivery.QUEUED
+        # Its key in the broker store's delivery journal (0: not journaled).
+        self.seq = 0
 
 
 class Session:
@@ -107,6 +130,7 @@ class Session:
         "expiry_interval",
         "inbound_qos2",
         "inflight",
+        "journal",
         "max_queued_bytes",
         "max_queued_messages",
         "next_packet_id",
@@ -145,11 +169,25 @@ class Session:
         # A will waiting for its Will Delay Interval after the connection ended.
         self.will: WillSpec | None = None
         self.will_handle: TimerHandle | None = None
+        # The broker store's delivery journal (None: no store). While the session is
+        # persistent (expiry_interval != 0) each QoS 1/2 delivery is journaled from the
+        # moment it is accepted until it completes, so a crash does not lose it.
+        self.journal: DeliveryJournal | None = None
 
     # -- outbound ---------------------------------------------------------
 
-    def deliver(self, message: Message, qos: int, retain: bool, sub_ids: list[int] | None) -> None:
-        """Deliver one message to this session at ``qos`` (already min'd with the grant)."""
+    def deliver(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        seq: int = 0,
+    ) -> None:
+        """Deliver one message to this session at ``qos`` (already min'd with the grant).
+
+        ``seq``: the delivery's journal key when it is restored from the journal.
+        """
         conn = self.connection
         if qos == 0:
             if conn is None:
@@ -159,12 +197,15 @@ class Session:
                 self.stats.drop("qos0_queue_full")
             return
         d = Delivery(message, qos, retain, sub_ids)
+        if seq:
+            d.seq = seq
         if (
             conn is not None
             and not self.queue
             and len(self.inflight) < self.send_window
             and conn.writable()
         ):
+            self._accepted(d)
             self._send_new(conn, d)
             return
         size = len(message.payload) + len(message.topic)
@@ -176,9 +217,22 @@ class Session:
             or self.queued_bytes + size > self.max_queued_bytes
         ):
             self.stats.drop("session_queue_full")
+            if d.seq and self.journal is not None:
+                self.journal.done(self.client_id, d)
             return
+        self._accepted(d)
         queue.append(d)
         self.queued_bytes += size
+
+    def _accepted(self, d: Delivery) -> None:
+        """Journal a new QoS 1/2 delivery of a persistent session (restored ones already are)."""
+        if not d.seq and self.expiry_interval and self.journal is not None:
+            self.journal.put(self.client_id, d)
+
+    def _done(self, d: Delivery) -> None:
+        """A delivery completed or was dropped: it leaves the journal."""
+        if d.seq and self.journal is not None:
+            self.journal.done(self.client_id, d)
 
     def _alloc_packet_id(self) -> int:
         pid = self.next_packet_id
@@ -195,7 +249,9 @@ class Session:
         d.state = Delivery.PUBLISH_SENT
         if conn.send_publish(d.message, d.qos, d.retain, d.sub_ids, pid, False):
             self.inflight[pid] = d
-        # else: too large for the client's Maximum Packet Size; dropped and counted there.
+        else:
+            # Too large for the client's Maximum Packet Size; dropped and counted there.
+            self._done(d)
 
     def pump(self) -> None:
         """Move queued deliveries into the inflight window while the socket accepts them."""
@@ -209,6 +265,7 @@ class Session:
             self.queued_bytes -= len(d.message.payload) + len(d.message.topic)
             if d.message.expired(now):
                 self.stats.drop("expired")
+                self._done(d)
                 continue
             self._send_new(conn, d)
 
@@ -225,6 +282,7 @@ class Session:
                 # sent once must complete its flow, so only QoS 1 is discarded here.
                 del self.inflight[pid]
                 self.stats.drop("expired")
+                self._done(d)
             else:
                 conn.send_publish(d.message, d.qos, d.retain, d.sub_ids, pid, True)
 
@@ -233,6 +291,7 @@ class Session:
         if d is None or d.qos != 1:
             return False
         del self.inflight[packet_id]
+        self._done(d)
         self.pump()
         return True
 
@@ -243,6 +302,7 @@ class Session:
         if reason_code >= 0x80:
             # The receiver refused it: the flow ends here [MQTT-4.3.3].
             del self.inflight[packet_id]
+            self._done(d)
             self.pump()
             return True
         d.state = Delivery.PUBREL_SENT
@@ -253,6 +313,7 @@ class Session:
         if d is None or d.state != Delivery.PUBREL_SENT:
             return False
         del self.inflight[packet_id]
+        self._done(d)
         self.pump()
         return True
 
