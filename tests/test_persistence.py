@@ -5,18 +5,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ingestd.config import Config, DatabaseConfig, MqttConfig, PresenceConfig, ServerConfig
+from ingestd.config import (
+    Config,
+    DatabaseConfig,
+    MqttConfig,
+    PersistenceConfig,
+    PresenceConfig,
+    ServerConfig,
+)
 from mqtt_clients import WAIT, Client
 from pg_fixtures import fetch_sync
 from server_thread import ServerThread
 
 
-def config(tmp_path: Path, dsn: str) -> Config:
+def config(tmp_path: Path, dsn: str, journal: bool = True) -> Config:
     return Config(
         server=ServerConfig(listen=["127.0.0.1:0"], http_listen=None, data_dir=str(tmp_path)),
         mqtt=MqttConfig(),
         database=DatabaseConfig(dsn=dsn),
         presence=PresenceConfig(enabled=False),
+        persistence=PersistenceConfig(session_journal=journal),
     )
 
 
@@ -242,3 +250,75 @@ def test_journal_changes_in_one_flush(pg_dsn):
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_bench_with_persistent_subscribers_leaves_nothing_behind(pg_dsn, tmp_path):
+    """ingestd bench --persistent-sessions: journaled fan-in, exact accounting, and the
+    sessions and their journal rows are gone after the run."""
+    from ingestd.bench.runner import run
+    from ingestd.bench.worker import Plan
+
+    srv = ServerThread(config(tmp_path, pg_dsn), database=True).start()
+    try:
+        for version in (4, 5):
+            plan = Plan(
+                "fan-in",
+                "127.0.0.1",
+                srv.port,
+                version=version,
+                qos=1,
+                publishers=5,
+                subscribers=2,
+                messages=400,
+                drain_timeout=10.0,
+                persistent_subscribers=True,
+            )
+            res = run(plan)
+            assert res.errors == []
+            assert (res.sent, res.delivered, res.lost, res.duplicates) == (2000, 4000, 0, 0)
+            sessions = srv.call(lambda: list(srv.app.broker.sessions))
+            assert not [c for c in sessions if c.startswith("bench-")], sessions
+        wait_for_rows(pg_dsn, "SELECT 1 FROM ingestd_session_queue", 0)
+        wait_for_rows(pg_dsn, "SELECT 1 FROM ingestd_sessions WHERE client_id LIKE 'bench-%'", 0)
+    finally:
+        srv.stop()
+
+
+def test_session_journal_off_keeps_graceful_restarts_and_drops_old_rows(pg_dsn, tmp_path):
+    """persistence.session_journal = false: nothing journaled; a graceful stop saves the
+    undelivered messages with the session; rows a journaling run left are taken over."""
+    srv = ServerThread(config(tmp_path, pg_dsn), database=True).start()
+    try:
+        dev = Client(srv.port, client_id="nj-dev", session_expiry=3600)
+        dev.subscribe("cmd/nj-dev/#", 1)
+        dev.disconnect()
+        pub = Client(srv.port)
+        for i in range(3):
+            pub.publish(f"cmd/nj-dev/{i}", str(i).encode(), 1)
+        wait_for_rows(pg_dsn, journal_rows("nj-dev"), 3)
+    finally:
+        srv.stop()
+
+    off = ServerThread(config(tmp_path, pg_dsn, journal=False), database=True).start()
+    try:
+        # Restored from the journal into memory, and the journal rows are dropped.
+        wait_for_rows(pg_dsn, journal_rows("nj-dev"), 0)
+        dev2 = Client(off.port, client_id="nj-dev", session_expiry=3600, clean_start=False)
+        assert [m.payload for m in dev2.expect(3)] == [b"0", b"1", b"2"]
+        dev2.disconnect()
+        pub = Client(off.port)
+        for i in range(3, 5):
+            pub.publish(f"cmd/nj-dev/{i}", str(i).encode(), 1)
+        pub.barrier()
+    finally:
+        off.stop()  # graceful: the two undelivered messages go into the session row
+    # Everything was flushed at the stop: a journaling store would have left 2 rows.
+    assert fetch_sync(pg_dsn, journal_rows("nj-dev")) == []
+
+    again = ServerThread(config(tmp_path, pg_dsn, journal=False), database=True).start()
+    try:
+        dev3 = Client(again.port, client_id="nj-dev", session_expiry=3600, clean_start=False)
+        assert [m.payload for m in dev3.expect(2)] == [b"3", b"4"]
+        dev3.expect_nothing()
+    finally:
+        again.stop()

@@ -83,6 +83,7 @@ class App:
                 await store.start()
                 # The store first: restored sessions journal their deliveries in it.
                 broker.store = store
+                broker.journal = store if cfg.persistence.session_journal else None
                 broker.restore(*await store.load())
                 # Stopped before the engine (extras stop in reverse), while the pool is open.
                 self.extras.append(store)

@@ -192,6 +192,10 @@ class PgBrokerStore:
 
     def session_deleted(self, client_id: str) -> None:
         self._sessions[client_id] = None
+        self.journal_drop(client_id)
+
+    def journal_drop(self, client_id: str) -> None:
+        """Forget every journaled delivery of ``client_id`` (written or not)."""
         for key in [k for k in self._journal if k[0] == client_id]:
             del self._journal[key]
         self._journal_clear.add(client_id)

@@ -154,6 +154,10 @@ class PersistenceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     enabled: bool = True
     # Write-behind period for retained/session changes (what a crash can lose at most).
     flush_interval_ms: float = 100.0
+    # Journal persistent sessions' QoS 1/2 deliveries until they complete, so a crash
+    # does not lose them. It writes only what is still undelivered after a flush
+    # interval (a slow or offline subscriber); off: they are saved at a graceful stop only.
+    session_journal: bool = True
 
 
 class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

@@ -86,8 +86,10 @@ class BenchClient(asyncio.Protocol):
         publishers: int = 0,
         track: bool = False,
         latency_cap: int = 1_000_000,
+        persistent: bool = False,
     ) -> None:
         self.client_id = client_id
+        self.persistent = persistent
         self.version = version
         self.keepalive = keepalive
         self.loop = asyncio.get_running_loop()
@@ -145,9 +147,14 @@ class BenchClient(asyncio.Protocol):
             encode(
                 Connect(
                     protocol_level=self.version,
-                    clean_start=True,
+                    clean_start=not self.persistent,
                     keepalive=self.keepalive,
                     client_id=self.client_id,
+                    properties=(
+                        {int(Prop.SESSION_EXPIRY_INTERVAL): 3600}
+                        if self.persistent and self.version == 5
+                        else {}
+                    ),
                 ),
                 self.version,
             )

@@ -166,6 +166,12 @@ def parse_target(text: str) -> tuple[str, int]:
     type=click.IntRange(1),
     help="PUBLISH packets per write.",
 )
+@click.option(
+    "--persistent-sessions",
+    is_flag=True,
+    help="Subscribers keep a persistent session (clean session 0 / session expiry 1 h),"
+    " removed again after the run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option(
     "--progress/--no-progress",
@@ -198,6 +204,7 @@ def bench(
     reference: bool | None,
     reference_batch: int,
     drain_timeout: float,
+    persistent_sessions: bool,
     batch: int,
     as_json: bool,
     progress: bool | None,
@@ -253,6 +260,7 @@ def bench(
             hold=hold,
             drain_timeout=drain_timeout,
             batch=batch,
+            persistent_subscribers=persistent_sessions,
         )
 
     show = stderr_progress(bool(progress)) if progress is not False else None

@@ -63,6 +63,8 @@ class Plan:
     connect_concurrency: int = 256
     drain_timeout: float = 5.0
     batch: int = 64
+    # Subscribers connect with a persistent session (removed after the run).
+    persistent_subscribers: bool = False
     client_prefix: str = "bench"
     connect_timeout: float = 30.0
     latency_cap: int = 1_000_000
@@ -232,7 +234,12 @@ class _Worker:
         pre = f"{p.client_prefix}-{p.run_id}"
         self.subs = await self._gather_limited(
             [
-                self._open(f"{pre}-s{j}", publishers=p.publishers, track=True)
+                self._open(
+                    f"{pre}-s{j}",
+                    publishers=p.publishers,
+                    track=True,
+                    persistent=p.persistent_subscribers,
+                )
                 for j in p.my_subscribers(self.w)
             ]
         )
@@ -303,6 +310,11 @@ class _Worker:
             *(c.disconnect() for c in [*self.subs, *(c for _, c in self.pubs)]),
             return_exceptions=True,
         )
+        if p.persistent_subscribers:
+            # Leave no session behind: a clean-start connection discards it.
+            for s in self.subs:
+                with contextlib.suppress(Exception):
+                    await (await self._open(s.client_id)).disconnect()
 
     async def _drain(self, expected: int) -> None:
         """Wait until every subscriber has ``expected`` distinct messages or stops receiving."""

@@ -133,6 +133,9 @@ class BrokerStore(Protocol):
     def done(self, client_id: str, d: Delivery) -> None:
         """The journaled delivery completed or was dropped."""
 
+    def journal_drop(self, client_id: str) -> None:
+        """Forget every journaled delivery of the client (the journal was turned off)."""
+
     async def load(self) -> tuple[list[Message], list[StoredSession]]: ...
 
     async def save_sessions(self, sessions: list[StoredSession]) -> None: ...

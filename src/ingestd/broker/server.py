@@ -36,7 +36,7 @@ from ingestd.broker.hooks import (
 )
 from ingestd.broker.message import Message
 from ingestd.broker.retained import RetainedStore
-from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions
+from ingestd.broker.session import NEVER_EXPIRES, DeliveryJournal, Session, SubOptions
 from ingestd.config import Config
 from ingestd.protocol import Reason
 
@@ -69,6 +69,9 @@ class Broker:
         )
         self.closing = False
         self.store: BrokerStore | None = None
+        # Where persistent sessions journal their QoS 1/2 deliveries (the store, unless
+        # persistence.session_journal is off: then only a graceful stop saves them).
+        self.journal: DeliveryJournal | None = None
 
     # -- plumbing for plugins ---------------------------------------------
 
@@ -141,7 +144,7 @@ class Broker:
         if session is None:
             m = self.config.mqtt
             session = Session(client_id, self.stats, m.max_queued_messages, m.max_queued_bytes)
-            session.journal = self.store
+            session.journal = self.journal
             self.sessions[client_id] = session
         session.connection = conn
         return session, present
@@ -413,7 +416,7 @@ class Broker:
             session = Session(
                 stored.client_id, self.stats, m.max_queued_messages, m.max_queued_bytes
             )
-            session.journal = self.store
+            session.journal = self.journal
             session.expiry_interval = stored.expiry_interval
             self.sessions[stored.client_id] = session
             for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
@@ -422,7 +425,10 @@ class Broker:
                 self.trie.subscribe(flt, session, opts)
             # Journaled deliveries come back in their order, keeping their journal keys.
             for seq, message, qos, retain, sub_ids in stored.journal:
-                session.deliver(message, qos, retain, sub_ids, seq)
+                session.deliver(message, qos, retain, sub_ids, seq if self.journal else 0)
+            if stored.journal and self.journal is None and self.store is not None:
+                # Journal turned off: these now live in memory (saved at a graceful stop).
+                self.store.journal_drop(stored.client_id)
             if stored.pending:
                 # Written by a version that kept undelivered messages in the session row:
                 # they join the journal now, and the row is rewritten without them.
@@ -430,7 +436,8 @@ class Broker:
                     session.deliver(
                         Message(topic, payload, qos, retain, props), qos, retain, sub_ids
                     )
-                self._save(session)
+                if self.journal is not None:
+                    self._save(session)
             if left != NEVER_EXPIRES:
                 session.expiry_handle = self.loop.call_later(left, self._expire_session, session)
 
@@ -451,10 +458,15 @@ class Broker:
                 self._fire_delayed_will(session)
             session.cancel_timers()
         if self.store is not None:
-            # Undelivered messages are in the store's journal already; this writes the
-            # sessions' last state (and flushes the journal with it).
+            # Undelivered messages are in the store's journal already (unless it is off);
+            # this writes the sessions' last state (and flushes the journal with it).
+            pending = self.journal is None
             await self.store.save_sessions(
-                [self.snapshot_session(s) for s in self.sessions.values() if s.expiry_interval]
+                [
+                    self.snapshot_session(s, with_pending=pending)
+                    for s in self.sessions.values()
+                    if s.expiry_interval
+                ]
             )
 
 
