@@ -13,7 +13,8 @@ Helpers (plain functions): ``config_from_toml``, ``fetch``, ``fetch_sync``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,35 @@ async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 def fetch_sync(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(fetch(dsn, sql, *args))
+
+
+# Upper bound for one awaited condition (not a speed assertion); as mqtt_clients.WAIT.
+POLL_TIMEOUT = 10.0
+
+
+def wait_rows(
+    dsn: str,
+    sql: str,
+    *args: Any,
+    until: Callable[[list[Any]], bool] = bool,
+    timeout: float = POLL_TIMEOUT,
+) -> list[Any]:
+    """Poll ``sql`` until ``until(rows)`` holds (bounded); returns those rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = fetch_sync(dsn, sql, *args)
+        if until(rows):
+            return rows
+        assert time.monotonic() < deadline, f"timed out waiting on {sql!r}; last rows: {rows}"
+        time.sleep(0.05)
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = POLL_TIMEOUT) -> None:
+    """Poll ``cond`` until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def topic_matches(flt: str, topic: str) -> bool:

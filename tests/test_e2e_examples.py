@@ -25,7 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import pytest
 
 from ingestd.config import Config, load_config
 from mqtt_clients import WAIT, Client, props
-from pg_fixtures import config_from_toml, fetch_sync
+from pg_fixtures import config_from_toml, fetch_sync, wait_for, wait_rows
 from server_thread import ServerThread
 
 pytestmark = pytest.mark.pg
@@ -99,30 +99,6 @@ def running(cfg: Config) -> Iterator[Broker]:
         yield b
     finally:
         b.close()
-
-
-def wait_rows(
-    dsn: str,
-    sql: str,
-    *args: Any,
-    until: Callable[[list[Any]], bool] = bool,
-    timeout: float = WAIT,
-) -> list[Any]:
-    """Poll ``sql`` until ``until(rows)`` holds (bounded); returns those rows."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = fetch_sync(dsn, sql, *args)
-        if until(rows):
-            return rows
-        assert time.monotonic() < deadline, f"timed out waiting on {sql!r}; last rows: {rows}"
-        time.sleep(0.05)
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def ts(seconds: float) -> dt.datetime:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from click.testing import CliRunner
 import rawmqtt
 from mqtt_clients import WAIT, Client, props
 from pg import RestartablePostgres
-from pg_fixtures import config_from_toml, fetch_sync
+from pg_fixtures import config_from_toml, fetch_sync, wait_for, wait_rows
 from server_thread import ServerThread
 
 pytestmark = pytest.mark.pg
@@ -37,30 +35,6 @@ def start_server(text: str, tmp_path: Path, dsn: str, **sections: dict[str, Any]
     cfg = config_from_toml(text, tmp_path, dsn, **sections)
     cfg.server.listen = ["127.0.0.1:0"]
     return ServerThread(cfg, database=True).start()
-
-
-def wait_rows(
-    dsn: str,
-    sql: str,
-    *args: Any,
-    until: Callable[[list[Any]], bool] = bool,
-    timeout: float = WAIT,
-) -> list[Any]:
-    """Poll ``sql`` until ``until(rows)`` holds (bounded); returns those rows."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = fetch_sync(dsn, sql, *args)
-        if until(rows):
-            return rows
-        assert time.monotonic() < deadline, f"timed out waiting on {sql!r}; last rows: {rows}"
-        time.sleep(0.05)
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # ----------------------------------------------------------------------
