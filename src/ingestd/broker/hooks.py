@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ingestd.broker.message import Message
-
-if TYPE_CHECKING:
-    from ingestd.broker.session import Delivery
+from ingestd.broker.session import DeliveryJournal
 
 
 class MessageSink(Protocol):
@@ -110,8 +108,9 @@ class StoredSession:
     journal: list[tuple[int, Message, int, bool, list[int] | None]] = field(default_factory=list)
 
 
-class BrokerStore(Protocol):
-    """Durable state of the broker (retained messages, sessions) across restarts.
+class BrokerStore(DeliveryJournal, Protocol):
+    """Durable state of the broker across restarts: retained messages, sessions and
+    (as the :class:`DeliveryJournal`) their undelivered QoS 1/2 messages.
 
     The broker calls the sync methods on the hot path: they must only enqueue
     (write-behind) and never block. ``save_sessions`` runs once at shutdown,
@@ -126,12 +125,6 @@ class BrokerStore(Protocol):
 
     def session_deleted(self, client_id: str) -> None:
         """The session ended: its row and its journaled deliveries go."""
-
-    def put(self, client_id: str, d: Delivery) -> None:
-        """Journal a persistent session's delivery (assigns ``d.seq``); see session.py."""
-
-    def done(self, client_id: str, d: Delivery) -> None:
-        """The journaled delivery completed or was dropped."""
 
     def journal_drop(self, client_id: str) -> None:
         """Forget every journaled delivery of the client (the journal was turned off)."""

@@ -217,8 +217,7 @@ class Session:
             or self.queued_bytes + size > self.max_queued_bytes
         ):
             self.stats.drop("session_queue_full")
-            if d.seq and self.journal is not None:
-                self.journal.done(self.client_id, d)
+            self._done(d)  # a restored delivery that no longer fits leaves the journal
             return
         self._accepted(d)
         queue.append(d)
