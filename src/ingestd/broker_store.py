@@ -77,12 +77,22 @@ def _props_in(props: Any) -> dict[int, Any]:
     return out
 
 
+def _wall_expiry(message: Message, now_wall: float, now_mono: float) -> float | None:
+    """A message's monotonic expiry deadline as wall-clock time (what survives a restart)."""
+    if message.expires_at is None:
+        return None
+    return now_wall + (message.expires_at - now_mono)
+
+
+def _mono_expiry(expires: float | None, now_wall: float, now_mono: float) -> float | None:
+    """The inverse of :func:`_wall_expiry` in this process."""
+    return None if expires is None else now_mono + (expires - now_wall)
+
+
 def encode_retained(
     message: Message, now_wall: float, now_mono: float
 ) -> tuple[bytes, float | None]:
-    expires = None
-    if message.expires_at is not None:
-        expires = now_wall + (message.expires_at - now_mono)
+    expires = _wall_expiry(message, now_wall, now_mono)
     body = _enc.encode(
         [message.payload, message.qos, message.properties, message.client_id, message.username]
     )
@@ -101,7 +111,7 @@ def decode_retained(
         _props_in(props),
         client_id,
         username,
-        expires_at=None if expires is None else now_mono + (expires - now_wall),
+        expires_at=_mono_expiry(expires, now_wall, now_mono),
     )
 
 
@@ -124,7 +134,7 @@ def decode_session(client_id: str, body: bytes) -> StoredSession:
 
 def encode_delivery(d: Delivery, now_wall: float, now_mono: float) -> bytes:
     m = d.message
-    expires = None if m.expires_at is None else now_wall + (m.expires_at - now_mono)
+    expires = _wall_expiry(m, now_wall, now_mono)
     return _enc.encode(
         [
             m.topic,
@@ -146,7 +156,7 @@ def decode_delivery(
     seq: int, body: bytes, now_wall: float, now_mono: float
 ) -> tuple[int, Message, int, bool, list[int] | None]:
     topic, payload, qos, retain, props, cid, user, expires, dqos, dretain, ids = _dec.decode(body)
-    expires_at = None if expires is None else now_mono + (expires - now_wall)
+    expires_at = _mono_expiry(expires, now_wall, now_mono)
     message = Message(topic, payload, qos, retain, _props_in(props), cid, user, None, expires_at)
     return seq, message, dqos, dretain, ids
 
