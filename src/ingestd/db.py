@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +167,28 @@ class Database:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None
+
+
+async def copy_binary(
+    conn: Any,
+    table: str,
+    data: bytes,
+    columns: Sequence[str],
+    schema_name: str | None = None,
+) -> None:
+    """``COPY table (columns) FROM STDIN (FORMAT binary)`` of a whole encoded stream
+    (``ingestd._copy.CopyEncoder.encode``), sent as one CopyData message.
+
+    A memoryview, because asyncpg's ``copy_to_table`` takes a ``bytes`` source
+    for a file path.
+    """
+    await conn.copy_to_table(
+        table,
+        source=memoryview(data),
+        columns=list(columns),
+        schema_name=schema_name,
+        format="binary",
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -281,6 +281,8 @@ async def measure_copy(
     )
     try:
         await conn.execute(f"CREATE INDEX ON {table} (machine, ts)")
+        from ingestd.db import copy_binary
+
         out = []
         encoder = CopyEncoder(COLUMN_TYPES)
         for size in sizes:
@@ -293,12 +295,7 @@ async def measure_copy(
                 t0 = time.perf_counter()
                 # As the ingest writer does it: rows encoded by CopyEncoder, one binary
                 # COPY per batch (a lone statement commits on its own).
-                await conn.copy_to_table(
-                    table,
-                    source=memoryview(encoder.encode(rows)),
-                    columns=COLUMNS,
-                    format="binary",
-                )
+                await copy_binary(conn, table, encoder.encode(rows), COLUMNS)
                 lat.append(time.perf_counter() - t0)
             total = sum(lat)
             out.append(

@@ -60,6 +60,7 @@ import msgspec
 
 from ingestd._copy import CopyEncoder
 from ingestd._copy import supports as copy_supports
+from ingestd.db import copy_binary
 from ingestd.ingest import deadletter
 from ingestd.ingest.routes import (
     SQL_TYPE,
@@ -473,16 +474,9 @@ class Writer:
                 table, records=g.records, columns=g.columns, schema_name=schema
             )
             return
-        # Encoded here (Cython, one pass) and sent as one CopyData message;
-        # see ext/ingestd/_copy.pyx for why and for the asyncpg-compatible contract.
-        # A memoryview, because asyncpg takes a bytes source for a file path.
-        await conn.copy_to_table(
-            table,
-            source=memoryview(encoder.encode(g.records)),
-            columns=g.columns,
-            schema_name=schema,
-            format="binary",
-        )
+        # Encoded here (Cython, one pass); see ext/ingestd/_copy.pyx for why and for
+        # the asyncpg-compatible contract.
+        await copy_binary(conn, table, encoder.encode(g.records), g.columns, schema)
 
     def _upsert_sql(self, g: Group, mode: str) -> str:
         k = (mode, (g.table,), g.columns, g.key)
