@@ -265,6 +265,13 @@ def bench(
 
     show = stderr_progress(bool(progress)) if progress is not False else None
     try:
+        # Row verification and the same-run COPY reference (ingest scenario).
+        rows_kw: dict[str, Any] = {
+            "dsn": dsn,
+            "table": table,
+            "reference": reference,
+            "reference_batch": reference_batch,
+        }
         if compare_with:
             other = parse_target(compare_with)
             echo = (lambda s: click.echo(s, err=True)) if not as_json else None
@@ -275,10 +282,7 @@ def bench(
                 rounds,
                 progress=show,
                 echo=echo,
-                dsn=dsn,
-                table=table,
-                reference=reference,
-                reference_batch=reference_batch,
+                **rows_kw,
             )
             if as_json:
                 click.echo(json.dumps(out, indent=2))
@@ -301,15 +305,7 @@ def bench(
                         f"msgs per broker CPU second, ratio: {_x(out['cpu_efficiency_ratio'])}"
                     )
         else:
-            res = run(
-                make_plan(host, port),
-                pid=pid,
-                progress=show,
-                dsn=dsn,
-                table=table,
-                reference=reference,
-                reference_batch=reference_batch,
-            )
+            res = run(make_plan(host, port), pid=pid, progress=show, **rows_kw)
             if as_json:
                 click.echo(json.dumps(res.to_dict(), indent=2))
             else:
