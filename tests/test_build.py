@@ -7,11 +7,12 @@ import sys
 
 import ingestd._codec
 import ingestd._copy
+import ingestd._inbound
 import ingestd._trie
 
 
 def test_compiled_modules_are_loaded():
-    for mod in (ingestd._codec, ingestd._trie, ingestd._copy):
+    for mod in (ingestd._codec, ingestd._trie, ingestd._copy, ingestd._inbound):
         assert mod.__file__ is not None
         assert mod.__file__.endswith(".so"), mod.__file__
 

@@ -59,6 +59,9 @@ cdef class _Node:
 cdef class SubscriptionTrie:
     cdef _Node _root
     cdef Py_ssize_t _count            # (filter, subscriber) entries, shared included
+    # Bumped by every subscribe and every unsubscribe that removes something: a
+    # cache of match results (ingestd._inbound) is valid while it is unchanged.
+    cdef readonly Py_ssize_t generation
 
     cdef _Node _find_node(self, str topic_filter, list path)
     cdef int _walk(self, str topic, list out, list shared) except -1

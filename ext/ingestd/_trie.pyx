@@ -381,6 +381,7 @@ cdef class SubscriptionTrie:
     def __cinit__(self):
         self._root = _Node.__new__(_Node)
         self._count = 0
+        self.generation = 0
 
     def __len__(self):
         return self._count
@@ -427,6 +428,7 @@ cdef class SubscriptionTrie:
                 node.groups[group_name] = group
             added = group._set(subscriber, options)
         self._count += added
+        self.generation += 1
         return added == 1
 
     cdef _Node _find_node(self, str topic_filter, list path):
@@ -474,6 +476,7 @@ cdef class SubscriptionTrie:
                 if not node.groups:
                     node.groups = None
         self._count -= 1
+        self.generation += 1
         # Prune upwards while the node just left is empty.
         cdef list levels = (<str>flt).split("/")
         cdef Py_ssize_t k = len(levels) - 1

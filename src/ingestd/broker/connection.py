@@ -19,11 +19,18 @@ The transport's buffer is bounded by ``max_outbound_bytes``: above it
 dropped (counted) and QoS 1/2 wait in the session queue until
 ``resume_writing`` pumps it.
 
-Acknowledgements of inbound QoS 1/2 PUBLISH go through ``_acks`` in arrival
-order: an ack whose message must first be made durable by an ingest route
-(``ack = "after-commit"``) holds back the acks behind it, so PUBACKs leave in
-the order the PUBLISHes came [MQTT-4.6.0-2]. If durability fails, no ack is
-sent and the connection is closed: the client re-sends after reconnecting.
+Acknowledgements of inbound QoS 1/2 PUBLISH go through ``inbound``
+(:class:`ingestd._inbound.Inbound`, compiled) in arrival order: an ack whose
+message must first be made durable by an ingest route (``ack =
+"after-commit"``) holds back the acks behind it, so PUBACKs leave in the order
+the PUBLISHes came [MQTT-4.6.0-2]. If durability fails, no ack is sent and the
+connection is closed: the client re-sends after reconnecting.
+
+Fast path: a run of PUBLISH packets whose topics only ingest routes take (QoS
+0/1, no RETAIN, no properties) is handled by ``inbound.take`` in one call
+instead of ``_on_publish`` per packet (see ext/ingestd/_inbound.pyx for the
+exact conditions); the first packet that does not qualify, and everything
+after it that does not, goes through ``_on_publish``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ import asyncio
 import logging
 import socket
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ingestd._codec import (
@@ -46,6 +52,7 @@ from ingestd._codec import (
     encode_ack,
     encode_publish,
 )
+from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
@@ -103,14 +110,10 @@ class MQTTConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._write_paused = False
         self._read_paused = False
-        # Inbound QoS 1/2 acks in arrival order: [future-or-None, encoded ack, qos, packet id].
-        # Created on first use (an empty deque costs ~760 bytes per connection).
-        self._acks: deque[list[Any]] | None = None
-        # The durability future _ack_ready already watches: the messages of one ingest
-        # batch share a future, so one callback per batch and connection releases them
-        # all (not one callback per message, scheduled by the thousand at commit).
-        self._ack_watch: asyncio.Future[Any] | None = None
-        self._pending_qos1 = 0
+        # Inbound QoS 1/2 acks in arrival order, and the ingest fast path. A durability
+        # future is watched once (the messages of one ingest batch share it), so one
+        # callback per batch and connection releases them all.
+        self.inbound = Inbound(self._ack_ready, self.send)
         self._inbound_aliases: dict[int, str] = {}
         self._outbound_aliases: dict[str, int] = {}
         self._client_alias_max = 0
@@ -142,7 +145,15 @@ class MQTTConnection(asyncio.Protocol):
         self.stats.bytes_received += len(data)
         try:
             packets = self.decoder.feed(data)
-            for packet in packets:
+            take = self.inbound.take
+            i = 0
+            n = len(packets)
+            while i < n:
+                i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
+                if i == n:
+                    break
+                packet = packets[i]
+                i += 1
                 ptype = packet.packet_type
                 if ptype == _PUBLISH:
                     self._on_publish(packet)
@@ -154,7 +165,7 @@ class MQTTConnection(asyncio.Protocol):
             self._protocol_error(exc)
             return
         if not self._read_paused and (
-            len(self._acks or ()) > self.cfg.receive_maximum or self.broker.ingest_saturated()
+            self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated()
         ):
             self.pause_reading()
 
@@ -194,7 +205,7 @@ class MQTTConnection(asyncio.Protocol):
         """Resume if nothing still holds this connection back."""
         if not self._read_paused or self.state == CLOSED or self.transport is None:
             return
-        if len(self._acks or ()) > self.cfg.receive_maximum or self.broker.ingest_saturated():
+        if self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated():
             return
         self._read_paused = False
         self.transport.resume_reading()
@@ -292,8 +303,7 @@ class MQTTConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._acks = None
-        self._ack_watch = None
+        self.inbound.clear()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if reason_code is not None and self.version == 5 and was_connected:
@@ -496,6 +506,17 @@ class MQTTConnection(asyncio.Protocol):
             clean_start=p.clean_start,
             transport=self.transport_name,
         )
+        self.inbound.attach(
+            self.version,
+            cfg.receive_maximum,
+            self.broker.trie,
+            self.broker.ingest_target,
+            Message,
+            self.client_id,
+            self.username,
+            session.inbound_qos2,
+            self.stats.messages_received,
+        )
         self.broker.client_connected(self)
         if present:
             session.resend_inflight()
@@ -552,7 +573,7 @@ class MQTTConnection(asyncio.Protocol):
             return
         if (
             self.version == 5
-            and self._pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
+            and self.inbound.pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
         ):
             raise ProtocolError(
                 "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
@@ -560,7 +581,6 @@ class MQTTConnection(asyncio.Protocol):
             )
         if qos == 1:
             durable = self.broker.publish(message, session)
-            self._pending_qos1 += 1
             self._queue_ack(durable, _PUBACK, pid, 1)
         else:
             session.inbound_qos2.add(pid)
@@ -568,66 +588,32 @@ class MQTTConnection(asyncio.Protocol):
             self._queue_ack(durable, _PUBREC, pid, 2)
 
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
-        if fut is None and not self._acks:
-            self._send_ack(ptype, pid, qos)
-            return
-        if self._acks is None:
-            self._acks = deque()
-        self._acks.append([fut, ptype, pid, qos])
-        if fut is not None and fut is not self._ack_watch:
-            # _ack_ready releases every ack at the head whose future is done, so a
-            # future already watched needs no second callback.
-            self._ack_watch = fut
-            fut.add_done_callback(self._ack_ready)
-
-    def _send_ack(self, ptype: int, pid: int, qos: int) -> None:
-        if qos == 1:
-            self._pending_qos1 -= 1
-        self.send(encode_ack(ptype, pid, 0, self.version))
+        ack = self.inbound.queue(fut, ptype, pid, qos)
+        if ack is not None:
+            self.send(ack)
 
     def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
+        """A durability future completed: send every ack it (and those done before) frees."""
         if self.state == CLOSED:
             return
-        acks = self._acks
-        if acks is None:
-            return
-        # Every ack at the head whose future is done leaves now, in order, as one write;
-        # the acks of one batch share a future, so each future is checked once.
-        out: list[bytes] = []
-        released_qos1 = 0
-        version = self.version
-        durable: asyncio.Future[Any] | None = None
-        while acks:
-            fut, ptype, pid, qos = acks[0]
-            if fut is not None and fut is not durable:
-                if not fut.done():
-                    break
-                if fut.cancelled() or fut.exception() is not None:
-                    # Not durable: withhold the ack and drop the connection so the client
-                    # re-sends (at least once). A QoS 2 id must be routable again.
-                    if out:
-                        self._pending_qos1 -= released_qos1
-                        self.send(b"".join(out))
-                    if qos == 2 and self.session is not None:
-                        self.session.inbound_qos2.discard(pid)
-                    log.warning(
-                        "closing %s (client %r): message could not be stored: %s",
-                        self.peer,
-                        self.client_id,
-                        None if fut.cancelled() else fut.exception(),
-                    )
-                    self._close(
-                        "overloaded", Reason.UNSPECIFIED_ERROR, "message could not be stored"
-                    )
-                    return
-                durable = fut
-            acks.popleft()
-            if qos == 1:
-                released_qos1 += 1
-            out.append(encode_ack(ptype, pid, 0, version))
+        # Every ack at the head whose future is done leaves now, in order, as one write.
+        out, failed = self.inbound.release()
         if out:
-            self._pending_qos1 -= released_qos1
-            self.send(out[0] if len(out) == 1 else b"".join(out))
+            self.send(out)
+        if failed is not None:
+            # Not durable: withhold the ack and drop the connection so the client
+            # re-sends (at least once). A QoS 2 id must be routable again.
+            fut, pid, qos = failed
+            if qos == 2 and self.session is not None:
+                self.session.inbound_qos2.discard(pid)
+            log.warning(
+                "closing %s (client %r): message could not be stored: %s",
+                self.peer,
+                self.client_id,
+                None if fut.cancelled() else fut.exception(),
+            )
+            self._close("overloaded", Reason.UNSPECIFIED_ERROR, "message could not be stored")
+            return
         if self._read_paused:
             self.resume_reading()
 

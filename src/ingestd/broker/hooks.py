@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ingestd.broker.message import Message
 from ingestd.broker.session import DeliveryJournal
@@ -30,6 +30,23 @@ class MessageSink(Protocol):
         will retry). Must not block.
         """
         ...
+
+
+@runtime_checkable
+class RunSink(Protocol):
+    """A sink whose messages may take the connections' fast path (ingest routes).
+
+    For a topic whose every subscriber is a RunSink, a connection hands a run of
+    messages straight to ``batch_run`` (an :class:`ingestd._inbound.BatchRun`
+    shared by the routes of one table) instead of calling ``deliver`` per
+    message: the same messages, in the same order, the same durability futures.
+    """
+
+    batch_run: Any
+    route: Any
+    durable: bool
+
+    def deliver(self, message: Message) -> asyncio.Future[None] | None: ...
 
 
 @dataclass(slots=True)

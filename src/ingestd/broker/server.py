@@ -25,6 +25,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
 from ingestd.auth import load_password_file, verify_password
 from ingestd.broker.hooks import (
@@ -32,6 +33,7 @@ from ingestd.broker.hooks import (
     BrokerStats,
     BrokerStore,
     MessageSink,
+    RunSink,
     StoredSession,
 )
 from ingestd.broker.message import Message
@@ -325,6 +327,23 @@ class Broker:
         if len(durable) == 1:
             return durable[0]
         return asyncio.gather(*durable)
+
+    def ingest_target(self, topic: str) -> IngestTarget | None:
+        """What ``topic`` reaches if only ingest routes subscribe to it, else None.
+
+        The connections' fast path (ext/ingestd/_inbound.pyx) keeps the answer
+        per topic until the trie changes; a topic some session or shared group
+        subscribes to (or nothing does) takes :meth:`publish`.
+        """
+        subs, groups = self.trie.match_all(topic)
+        if groups or not subs:
+            return None
+        entries = []
+        for sub, _opts in subs:
+            if type(sub) is Session or not isinstance(sub, RunSink):
+                return None
+            entries.append((sub.batch_run, sub.route, sub.durable))
+        return IngestTarget(entries)
 
     def _deliver_shared(self, group: Any, message: Message) -> None:
         members = group.members

@@ -60,6 +60,7 @@ import msgspec
 
 from ingestd._copy import CopyEncoder
 from ingestd._copy import supports as copy_supports
+from ingestd._inbound import BatchRun
 from ingestd.db import copy_binary
 from ingestd.ingest import deadletter
 from ingestd.ingest.routes import (
@@ -527,6 +528,7 @@ class TableBatcher:
         "_loop",
         "_timer",
         "batch_rows",
+        "batch_run",
         "flush_interval",
         "future",
         "kind",
@@ -561,6 +563,9 @@ class TableBatcher:
         self._loop = asyncio.get_running_loop()
         # Writer tasks of this table in flight (group commit: see the module docstring).
         self._active = 0
+        # Where the connections' fast path collects this table's messages of one run
+        # (ext/ingestd/_inbound.pyx): handed over through add_run.
+        self.batch_run = BatchRun(self.add_run, self.routes is not None)
 
     def add(self, route: Route, msg: Message, durable: bool) -> asyncio.Future[None] | None:
         """Queue one message; returns the batch's future if ``durable``."""
@@ -577,13 +582,42 @@ class TableBatcher:
         if len(msgs) >= self.batch_rows:
             self.flush()
         elif self._timer is None:
-            if self._active < self._engine.config.ingest.max_concurrent_copies:
-                # A writer is free: take everything that arrives in this loop turn and go.
-                # Waiting for more rows would only add latency to after-commit acks.
-                self._timer = self._loop.call_soon(self.flush)
-            else:
-                self._timer = self._loop.call_later(self.flush_interval, self.flush)
+            self._schedule()
         return fut
+
+    def add_run(
+        self, msgs: list[Message], routes: list[Route] | None, durable: bool
+    ) -> asyncio.Future[None] | None:
+        """Queue a run of messages (``routes``: the route of each, for a table with
+        several routes); returns the batch's future if ``durable``.
+
+        The run joins one batch: a batch may pass ``batch_rows`` by less than one
+        run (the PUBLISHes of one read from one connection).
+        """
+        self.msgs += msgs
+        if self.routes is not None:
+            assert routes is not None
+            self.routes += routes
+        self._engine._pending += len(msgs)
+        fut = None
+        if durable:
+            fut = self.future
+            if fut is None:
+                fut = self.future = self._loop.create_future()
+        if len(self.msgs) >= self.batch_rows:
+            self.flush()
+        elif self._timer is None:
+            self._schedule()
+        return fut
+
+    def _schedule(self) -> None:
+        """Arrange the flush of a batch that just got its first rows."""
+        if self._active < self._engine.config.ingest.max_concurrent_copies:
+            # A writer is free: take everything that arrives in this loop turn and go.
+            # Waiting for more rows would only add latency to after-commit acks.
+            self._timer = self._loop.call_soon(self.flush)
+        else:
+            self._timer = self._loop.call_later(self.flush_interval, self.flush)
 
     def flush(self) -> asyncio.Task[None] | None:
         """Hand the current batch to a writer task (no-op when empty)."""

@@ -85,14 +85,19 @@ class IngestStats:
 
 
 class RouteSink:
-    """The MessageSink of one route (registered once per subscription filter)."""
+    """The MessageSink of one route (registered once per subscription filter).
 
-    __slots__ = ("batcher", "durable", "route")
+    Also a ``RunSink``: the connections' fast path hands runs of messages to
+    ``batch_run`` (its table's) instead of calling ``deliver`` per message.
+    """
+
+    __slots__ = ("batch_run", "batcher", "durable", "route")
 
     def __init__(self, route: Route, batcher: TableBatcher) -> None:
         self.route = route
         self.batcher = batcher
         self.durable = route.ack == "after-commit"
+        self.batch_run = batcher.batch_run
 
     def deliver(self, message: Message) -> asyncio.Future[None] | None:
         """Queue the message for its table's next batch.

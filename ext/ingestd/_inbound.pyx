@@ -1,0 +1,444 @@
+# The inbound side of one MQTT connection, compiled: the queue of its QoS 1/2
+# acknowledgements and the fast path for PUBLISH packets that only ingest
+# routes take.
+#
+# Why: at ingest rates the broker's per-message Python (the PUBLISH handler, a
+# Message routed through Broker.publish, one sink call and one batcher call per
+# route, one ack entry and one ack encoding per message) cost ~2.5 us of the
+# ~5 us the broker spent per ingested message (py-spy, docs/benchmarks.md).
+# Here a run of such PUBLISH packets from one read is handled in one call: each
+# becomes a Message appended to its tables' run lists, each table's batcher
+# takes the whole run at once, and their acks are queued against the batch
+# futures in arrival order; acks are released as one write of 4-byte packets.
+#
+# Contract (docs/architecture.md, "Inbound fast path"): a packet takes this
+# path only if the connection is CONNECTED, it is a PUBLISH of QoS 0 or 1
+# without RETAIN and without properties (no topic alias, expiry, user
+# properties...), and every subscriber its topic matches is an ingest route
+# (no session, no shared group). Everything else, and the packet that breaks a
+# run, goes through MQTTConnection._on_publish as before. The result is the
+# same as the per-message path: the same Messages reach the same batchers in
+# the same order (per table), the same acks leave in arrival order.
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.string cimport memmove
+
+from ingestd._codec cimport Publish
+from ingestd._trie cimport SubscriptionTrie
+
+import asyncio
+import time
+
+cdef object _gather = asyncio.gather
+cdef object _now = time.time
+
+cdef enum:
+    _PUBACK = 4
+    # Topics one connection keeps the classification of (cleared when full):
+    # a device publishes to a handful of topics over and over.
+    CACHE_MAX = 256
+    # Released ack entries at the head are dropped once this many pile up.
+    _COMPACT_AT = 1024
+
+# An ack entry: packet id (16 bits) | packet type << 16 | qos << 20.
+cdef inline unsigned int _code(int ptype, int pid, int qos) noexcept:
+    return <unsigned int>pid | (<unsigned int>ptype << 16) | (<unsigned int>qos << 20)
+
+
+@cython.final
+cdef class BatchRun:
+    """The messages one table's batcher gets from the current fast run.
+
+    One per TableBatcher, shared by every connection (one event loop; a run is
+    handed over before ``Inbound.take`` returns). ``add_run(msgs, routes,
+    durable)`` is the batcher's: it takes the run and returns the batch future
+    when ``durable`` (else None).
+    """
+
+    cdef object _add_run
+    cdef bint _keep_routes        # the table has several routes: keep each message's
+    cdef list _msgs
+    cdef list _routes
+    cdef bint _durable            # a message of the run must be durable before its ack
+    cdef bint _touched            # in the current run's list of runs to hand over
+    cdef object _fut              # what the last hand-over returned
+
+    def __cinit__(self, add_run, bint keep_routes):
+        self._add_run = add_run
+        self._keep_routes = keep_routes
+        self._msgs = []
+        self._routes = [] if keep_routes else None
+
+    cdef int _hand_over(self) except -1:
+        cdef list msgs = self._msgs
+        cdef list routes = self._routes
+        self._msgs = []
+        if self._keep_routes:
+            self._routes = []
+        self._touched = False
+        durable = self._durable
+        self._durable = False
+        self._fut = self._add_run(msgs, routes, durable)
+        return 0
+
+
+@cython.final
+cdef class IngestTarget:
+    """What a topic reaches when only ingest routes subscribe to it: per route, the
+    batch run of its table, the route and whether its acks wait for durability."""
+
+    cdef tuple _runs              # BatchRun per route
+    cdef tuple _routes
+    cdef tuple _durable           # bools
+    cdef Py_ssize_t _n_durable
+    cdef BatchRun _only_durable   # the one durable route's run, when _n_durable == 1
+    cdef object _gathered         # gather of the durable runs' futures, this run
+    cdef Py_ssize_t _stamp        # the run _gathered belongs to
+
+    def __cinit__(self, entries):
+        """``entries``: (BatchRun, route, durable) per matching route."""
+        runs = []
+        routes = []
+        durable = []
+        cdef BatchRun run
+        self._n_durable = 0
+        for entry in entries:
+            run = entry[0]
+            runs.append(run)
+            routes.append(entry[1])
+            d = bool(entry[2])
+            durable.append(d)
+            if d:
+                self._n_durable += 1
+                self._only_durable = run
+        if not runs:
+            raise ValueError("an ingest target needs at least one route")
+        self._runs = tuple(runs)
+        self._routes = tuple(routes)
+        self._durable = tuple(durable)
+        self._stamp = -1
+
+    def __len__(self):
+        return len(self._runs)
+
+
+@cython.final
+cdef class Inbound:
+    """One connection's inbound acknowledgements (and its PUBLISH fast path).
+
+    Acks of QoS 1/2 PUBLISHes leave in the order the PUBLISHes came
+    [MQTT-4.6.0-2]: an ack whose message must first be made durable (its
+    future) holds back the acks behind it. ``ready`` is called (as a done
+    callback) when such a future completes; it then calls :meth:`release`.
+    """
+
+    cdef object _ready            # conn._ack_ready: the futures' done callback
+    cdef object _send             # conn.send
+    cdef list _futs               # per ack entry: its future or None
+    cdef unsigned int* _codes     # per ack entry: _code(ptype, pid, qos)
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _head         # first entry not yet released
+    cdef object _watch            # the future ``ready`` is already registered on
+    cdef public int pending_qos1  # QoS 1 PUBLISHes not yet acknowledged
+    cdef readonly unsigned long long taken  # PUBLISHes the fast path has handled
+
+    # fast path (enabled by attach, once the connection is CONNECTED)
+    cdef bint _enabled
+    cdef int _version
+    cdef int _receive_maximum
+    cdef SubscriptionTrie _trie
+    cdef Py_ssize_t _generation
+    cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
+    cdef dict _cache              # topic -> IngestTarget or None
+    cdef object _message          # the Message class
+    cdef str _client_id
+    cdef object _username
+    cdef set _qos2                # the session's inbound_qos2
+    cdef list _received           # stats.messages_received (per QoS)
+    cdef Py_ssize_t _stamp
+    cdef list _run_targets        # per message of the current run: its IngestTarget
+    cdef list _run_pids           # per message of the current run: packet id (0: QoS 0)
+    cdef list _touched            # BatchRuns with messages in the current run
+
+    def __cinit__(self, ready, send):
+        self._ready = ready
+        self._send = send
+        self._futs = []
+        self._codes = NULL
+        self._cap = 0
+        self._cache = {}
+        self._run_targets = []
+        self._run_pids = []
+        self._touched = []
+
+    def __dealloc__(self):
+        PyMem_Free(self._codes)
+
+    # -- fast path set-up -------------------------------------------------------
+
+    def attach(self, int version, int receive_maximum, SubscriptionTrie trie, classify,
+               message, str client_id, username, set inbound_qos2, list received):
+        """Turn the fast path on for a CONNECTED connection of ``client_id``."""
+        self._version = version
+        self._receive_maximum = receive_maximum
+        self._trie = trie
+        self._generation = trie.generation
+        self._classify = classify
+        self._message = message
+        self._client_id = client_id
+        self._username = username
+        self._qos2 = inbound_qos2
+        self._received = received
+        self._cache.clear()
+        self._enabled = True
+
+    @property
+    def enabled(self):
+        return self._enabled
+
+    # -- acknowledgements ----------------------------------------------------
+
+    @property
+    def ack_count(self):
+        """Acks queued and not yet sent."""
+        return len(self._futs) - self._head
+
+    cdef int _append(self, fut, unsigned int code) except -1:
+        cdef Py_ssize_t n = len(self._futs)
+        cdef unsigned int* grown
+        if n == self._cap:
+            self._cap = 64 if self._cap == 0 else self._cap * 2
+            grown = <unsigned int*>PyMem_Realloc(self._codes, self._cap * sizeof(unsigned int))
+            if grown == NULL:
+                raise MemoryError()
+            self._codes = grown
+        self._codes[n] = code
+        self._futs.append(fut)
+        if fut is not None and fut is not self._watch:
+            # release() frees every ack at the head whose future is done, so a
+            # future already watched needs no second callback.
+            self._watch = fut
+            fut.add_done_callback(self._ready)
+        return 0
+
+    cpdef bytes queue(self, fut, int ptype, int pid, int qos):
+        """Queue the ack (PUBACK 4 / PUBREC 5) of one PUBLISH of ``qos``.
+
+        ``fut``: the message must be durable first (None: ack at once). Returns
+        the ack to send now (nothing held back and no future), else None.
+        """
+        cdef bytes out
+        cdef char* p
+        if fut is None and self._head == len(self._futs):
+            out = PyBytes_FromStringAndSize(NULL, 4)
+            p = PyBytes_AS_STRING(out)
+            p[0] = <char>(ptype << 4)
+            p[1] = 2
+            p[2] = <char>(pid >> 8)
+            p[3] = <char>pid
+            return out
+        if qos == 1:
+            self.pending_qos1 += 1
+        self._append(fut, _code(ptype, pid, qos))
+        return None
+
+    def release(self):
+        """Take every ack at the head whose future is done (or that has none).
+
+        Returns ``(acks, failed)``: the acks' bytes to send as one write (b""
+        when none), and None, or ``(future, packet id, qos)`` of the first ack
+        whose future failed (the entries from it on stay queued; the caller
+        closes the connection).
+        """
+        cdef Py_ssize_t i = self._head
+        cdef Py_ssize_t n = len(self._futs)
+        cdef list futs = self._futs
+        cdef object durable = None
+        cdef object fut
+        cdef object failed = None
+        cdef unsigned int code
+        while i < n:
+            fut = futs[i]
+            if fut is not None and fut is not durable:
+                if not fut.done():
+                    break
+                if fut.cancelled() or fut.exception() is not None:
+                    code = self._codes[i]
+                    failed = (fut, code & 0xFFFF, code >> 20)
+                    break
+                durable = fut
+            i += 1
+        cdef Py_ssize_t k = i - self._head
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, 4 * k)
+        cdef char* p = PyBytes_AS_STRING(out)
+        cdef Py_ssize_t j
+        cdef int released_qos1 = 0
+        for j in range(self._head, i):
+            code = self._codes[j]
+            p[0] = <char>(((code >> 16) & 0xF) << 4)
+            p[1] = 2
+            p[2] = <char>((code >> 8) & 0xFF)
+            p[3] = <char>(code & 0xFF)
+            p += 4
+            if code >> 20 == 1:
+                released_qos1 += 1
+            futs[j] = None
+        self.pending_qos1 -= released_qos1
+        self._head = i
+        if self._head == n:
+            del futs[:]
+            self._head = 0
+        elif self._head >= _COMPACT_AT and self._head * 2 >= n:
+            memmove(self._codes, self._codes + self._head, (n - self._head) * sizeof(unsigned int))
+            del futs[:self._head]
+            self._head = 0
+        return out, failed
+
+    def clear(self):
+        """The connection is closing: forget queued acks, stop the fast path."""
+        del self._futs[:]
+        self._head = 0
+        self._watch = None
+        self._enabled = False
+        self._cache.clear()
+        self._classify = None
+        self._qos2 = None
+
+    # -- the fast path --------------------------------------------------------
+
+    cdef object _target(self, str topic):
+        cdef object t
+        if self._trie.generation != self._generation:
+            # Someone subscribed or unsubscribed: what a topic reaches may have changed.
+            self._cache.clear()
+            self._generation = self._trie.generation
+        t = self._cache.get(topic, False)
+        if t is False:
+            t = self._classify(topic)
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()
+            self._cache[topic] = t
+        return t
+
+    def take(self, list packets, Py_ssize_t i):
+        """Handle the fast PUBLISH packets of ``packets`` from index ``i`` on.
+
+        Stops at the first packet that is not one (see the module comment).
+        Returns the index of that packet (``len(packets)`` if all were taken).
+        """
+        if not self._enabled:
+            return i
+        cdef Py_ssize_t n = len(packets)
+        cdef Py_ssize_t start = i
+        cdef Publish p
+        cdef object obj
+        cdef object t
+        cdef IngestTarget target
+        cdef BatchRun run
+        cdef Py_ssize_t r, nr
+        cdef int qos1 = 0
+        cdef int qos0 = 0
+        cdef int limit = 0x7FFFFFFF
+        cdef object received_at = None
+        cdef object msg
+        cdef object message = self._message
+        cdef list touched = self._touched
+        cdef list targets = self._run_targets
+        cdef list pids = self._run_pids
+        if self._version == 5:
+            limit = self._receive_maximum - self.pending_qos1 - len(self._qos2)
+        while i < n:
+            obj = packets[i]
+            if type(obj) is not Publish:
+                break
+            p = <Publish>obj
+            if p.qos > 1 or p.retain or p.properties:
+                break
+            t = self._target(p.topic)
+            if t is None:
+                break
+            if p.qos == 1:
+                if qos1 >= limit:
+                    break  # _on_publish raises Receive Maximum exceeded [MQTT-3.3.4-9]
+                qos1 += 1
+            else:
+                qos0 += 1
+            if received_at is None:
+                received_at = _now()
+            msg = message(p.topic, p.payload, p.qos, False, p.properties, self._client_id,
+                          self._username, received_at, None)
+            target = <IngestTarget>t
+            nr = len(target._runs)
+            for r in range(nr):
+                run = <BatchRun>target._runs[r]
+                if not run._touched:
+                    run._touched = True
+                    touched.append(run)
+                run._msgs.append(msg)
+                if run._keep_routes:
+                    run._routes.append(target._routes[r])
+                if p.qos and target._durable[r]:
+                    run._durable = True
+            targets.append(target)
+            pids.append(p.packet_id)
+            i += 1
+        if i == start:
+            return i
+        self.taken += i - start
+        self._run(qos0, qos1)
+        return i
+
+    cdef int _run(self, int qos0, int qos1) except -1:
+        """Hand the run to the batchers, then queue its acks in arrival order."""
+        cdef list touched = self._touched
+        cdef list targets = self._run_targets
+        cdef list pids = self._run_pids
+        cdef BatchRun run
+        cdef IngestTarget target
+        cdef Py_ssize_t k, n = len(targets)
+        cdef int pid
+        cdef object fut
+        cdef bytearray now_out = None
+        self._stamp += 1
+        try:
+            for run in touched:
+                run._hand_over()
+        finally:
+            del touched[:]
+        received = self._received
+        received[0] += qos0
+        received[1] += qos1
+        try:
+            for k in range(n):
+                pid = pids[k]
+                if pid == 0:
+                    continue  # QoS 0: no ack
+                target = <IngestTarget>targets[k]
+                if target._n_durable == 0:
+                    fut = None
+                elif target._n_durable == 1:
+                    fut = target._only_durable._fut
+                else:
+                    if target._stamp != self._stamp:
+                        target._stamp = self._stamp
+                        target._gathered = _gather(
+                            *[(<BatchRun>target._runs[r])._fut
+                              for r in range(len(target._runs)) if target._durable[r]]
+                        )
+                    fut = target._gathered
+                if fut is None and self._head == len(self._futs):
+                    # Nothing held back: ack now (one write for the run).
+                    if now_out is None:
+                        now_out = bytearray()
+                    now_out += bytes((_PUBACK << 4, 2, pid >> 8, pid & 0xFF))
+                else:
+                    self.pending_qos1 += 1
+                    self._append(fut, _code(_PUBACK, pid, 1))
+        finally:
+            del targets[:]
+            del pids[:]
+        if now_out is not None:
+            self._send(bytes(now_out))
+        return 0

@@ -1,0 +1,223 @@
+"""The inbound fast path through the real broker and real PostgreSQL.
+
+PUBLISHes whose topic only ingest routes take are handled a run at a time by
+ingestd._inbound (see its module comment). These tests send such runs in one
+write (a raw client, so one read holds many PUBLISHes) and with paho, mix in
+packets that must leave the fast path, and check rows, acks and deliveries.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mqtt_clients import Client
+from pg_fixtures import config_from_toml, fetch_sync, wait_rows
+from rawmqtt import Raw, connect_v4, connect_v5, packet, publish, s
+from server_thread import ServerThread
+
+ROUTES = """
+[server]
+http_listen = ""
+[presence]
+enabled = false
+
+[[routes]]
+name = "rows"
+topic = "fp/{dev}/t"
+table = "fp_rows"
+[routes.columns]
+dev = "topic.dev"
+seq = "payload.seq::bigint"
+who = "client_id"
+note = "user_property.note"
+
+[[routes]]
+name = "state_a"
+topic = "st/a"
+table = "fp_state"
+kind = "latest"
+key = ["id"]
+[routes.columns]
+id = "payload.id::bigint"
+v = "payload.v::bigint"
+
+[[routes]]
+name = "state_b"
+topic = "st/b"
+table = "fp_state"
+kind = "latest"
+key = ["id"]
+[routes.columns]
+id = "payload.id::bigint"
+v = "payload.v::bigint"
+"""
+
+
+def start(pg_dsn, tmp_path, **mqtt):
+    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn, mqtt=mqtt)
+    cfg.server.listen = ["127.0.0.1:0"]
+    return ServerThread(cfg, database=True).start()
+
+
+def taken(srv) -> int:
+    """PUBLISHes the open connections' fast paths have handled."""
+    return srv.call(lambda: sum(c.inbound.taken for c in srv.app.broker.connections))
+
+
+def body(seq: int) -> bytes:
+    return json.dumps({"seq": seq}).encode()
+
+
+def read_acks(r: Raw, n: int) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    while len(got) < n:
+        got.append(r.read_packet())
+    return got
+
+
+def test_run_in_one_write_is_stored_and_acked_in_order(pg_dsn, tmp_path):
+    srv = start(pg_dsn, tmp_path)
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v4("fp-raw"))
+        assert r.read_packet() == (0x20, b"\x00\x00")
+        # 300 QoS 1 and 100 QoS 0 PUBLISHes, interleaved, in one write.
+        data = b""
+        pids = []
+        for seq in range(400):
+            if seq % 4 == 3:
+                data += publish(f"fp/d{seq % 3}/t", body(seq), qos=0, v5=False)
+            else:
+                pid = len(pids) + 1
+                pids.append(pid)
+                data += publish(f"fp/d{seq % 3}/t", body(seq), qos=1, pid=pid, v5=False)
+        r.send(data)
+        acks = read_acks(r, len(pids))
+        # every PUBACK, in the order of the PUBLISHes [MQTT-4.6.0-2], after its commit
+        assert acks == [(0x40, pid.to_bytes(2, "big")) for pid in pids]
+        # acknowledged = committed (QoS 0 ones after the last QoS 1 may still be on the way)
+        assert fetch_sync(pg_dsn, "SELECT count(*) FROM fp_rows")[0][0] >= len(pids)
+        assert taken(srv) > 1  # the runs took the fast path
+        r.sock.close()
+        wait_rows(pg_dsn, "SELECT count(*) FROM fp_rows", until=lambda r: r[0][0] == 400)
+        rows = fetch_sync(pg_dsn, "SELECT dev, seq, who FROM fp_rows ORDER BY seq")
+        assert [(x[0], x[1], x[2]) for x in rows] == [
+            (f"d{seq % 3}", seq, "fp-raw") for seq in range(400)
+        ]
+    finally:
+        srv.stop()
+
+
+def test_a_subscriber_joining_an_ingest_topic_gets_what_follows(pg_dsn, tmp_path):
+    srv = start(pg_dsn, tmp_path)
+    try:
+        pub = Client(srv.port, version=4)
+        for seq in range(20):
+            pub.publish("fp/x/t", body(seq), qos=1)
+        assert taken(srv) >= 20  # ingest-only topic: the fast path, cached
+        sub = Client(srv.port)
+        sub.subscribe("fp/+/t", qos=1)
+        for seq in range(20, 40):
+            pub.publish("fp/x/t", body(seq), qos=1)
+        got = sub.expect(20)
+        assert [json.loads(m.payload)["seq"] for m in got] == list(range(20, 40))
+        sub.unsubscribe("fp/+/t")
+        before = taken(srv)
+        for seq in range(40, 60):
+            pub.publish("fp/x/t", body(seq), qos=1)
+        sub.expect_nothing()
+        assert taken(srv) - before == 20  # back on the fast path
+        rows = fetch_sync(pg_dsn, "SELECT seq FROM fp_rows ORDER BY seq")
+        assert [x[0] for x in rows] == list(range(60))
+        pub.disconnect()
+        sub.disconnect()
+    finally:
+        srv.stop()
+
+
+def test_latest_table_keeps_the_last_message_of_a_mixed_run(pg_dsn, tmp_path):
+    """Two routes of one latest table on two topics, interleaved in one read: the state
+    left is the last message's, as if they had been handled one by one."""
+    srv = start(pg_dsn, tmp_path)
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v4("fp-state"))
+        assert r.read_packet() == (0x20, b"\x00\x00")
+        seq = [("st/b", 1), ("st/a", 2), ("st/b", 3), ("st/a", 4)]
+        data = b"".join(
+            publish(t, json.dumps({"id": 1, "v": v}).encode(), qos=1, pid=k + 1, v5=False)
+            for k, (t, v) in enumerate(seq)
+        )
+        r.send(data)
+        assert [p[0] for p in read_acks(r, 4)] == [0x40] * 4
+        assert fetch_sync(pg_dsn, "SELECT id, v FROM fp_state")[0][1] == 4
+        r.sock.close()
+    finally:
+        srv.stop()
+
+
+def test_packets_that_must_leave_the_fast_path_keep_their_meaning(pg_dsn, tmp_path):
+    """In one write: fast PUBLISHes around a retained one, a QoS 2 one and a v5 one with a
+    user property. Each is stored; the retained one is kept; the QoS 2 one gets PUBREC."""
+    srv = start(pg_dsn, tmp_path)
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v5("fp-v5"))
+        first, _ = r.read_packet()
+        assert first == 0x20
+        user_prop = b"\x26" + s("note") + s("hello")
+        with_prop = packet(
+            0x32,
+            s("fp/p/t") + (4).to_bytes(2, "big") + bytes([len(user_prop)]) + user_prop + body(3),
+        )
+        data = (
+            publish("fp/p/t", body(0), qos=1, pid=1)
+            + packet(0x33, s("fp/p/t") + (2).to_bytes(2, "big") + b"\x00" + body(1))  # retain
+            + publish("fp/p/t", body(2), qos=2, pid=3)
+            + with_prop
+            + publish("fp/p/t", body(4), qos=1, pid=5)
+        )
+        r.send(data)
+        got = read_acks(r, 5)
+        assert [(f, b[:2]) for f, b in got] == [
+            (0x40, b"\x00\x01"),
+            (0x40, b"\x00\x02"),
+            (0x50, b"\x00\x03"),
+            (0x40, b"\x00\x04"),
+            (0x40, b"\x00\x05"),
+        ]
+        r.send(packet(0x62, b"\x00\x03"))  # PUBREL
+        assert r.read_packet()[0] == 0x70
+        wait_rows(pg_dsn, "SELECT count(*) FROM fp_rows", until=lambda r: r[0][0] == 5)
+        rows = fetch_sync(pg_dsn, "SELECT seq, note FROM fp_rows ORDER BY seq")
+        assert [tuple(x) for x in rows] == [
+            (0, None),
+            (1, None),
+            (2, None),
+            (3, "hello"),
+            (4, None),
+        ]
+        sub = Client(srv.port)
+        sub.subscribe("fp/p/t", qos=1)
+        (kept,) = sub.expect(1)
+        assert kept.retain and json.loads(kept.payload) == {"seq": 1}
+        sub.disconnect()
+        r.sock.close()
+    finally:
+        srv.stop()
+
+
+def test_v5_receive_maximum_still_enforced_on_fast_publishes(pg_dsn, tmp_path):
+    srv = start(pg_dsn, tmp_path, receive_maximum=5)
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v5("fp-rm"))
+        assert r.read_packet()[0] == 0x20
+        # after-commit acks cannot leave within this one read: the 6th exceeds 5.
+        r.send(b"".join(publish("fp/rm/t", body(k), qos=1, pid=k + 1) for k in range(6)))
+        got = r.read_until_closed()
+        disconnects = [b for f, b in got if f == 0xE0]
+        assert disconnects and disconnects[0][0] == 0x93
+        assert len([f for f, _ in got if f == 0x40]) <= 5
+    finally:
+        srv.stop()
