@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingestd.bench.accounting import (
     HEADER,
@@ -57,6 +59,37 @@ def test_latency_sampler_thins_uniformly() -> None:
     steps = {b - a for a, b in itertools.pairwise(kept)}
     assert steps == {s.stride}
     assert kept[0] == 0 and kept[-1] >= 100 - s.stride
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 10**6), max_size=30), max_size=20),
+    st.integers(2, 40),
+)
+def test_latency_sampler_add_many_equals_adding_one_by_one(chunks, cap) -> None:
+    one, many = LatencySampler(cap=cap), LatencySampler(cap=cap)
+    for chunk in chunks:
+        for v in chunk:
+            one.add(v)
+        many.add_many(chunk)
+    assert (many.count, many.max_us, many.stride) == (one.count, one.max_us, one.stride)
+    assert list(many.samples) == list(one.samples)
+
+
+@pytest.mark.parametrize(("qos", "version"), [(0, 4), (1, 4), (2, 5), (1, 5)])
+def test_pre_encoded_packets_are_what_publish_each_would_encode(qos: int, version: int) -> None:
+    from ingestd._codec import encode_publish
+
+    from ingestd.bench.client import PreEncoded
+
+    payloads = list(json_payloads("pre", 2, 100, 70_000, None))
+    pre = PreEncoded("t/x", payloads, qos, version)
+    assert len(pre.packets) == 70_000
+    for seq in (0, 1, 65_534, 65_535, 69_999):  # packet ids wrap after 65535
+        pid = seq % 65535 + 1 if qos else 0
+        assert pre.packets[seq] == encode_publish(
+            "t/x", payloads[seq], qos, False, False, pid, None, version
+        )
 
 
 def test_percentiles_and_merge() -> None:
@@ -256,6 +289,41 @@ def test_publish_each_writes_whole_batches(server: Any, qos: int, batch: int) ->
     assert len(publish_writes) == -(-1000 // batch)
     stats = server.call(lambda: server.app.broker.stats)
     assert stats.messages_received[qos] == 1000
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_publish_each_sends_pre_encoded_packets_as_they_are(server: Any, qos: int) -> None:
+    """What the ingest scenario does with --messages: the same bytes, batched, all acked."""
+    import asyncio
+
+    from ingestd.bench.client import BenchClient, PreEncoded
+
+    payloads = list(json_payloads("pre", 3, 100, 700, None))
+
+    async def go() -> tuple[Any, bytes]:
+        c = await BenchClient.open("127.0.0.1", server.port, "pre", 4)
+        sent: list[bytes] = []
+        assert c.transport is not None
+        raw_write = c.transport.write
+
+        def recording_write(data: Any) -> None:
+            if data[0] >> 4 == 3:
+                sent.append(bytes(data))
+            raw_write(data)
+
+        c.transport.write = recording_write  # type: ignore[method-assign]
+        pre = PreEncoded(publisher_topic(3), payloads, qos, 4)
+        await c.publish_each(publisher_topic(3), pre, qos, window=100, batch=64)
+        with pytest.raises(ValueError):
+            await c.publish_each("other/topic", pre, qos, window=100)
+        await c.disconnect()
+        return c, b"".join(sent)
+
+    c, sent = asyncio.run(go())
+    assert c.error is None
+    assert (c.sent, c.inflight, c.acked) == (700, 0, 700 if qos else 0)
+    assert c.ack_latency.count == c.acked
+    assert sent == b"".join(PreEncoded(publisher_topic(3), payloads, qos, 4).packets)
 
 
 class _FakeTransport:

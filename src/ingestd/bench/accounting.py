@@ -100,6 +100,20 @@ class LatencySampler:
             self.samples = s[::2]
             self.stride *= 2
 
+    def add_many(self, values: list[int]) -> None:
+        """``add`` each value, in order (one extend while nothing is thinned)."""
+        if not values:
+            return
+        if self.stride == 1 and len(self.samples) + len(values) < self.cap:
+            top = max(values)
+            if top > self.max_us:
+                self.max_us = top
+            self.samples.extend(values)
+            self._n += len(values)
+            return
+        for us in values:
+            self.add(us)
+
     @property
     def count(self) -> int:
         return self._n

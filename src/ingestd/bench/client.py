@@ -5,8 +5,11 @@ in one ``transport.write`` per event-loop turn. The packets come from one
 template made by ``encode_publish`` in which only the packet id and the
 16-byte payload header (publisher, sequence, send time) are patched, so the
 generator spends a few hundred nanoseconds per message. The ingest
-scenario's JSON payloads differ in content, so ``publish_each`` encodes each
-packet but still writes a batch at a time. QoS 1/2 publishing
+scenario's JSON payloads differ in content: with a message count they are
+encoded before the run (:class:`PreEncoded`, so building ~1.5 us of JSON per
+message does not take CPU from the broker and PostgreSQL on the same cores),
+otherwise ``publish_each`` encodes each batch as it goes; either way a batch
+is one write. Successful acks of one read are accounted together. QoS 1/2 publishing
 is bounded by an in-flight window (``--inflight``, capped by the server's
 Receive Maximum under MQTT 5). Receiving decodes with the compiled
 ``Decoder`` and marks each (publisher, sequence) in a
@@ -72,6 +75,26 @@ def publish_template(
     if len(a) != len(b) or len(diff) != 2 or diff[1] != diff[0] + 1:
         raise BenchError("cannot locate the packet id in an encoded PUBLISH")
     return a, payload_off, diff[0]
+
+
+class PreEncoded:
+    """A publisher's PUBLISH packets built before the run (``publish_each`` sends them).
+
+    Packet ids are those ``publish_each`` gives: sequence number mod 65535, plus one.
+    """
+
+    __slots__ = ("packets", "qos", "topic", "version")
+
+    def __init__(self, topic: str, payloads: Iterable[bytes], qos: int, version: int) -> None:
+        self.topic = topic
+        self.qos = qos
+        self.version = version
+        self.packets = [
+            encode_publish(
+                topic, payload, qos, False, False, seq % 65535 + 1 if qos else 0, None, version
+            )
+            for seq, payload in enumerate(payloads)
+        ]
 
 
 class BenchClient(asyncio.Protocol):
@@ -289,6 +312,7 @@ class BenchClient(asyncio.Protocol):
             return
         now = time.monotonic_ns()
         out: list[bytes] | None = None
+        acked: list[int] = []  # packet ids of successful PUBACK/PUBCOMP, accounted at once
         version = self.version
         for p in packets:
             tp = type(p)
@@ -315,7 +339,10 @@ class BenchClient(asyncio.Protocol):
                 pt = p.packet_type
                 pid = p.packet_id
                 if pt in (_PUBACK, _PUBCOMP):
-                    self._ack(pid, p.reason_code, now)
+                    if p.reason_code < 0x80:
+                        acked.append(pid)
+                    else:
+                        self._ack(pid, p.reason_code, now)
                 elif pt == _PUBREC:
                     if p.reason_code >= 0x80:
                         self._ack(pid, p.reason_code, now)
@@ -343,6 +370,8 @@ class BenchClient(asyncio.Protocol):
                 self.error = BenchError(
                     f"{self.client_id}: server sent DISCONNECT, code {p.reason_code:#x}"
                 )
+        if acked:
+            self._acked(acked, now)
         if out is not None and self.transport is not None:
             self.transport.write(b"".join(out))
 
@@ -353,6 +382,17 @@ class BenchClient(asyncio.Protocol):
             self.acked += 1
             self.ack_latency.add((now - self._send_ns[pid]) // 1000)
         self.inflight -= 1
+        self._wake()
+
+    def _acked(self, pids: list[int], now: int) -> None:
+        """Successful acks of one read: one latency sample each, accounted together."""
+        send_ns = self._send_ns
+        self.ack_latency.add_many([(now - send_ns[pid]) // 1000 for pid in pids])
+        self.acked += len(pids)
+        self.inflight -= len(pids)
+        self._wake()
+
+    def _wake(self) -> None:
         w = self._window_waiter
         if w is not None and self.inflight <= self._wake_at:
             self._window_waiter = None
@@ -468,7 +508,7 @@ class BenchClient(asyncio.Protocol):
     async def publish_each(
         self,
         topic: str,
-        payloads: Iterable[bytes],
+        payloads: Iterable[bytes] | PreEncoded,
         qos: int,
         *,
         window: int,
@@ -481,11 +521,17 @@ class BenchClient(asyncio.Protocol):
         once, with one send timestamp per batch for the ack latency, and a full
         window is refilled when it drains to the same low-water mark. The
         iterable decides when to stop (message count or deadline); it is never
-        asked for more payloads than the next batch sends. Returns after every
+        asked for more payloads than the next batch sends. :class:`PreEncoded`
+        packets (built before the run) are sent as they are. Returns after every
         publish is acknowledged (QoS 1/2) and a PINGREQ round trip (all QoS).
         """
-        it = iter(payloads)
         version = self.version
+        if isinstance(payloads, PreEncoded):
+            if payloads.qos != qos or payloads.version != version or payloads.topic != topic:
+                raise ValueError("pre-encoded packets for another topic, QoS or version")
+            it: Any = None
+        else:
+            it = iter(payloads)
         if qos and not self._send_ns:
             self._send_ns = [0] * 65536
         send_ns = self._send_ns
@@ -497,30 +543,29 @@ class BenchClient(asyncio.Protocol):
             n = await self._room(batch, qos, window, low_water)
             if not n:
                 continue
-            if qos:
-                first = seq
-                packets = []
-                for payload in islice(it, n):
-                    packets.append(
-                        encode_publish(
-                            topic, payload, qos, False, False, seq % 65535 + 1, None, version
-                        )
+            if isinstance(payloads, PreEncoded):
+                packets = payloads.packets[seq : seq + n]
+            elif qos:
+                packets = [
+                    encode_publish(
+                        topic, payload, qos, False, False, (seq + k) % 65535 + 1, None, version
                     )
-                    seq += 1
-                if not packets:
-                    break
-                now = clock()
-                for s in range(first, seq):
-                    send_ns[s % 65535 + 1] = now
-                self.inflight += seq - first
+                    for k, payload in enumerate(islice(it, n))
+                ]
             else:
                 packets = [
                     encode_publish(topic, payload, 0, False, False, 0, None, version)
                     for payload in islice(it, n)
                 ]
-                if not packets:
-                    break
-                seq += len(packets)
+            if not packets:
+                break
+            first = seq
+            seq += len(packets)
+            if qos:
+                now = clock()
+                for s in range(first, seq):
+                    send_ns[s % 65535 + 1] = now
+                self.inflight += seq - first
             self.sent = seq
             self.write(b"".join(packets))
             if len(packets) < n:
