@@ -11,6 +11,7 @@ extensions = [
     Extension("ingestd._codec", ["ext/ingestd/_codec.pyx"]),
     Extension("ingestd._trie", ["ext/ingestd/_trie.pyx"]),
     Extension("ingestd._copy", ["ext/ingestd/_copy.pyx"]),
+    Extension("ingestd._message", ["ext/ingestd/_message.pyx"]),
     Extension("ingestd._inbound", ["ext/ingestd/_inbound.pyx"]),
 ]
 

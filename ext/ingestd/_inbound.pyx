@@ -26,6 +26,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.string cimport memmove
 
 from ingestd._codec cimport Publish
+from ingestd._message cimport Message, new_message
 from ingestd._trie cimport SubscriptionTrie
 
 import asyncio
@@ -152,7 +153,6 @@ cdef class Inbound:
     cdef Py_ssize_t _generation
     cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
     cdef dict _cache              # topic -> IngestTarget or None
-    cdef object _message          # the Message class
     cdef str _client_id
     cdef object _username
     cdef set _qos2                # the session's inbound_qos2
@@ -179,14 +179,13 @@ cdef class Inbound:
     # -- fast path set-up -------------------------------------------------------
 
     def attach(self, int version, int receive_maximum, SubscriptionTrie trie, classify,
-               message, str client_id, username, set inbound_qos2, list received):
+               str client_id, username, set inbound_qos2, list received):
         """Turn the fast path on for a CONNECTED connection of ``client_id``."""
         self._version = version
         self._receive_maximum = receive_maximum
         self._trie = trie
         self._generation = trie.generation
         self._classify = classify
-        self._message = message
         self._client_id = client_id
         self._username = username
         self._qos2 = inbound_qos2
@@ -342,8 +341,7 @@ cdef class Inbound:
         cdef int qos0 = 0
         cdef int limit = 0x7FFFFFFF
         cdef object received_at = None
-        cdef object msg
-        cdef object message = self._message
+        cdef Message msg
         cdef list touched = self._touched
         cdef list targets = self._run_targets
         cdef list pids = self._run_pids
@@ -367,8 +365,8 @@ cdef class Inbound:
                 qos0 += 1
             if received_at is None:
                 received_at = _now()
-            msg = message(p.topic, p.payload, p.qos, False, p.properties, self._client_id,
-                          self._username, received_at, None)
+            msg = new_message(p.topic, p.payload, p.qos, False, p.properties, self._client_id,
+                              self._username, received_at, None)
             target = <IngestTarget>t
             nr = len(target._runs)
             for r in range(nr):

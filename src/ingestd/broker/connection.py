@@ -511,7 +511,6 @@ class MQTTConnection(asyncio.Protocol):
             cfg.receive_maximum,
             self.broker.trie,
             self.broker.ingest_target,
-            Message,
             self.client_id,
             self.username,
             session.inbound_qos2,
