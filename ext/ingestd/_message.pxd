@@ -4,6 +4,7 @@ cimport cython
 
 
 @cython.final
+@cython.no_gc
 cdef class Message:
     cdef public str topic
     cdef public bytes payload
