@@ -1040,7 +1040,10 @@ class _RouteBuilder:
                     ftype = ftype | None  # a null intermediate object: NULL columns
                 fields.append((fname, ftype, default))
             counter[0] += 1
-            return msgspec.defstruct(f"Payload{counter[0]}", fields, rename=rename)
+            # gc=False: a decoded payload holds JSON values only and nothing refers back
+            # to it, so it cannot be in a cycle; untracked, the one built per row
+            # neither triggers nor lengthens garbage collections.
+            return msgspec.defstruct(f"Payload{counter[0]}", fields, rename=rename, gc=False)
 
         def bind(
             ci: int,
