@@ -372,6 +372,49 @@ def test_saturation_and_resume(pg_dsn: str, tmp_path: Path) -> None:
     assert asyncio.run(fetch(pg_dsn, "SELECT count(*) FROM telemetry"))[0][0] == 8
 
 
+def test_batches_wait_as_messages_beyond_twice_the_copy_slots(pg_dsn: str, tmp_path: Path) -> None:
+    """With the table locked, 10 full batches: 2 x max_concurrent_copies writer tasks
+    (converted, waiting for the COPY), the rest closed and waiting unconverted; once
+    the lock goes, every batch commits and its future resolves, in order."""
+    cfg = config_from_toml(
+        APPEND,
+        tmp_path,
+        pg_dsn,
+        ingest={"batch_rows": 5, "max_concurrent_copies": 1, "flush_interval_ms": 5},
+    )
+
+    async def body(eng: IngestEngine) -> None:
+        blocker = await asyncpg.connect(pg_dsn)
+        tr = blocker.transaction()
+        await tr.start()
+        await blocker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+        futs: list[Any] = []
+        try:
+            for i in range(50):
+                for f in publish(eng, "m/a/t", f'{{"v": {i}, "seq": {i}}}'):
+                    if not futs or futs[-1] is not f:
+                        futs.append(f)
+            await asyncio.sleep(0.3)
+            b = eng._batchers["telemetry"]
+            assert len(futs) == 10
+            assert len(eng._tasks) == 2 and b._active == 2
+            assert b.backlog == 8
+            assert not any(f.done() for f in futs)
+        finally:
+            await tr.rollback()
+        order: list[int] = []
+        for k, f in enumerate(futs):
+            f.add_done_callback(lambda _f, k=k: order.append(k))
+        await asyncio.gather(*futs)
+        assert order == list(range(10))
+        assert b.backlog == 0 and eng.pending_rows == 0
+        await blocker.close()
+
+    run_engine(cfg, body)
+    got = asyncio.run(fetch(pg_dsn, "SELECT count(*), count(DISTINCT seq) FROM telemetry"))[0]
+    assert tuple(got) == (50, 50)
+
+
 def test_many_rows_many_batches(pg_dsn: str, tmp_path: Path) -> None:
     cfg = config_from_toml(
         APPEND, tmp_path, pg_dsn, ingest={"batch_rows": 100, "max_concurrent_copies": 3}

@@ -7,7 +7,10 @@ Flow of one table's batch::
       free writer slot (max_concurrent_copies); while every slot is busy the
       batch grows until a writer finishes, batch_rows is reached, or
       flush_interval_ms passes ...
-    TableBatcher.flush() -> task:
+    TableBatcher.flush(): the batch is closed; a closed batch waits, as
+      messages, until fewer than 2 x max_concurrent_copies writer tasks of the
+      table run ...
+    writer task (one per closed batch; converts, then waits for a COPY slot):
       convert_entries()  -> Groups (one per route, rows in column order)
                             + a dead-letter Group for messages that failed
       engine._persist()  -> Writer.write(): one statement (a lone COPY or upsert
@@ -52,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import decimal
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -518,11 +522,18 @@ class TableBatcher:
     """Collects the messages for one table and flushes them as one batch.
 
     ``add`` is the hot path (called from ``deliver``): append, maybe start the
-    timer, maybe flush. Conversion and writing happen in a task per batch.
+    timer, maybe flush. Conversion and writing happen in a task per batch, and
+    at most twice ``ingest.max_concurrent_copies`` such tasks run per table (a
+    batch is converted while earlier ones are being copied, and waits for a
+    COPY slot); more closed batches wait in ``_closed``, as messages. (A task
+    for every closed batch converted all of them at once under overload: each
+    waiting batch was held twice, as messages and as rows, and the
+    conversions competed with the COPYs in flight for the loop.)
     """
 
     __slots__ = (
         "_active",
+        "_closed",
         "_engine",
         "_last_task",
         "_loop",
@@ -563,6 +574,8 @@ class TableBatcher:
         self._loop = asyncio.get_running_loop()
         # Writer tasks of this table in flight (group commit: see the module docstring).
         self._active = 0
+        # Full batches waiting for a writer, oldest first: (messages, routes, future).
+        self._closed: deque[tuple[list[Message], list[Route] | Route, Any]] = deque()
         # Where the connections' fast path collects this table's messages of one run
         # (ext/ingestd/_inbound.pyx): handed over through add_run.
         self.batch_run = BatchRun(self.add_run, self.routes is not None)
@@ -619,14 +632,26 @@ class TableBatcher:
         else:
             self._timer = self._loop.call_later(self.flush_interval, self.flush)
 
-    def flush(self) -> asyncio.Task[None] | None:
-        """Hand the current batch to a writer task (no-op when empty)."""
+    @property
+    def backlog(self) -> int:
+        """Batches closed and waiting for a writer."""
+        return len(self._closed)
+
+    def flush(self, force: bool = False) -> None:
+        """Close the current batch (no-op when empty) and start writers for closed batches.
+
+        A closed batch waits, as messages, until one of this table's writers is
+        free. ``force`` (a flush of everything: tests, shutdown) starts a writer for
+        every closed batch whatever the limit (they still take turns for a COPY slot).
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        msgs = self.msgs
-        if not msgs:
-            return None
+        if self.msgs:
+            self._close()
+        self._start(force)
+
+    def _close(self) -> None:
         routes: list[Route] | Route
         if self.routes is not None:
             routes = self.routes
@@ -634,20 +659,33 @@ class TableBatcher:
         else:
             assert self.single is not None
             routes = self.single
-        fut = self.future
+        self._closed.append((self.msgs, routes, self.future))
         self.msgs = []
         self.future = None
-        prev = self._last_task if self.kind == "latest" else None
-        task = self._loop.create_task(self._engine._process_batch(self, msgs, routes, fut, prev))
-        if self.kind == "latest":
-            self._last_task = task
-        self._active += 1
-        task.add_done_callback(self._writer_done)
-        self._engine._track(task)
-        return task
+
+    def _start(self, force: bool = False) -> None:
+        """Start a writer task for each closed batch, oldest first, while fewer than
+        twice ``max_concurrent_copies`` run (so up to that many batches are converted
+        while the others' COPYs are in flight, and no more)."""
+        limit = 2 * self._engine.config.ingest.max_concurrent_copies
+        closed = self._closed
+        while closed and (force or self._active < limit):
+            msgs, routes, fut = closed.popleft()
+            prev = self._last_task if self.kind == "latest" else None
+            task = self._loop.create_task(
+                self._engine._process_batch(self, msgs, routes, fut, prev)
+            )
+            if self.kind == "latest":
+                self._last_task = task
+            self._active += 1
+            task.add_done_callback(self._writer_done)
+            self._engine._track(task)
 
     def _writer_done(self, _task: asyncio.Task[None]) -> None:
         self._active -= 1
-        # Rows that piled up while every writer was busy go out now, not at the timer.
-        if self.msgs:
+        # Closed batches first, in order; then rows that piled up while every writer
+        # was busy go out now, not at the timer.
+        if self._closed:
+            self._start()
+        elif self.msgs:
             self.flush()

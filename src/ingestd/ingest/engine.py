@@ -230,9 +230,11 @@ class IngestEngine:
 
     async def flush(self) -> None:
         """Flush every batch now and wait until each is committed or spooled (tests, shutdown)."""
-        for b in self._batchers.values():
-            b.flush()
-        while self._tasks:
+        while True:
+            for b in self._batchers.values():
+                b.flush(force=True)
+            if not self._tasks:
+                return
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def stop(self) -> None:
