@@ -13,6 +13,7 @@ extensions = [
     Extension("ingestd._copy", ["ext/ingestd/_copy.pyx"]),
     Extension("ingestd._message", ["ext/ingestd/_message.pyx"]),
     Extension("ingestd._inbound", ["ext/ingestd/_inbound.pyx"]),
+    Extension("ingestd._rows", ["ext/ingestd/_rows.pyx"]),
 ]
 
 setup(

@@ -8,13 +8,21 @@ import sys
 import ingestd._codec
 import ingestd._copy
 import ingestd._inbound
+import ingestd._rows
 import ingestd._trie
 
 import ingestd._message
 
 
 def test_compiled_modules_are_loaded():
-    for mod in (ingestd._codec, ingestd._trie, ingestd._copy, ingestd._inbound, ingestd._message):
+    for mod in (
+        ingestd._codec,
+        ingestd._trie,
+        ingestd._copy,
+        ingestd._inbound,
+        ingestd._message,
+        ingestd._rows,
+    ):
         assert mod.__file__ is not None
         assert mod.__file__.endswith(".so"), mod.__file__
 

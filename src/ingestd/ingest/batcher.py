@@ -216,9 +216,10 @@ async def convert_entries(
     """Turn a batch of messages into Groups (+ a dead-letter group).
 
     ``routes`` is the route of each message, or one Route when the table has
-    a single route (the common case, which converts whole chunks with one list
-    comprehension over the route's generated converter and only falls back to
-    the per-message loop for a chunk holding a bad message or a lookup miss).
+    a single route (the common case, which converts whole chunks with the
+    route's compiled RowBuilder and only falls back to the per-message loop,
+    through the generated converter, for a chunk holding a bad message or a
+    lookup miss).
 
     ``append`` tables: one group per route. ``latest`` tables: one group per
     run of consecutive messages of one route, deduplicated by key (keeping the
@@ -237,9 +238,8 @@ async def convert_entries(
         end = min(n, i + CONVERT_CHUNK)
         if single is not None and not finals:
             chunk = msgs[i:end]
-            fast = single._fast
             try:
-                recs = [fast(m) for m in chunk]
+                recs = single.convert_many(chunk)  # compiled: ext/ingestd/_rows.pyx
             except Exception:
                 pass  # a bad message, a skip or a lookup miss: per-message loop below
             else:

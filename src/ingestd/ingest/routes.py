@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from ingestd._copy import fromtimestamp_utc
+from ingestd._rows import RowBuilder
 from ingestd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -251,6 +252,7 @@ def _make_to_ts(unit: str) -> Callable[[Any], _dt.datetime]:
     to_ts.inline = (  # type: ignore[attr-defined]
         f"_fromts({scaled}, _UTC) if (type(_v) is int or type(_v) is float) else {{conv}}(_v)"
     )
+    to_ts.ts_div = div  # type: ignore[attr-defined]
     return to_ts
 
 
@@ -430,6 +432,7 @@ class Route:
     __slots__ = (
         "_check",
         "_fast",
+        "_rows",
         "ack",
         "column_names",
         "columns",
@@ -476,6 +479,20 @@ class Route:
         self.needs_levels = needs_levels or check is not None
         self._check = check
         self._fast = _generate_converter(columns, decoder, self.needs_levels, check)
+        # The same rows for a whole chunk, compiled (ext/ingestd/_rows.pyx); it raises
+        # instead of deciding any error, and the caller then uses convert() per message.
+        self._rows = RowBuilder(
+            _row_ops(columns),
+            decoder.decode if decoder is not None else None,
+            self.needs_levels,
+            check,
+            _LEVELS_CACHE_MAX,
+        )
+
+    def convert_many(self, msgs: list[Message]) -> list[tuple[Any, ...]]:
+        """The rows of ``msgs``, or an exception if any needs :meth:`convert` (an error)."""
+        rows: list[tuple[Any, ...]] = self._rows.build(msgs)
+        return rows
 
     def convert(self, msg: Message) -> tuple[Any, ...]:
         """The row for one message (in ``column_names`` order). Raises RowError."""
@@ -804,7 +821,9 @@ class _RouteBuilder:
             if pgtype == "timestamptz":
                 fromts = fromtimestamp_utc
                 return _fast(
-                    lambda m, lv, o: fromts(m.received_at, UTC), "_fromts(m.received_at, _UTC)"
+                    lambda m, lv, o: fromts(m.received_at, UTC),
+                    "_fromts(m.received_at, _UTC)",
+                    op=("received_ts",),
                 )
             conv = value_converter(pgtype, unit)
             return lambda m, lv, o: conv(m.received_at)
@@ -818,7 +837,7 @@ class _RouteBuilder:
         if source == "topic":
             if pgtype == "text":
                 # MQTT topic names cannot contain U+0000 [MQTT-4.7.3-2]: no check needed.
-                return _fast(lambda m, lv, o: m.topic, "m.topic")
+                return _fast(lambda m, lv, o: m.topic, "m.topic", op=("topic",))
             return lambda m, lv, o: sconv(m.topic)
         if source == "client_id":
             return lambda m, lv, o: sconv(m.client_id)
@@ -867,8 +886,13 @@ class _RouteBuilder:
         p = pos
         if pgtype == "text":
             # A topic level is a str without NUL already.
-            return pgtype, _fast(lambda msg, lv, o: lv[p], f"lv[{p}]")
-        return pgtype, _fast(lambda msg, lv, o: conv(lv[p]), f"{{conv}}(lv[{p}])", conv=conv)
+            return pgtype, _fast(lambda msg, lv, o: lv[p], f"lv[{p}]", op=("level", p))
+        return pgtype, _fast(
+            lambda msg, lv, o: conv(lv[p]),
+            f"{{conv}}(lv[{p}])",
+            op=("level_conv", p, conv),
+            conv=conv,
+        )
 
     def _whole_payload(self, pgtype: str, unit: str) -> Getter:
         if pgtype == "bytea":
@@ -1063,6 +1087,7 @@ class _RouteBuilder:
             fast = getattr(getter, "fast", None)
             if fast is not None:
                 col.getter.fast = fast  # type: ignore[attr-defined]
+                col.getter.op = getter.op  # type: ignore[attr-defined]
 
 
 def _collect(node: _PayloadNode, prefix: list[str | int]) -> list[tuple[int, list[str | int]]]:
@@ -1074,16 +1099,20 @@ def _collect(node: _PayloadNode, prefix: list[str | int]) -> list[tuple[int, lis
 
 
 def _constant(value: Any) -> Getter:
-    return _fast(lambda m, lv, o: value, "{v}", v=value)
+    return _fast(lambda m, lv, o: value, "{v}", op=("const", value), v=value)
 
 
-def _fast(getter: Any, expr: str, **env: Any) -> Any:
+def _fast(getter: Any, expr: str, op: tuple[Any, ...] | None = None, **env: Any) -> Any:
     """Attach an inline expression equivalent to ``getter`` for the generated converter.
 
     ``expr`` reads ``m`` (message), ``lv`` (topic levels), ``o`` (decoded
-    payload); ``{name}`` placeholders refer to objects in ``env``.
+    payload); ``{name}`` placeholders refer to objects in ``env``. ``op``: the
+    same as an operation of the compiled :class:`ingestd._rows.RowBuilder`
+    (``(kind, arg...)``, see :func:`_row_ops`).
     """
     getter.fast = (expr, env)
+    if op is not None:
+        getter.op = op
     return getter
 
 
@@ -1102,12 +1131,21 @@ def _payload_getter(
     attrs_t = tuple(attrs)
     rest_t = tuple(rest)
     fast: tuple[str, dict[str, Any]] | None = None
+    op: tuple[Any, ...] | None = None
     if len(attrs_t) == 1 and not rest_t:
         if conv is None:
             fast = (f"o.{attrs_t[0]}", {})
+            op = ("attr", attrs_t[0])
         else:
             inline = getattr(conv, "inline", "{conv}(_v)")
             fast = (f"(None if (_v := o.{attrs_t[0]}) is None else ({inline}))", {"conv": conv})
+            if conv is _to_text:
+                op = ("attr_text", attrs_t[0], conv)
+            elif hasattr(conv, "ts_div"):
+                div = conv.ts_div
+                op = ("attr_ts", attrs_t[0], conv, None if div == 1 else div)
+            else:
+                op = ("attr_conv", attrs_t[0], conv)
 
     def get(obj: Any) -> Any:
         v = obj
@@ -1136,6 +1174,7 @@ def _payload_getter(
 
     if fast is not None:
         get.fast = fast  # type: ignore[attr-defined]
+        get.op = op  # type: ignore[attr-defined]
     return get
 
 
@@ -1387,11 +1426,32 @@ def _required(g: Getter, name: str) -> Getter:
             f"(_w if (_w := {expr}) is not None else {{missing}}({name!r}))",
             {**env2, "missing": _missing},
         )
+        op = getattr(g, "op", None)
+        if op is not None:
+            get.op = op  # type: ignore[attr-defined]
+            get.op_required = True  # type: ignore[attr-defined]
     return get
 
 
 def _missing(name: str) -> Any:
     raise RowError(f"column {name}: no value (required)")
+
+
+def _row_ops(columns: list[Column]) -> list[tuple[Any, ...]]:
+    """Per column, the RowBuilder operation: (kind, required, arg0, arg1, arg2).
+
+    A getter with an inline expression carries the equivalent operation (``op``);
+    any other column is called as the generated converter calls it.
+    """
+    ops: list[tuple[Any, ...]] = []
+    for c in columns:
+        op = getattr(c.getter, "op", None)
+        if op is None:
+            ops.append(("py", False, c.getter, None, None))
+            continue
+        args = (*op[1:], None, None, None)[:3]
+        ops.append((op[0], bool(getattr(c.getter, "op_required", False)), *args))
+    return ops
 
 
 # Topics whose split levels one route's converter keeps (cleared when full).
