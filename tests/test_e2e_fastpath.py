@@ -221,3 +221,42 @@ def test_v5_receive_maximum_still_enforced_on_fast_publishes(pg_dsn, tmp_path):
         assert len([f for f, _ in got if f == 0x40]) <= 5
     finally:
         srv.stop()
+
+
+def _v5_publish(topic: str, payload: bytes, pid: int, props: bytes) -> bytes:
+    return packet(0x32, s(topic) + pid.to_bytes(2, "big") + bytes([len(props)]) + props + payload)
+
+
+def test_v5_topic_aliases_and_properties_on_the_fast_path(pg_dsn, tmp_path):
+    """One write: a PUBLISH setting alias 1 with a user property, two using it (empty
+    topic), one re-pointing it; rows carry the resolved topic and the property."""
+    srv = start(pg_dsn, tmp_path)
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v5("fp-alias"))
+        assert r.read_packet()[0] == 0x20
+        alias1 = b"\x23\x00\x01"
+        note = b"\x26" + s("note") + s("n1")
+        r.send(
+            _v5_publish("fp/a1/t", body(0), 1, alias1 + note)
+            + _v5_publish("", body(1), 2, alias1)
+            + _v5_publish("", body(2), 3, alias1 + b"\x02\x00\x00\x00\x3c")  # + expiry 60 s
+            + _v5_publish("fp/a2/t", body(3), 4, alias1)
+            + _v5_publish("", body(4), 5, alias1)
+        )
+        assert [p[0] for p in read_acks(r, 5)] == [0x40] * 5
+        assert taken(srv) == 5
+        rows = fetch_sync(pg_dsn, "SELECT seq, dev, note FROM fp_rows ORDER BY seq")
+        assert [tuple(x) for x in rows] == [
+            (0, "a1", "n1"),
+            (1, "a1", None),
+            (2, "a1", None),
+            (3, "a2", None),
+            (4, "a2", None),
+        ]
+        # An alias used before it is set is still a protocol error (via _on_publish).
+        r.send(_v5_publish("", body(5), 6, b"\x23\x00\x07"))
+        got = r.read_until_closed()
+        assert [b[0] for f, b in got if f == 0xE0] == [0x82]
+    finally:
+        srv.stop()

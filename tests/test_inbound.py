@@ -276,7 +276,7 @@ def test_fast_path_equals_per_message_handling(specs, chunks):
                     break
                 handle_slow(part[i])
                 i += 1
-        fast = [p for p in packets if p.qos < 2 and not p.retain and not p.properties]
+        fast = [p for p in packets if p.qos < 2 and not p.retain]
         fast = [p for p in fast if classify(trie)(p.topic) is not None]
         assert inbound.taken == len(fast)
         assert received[0] == sum(1 for p in fast if p.qos == 0)
@@ -374,3 +374,54 @@ def test_v5_receive_maximum_leaves_the_exceeding_publish_to_the_slow_path(loop):
     # 2 QoS 2 ids pending + 3 QoS 1 = 5 = Receive Maximum: the 4th QoS 1 must not be taken
     assert inbound.take(pkts, 0) == 3
     assert inbound.pending_qos1 == 3
+
+
+def _alias_world(loop):
+    _trie, world = build_world(loop)
+    got: list[Any] = []
+    b = world["a"]
+    b.add_run = lambda msgs, routes, durable: got.extend(msgs)  # type: ignore[method-assign]
+    b.run = BatchRun(b.add_run, False)
+    trie2 = SubscriptionTrie()
+    trie2.subscribe("a/+", Sink(b, "a.r", False), None)
+    return trie2, got
+
+
+def test_v5_topic_alias_is_set_and_resolved_like_on_publish(loop):
+    trie, got = _alias_world(loop)
+    inbound = Inbound(lambda f: None, Sent())
+    aliases: dict[int, str] = {}
+    inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), [0, 0, 0], aliases, 10)
+    pkts = [
+        Publish("a/1", b"x", 1, False, False, 1, {0x23: 3, 0x26: [("k", "v")]}),  # sets 3
+        Publish("", b"y", 1, False, False, 2, {0x23: 3}),  # uses 3
+        Publish("a/2", b"z", 0, False, False, 0, {0x23: 3, 0x02: 60}),  # re-sets 3, expiry
+        Publish("", b"w", 0, False, False, 0, {0x23: 3}),
+    ]
+    assert inbound.take(pkts, 0) == 4
+    assert aliases == {3: "a/2"}
+    assert [(m.topic, m.payload) for m in got] == [
+        ("a/1", b"x"),
+        ("a/1", b"y"),
+        ("a/2", b"z"),
+        ("a/2", b"w"),
+    ]
+    # the alias leaves the properties (as _on_publish does); other properties stay
+    assert [m.properties for m in got] == [{0x26: [("k", "v")]}, {}, {0x02: 60}, {}]
+    assert pkts[0].properties == {0x23: 3, 0x26: [("k", "v")]}  # the packet is untouched
+    assert [m.expires_at is None for m in got] == [True, True, False, True]
+    assert got[2].remaining_expiry(got[2].expires_at - 59.5) == 60
+
+
+def test_v5_aliases_on_publish_would_refuse_are_left_to_it(loop):
+    trie, got = _alias_world(loop)
+    inbound = Inbound(lambda f: None, Sent())
+    aliases: dict[int, str] = {}
+    inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), [0, 0, 0], aliases, 10)
+    unknown = [Publish("", b"x", 1, False, False, 1, {0x23: 4})]
+    assert inbound.take(unknown, 0) == 0  # used before it was set
+    too_big = [Publish("a/1", b"x", 1, False, False, 1, {0x23: 11})]
+    assert inbound.take(too_big, 0) == 0  # above our Topic Alias Maximum
+    not_ingest = [Publish("s/1", b"x", 1, False, False, 1, {0x23: 5})]
+    assert inbound.take(not_ingest, 0) == 0
+    assert aliases == {} and got == []  # nothing set by packets left to _on_publish

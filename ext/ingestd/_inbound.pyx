@@ -13,9 +13,12 @@
 #
 # Contract (docs/architecture.md, "Inbound fast path"): a packet takes this
 # path only if the connection is CONNECTED, it is a PUBLISH of QoS 0 or 1
-# without RETAIN and without properties (no topic alias, expiry, user
-# properties...), and every subscriber its topic matches is an ingest route
-# (no session, no shared group). Everything else, and the packet that breaks a
+# without RETAIN, and every subscriber its topic matches is an ingest route
+# (no session, no shared group). MQTT 5 properties are handled as
+# _on_publish handles them: a Topic Alias is resolved (or set) in the
+# connection's alias map and removed from the properties, a Message Expiry
+# Interval becomes the Message's expires_at; an alias _on_publish would
+# refuse leaves the packet to it. Everything else, and the packet that breaks a
 # run, goes through MQTTConnection._on_publish as before. The result is the
 # same as the per-message path: the same Messages reach the same batchers in
 # the same order (per table), the same acks leave in arrival order.
@@ -34,9 +37,12 @@ import time
 
 cdef object _gather = asyncio.gather
 cdef object _now = time.time
+cdef object _monotonic = time.monotonic
 
 cdef enum:
     _PUBACK = 4
+    _P_MESSAGE_EXPIRY = 0x02
+    _P_TOPIC_ALIAS = 0x23
     # Topics one connection keeps the classification of (cleared when full):
     # a device publishes to a handful of topics over and over.
     CACHE_MAX = 256
@@ -149,6 +155,8 @@ cdef class Inbound:
     cdef bint _enabled
     cdef int _version
     cdef int _receive_maximum
+    cdef int _alias_max           # our Topic Alias Maximum
+    cdef dict _aliases            # the connection's inbound alias -> topic (shared)
     cdef SubscriptionTrie _trie
     cdef Py_ssize_t _generation
     cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
@@ -179,10 +187,17 @@ cdef class Inbound:
     # -- fast path set-up -------------------------------------------------------
 
     def attach(self, int version, int receive_maximum, SubscriptionTrie trie, classify,
-               str client_id, username, set inbound_qos2, list received):
-        """Turn the fast path on for a CONNECTED connection of ``client_id``."""
+               str client_id, username, set inbound_qos2, list received,
+               dict aliases=None, int alias_max=0):
+        """Turn the fast path on for a CONNECTED connection of ``client_id``.
+
+        ``aliases``: the connection's inbound Topic Alias map (shared with
+        ``_on_publish``), ``alias_max`` our Topic Alias Maximum (MQTT 5).
+        """
         self._version = version
         self._receive_maximum = receive_maximum
+        self._aliases = aliases if aliases is not None else {}
+        self._alias_max = alias_max
         self._trie = trie
         self._generation = trie.generation
         self._classify = classify
@@ -304,6 +319,7 @@ cdef class Inbound:
         self._cache.clear()
         self._classify = None
         self._qos2 = None
+        self._aliases = None
 
     # -- the fast path --------------------------------------------------------
 
@@ -341,6 +357,12 @@ cdef class Inbound:
         cdef int qos0 = 0
         cdef int limit = 0x7FFFFFFF
         cdef object received_at = None
+        cdef object mono = None
+        cdef object expires_at
+        cdef object alias
+        cdef object expiry
+        cdef str topic
+        cdef dict props
         cdef Message msg
         cdef list touched = self._touched
         cdef list targets = self._run_targets
@@ -352,9 +374,21 @@ cdef class Inbound:
             if type(obj) is not Publish:
                 break
             p = <Publish>obj
-            if p.qos > 1 or p.retain or p.properties:
+            if p.qos > 1 or p.retain:
                 break
-            t = self._target(p.topic)
+            topic = p.topic
+            props = p.properties
+            alias = None
+            if props:
+                alias = props.get(_P_TOPIC_ALIAS)
+                if alias is not None:
+                    if alias > self._alias_max:
+                        break  # _on_publish refuses it (0x94) [MQTT-3.3.2-9]
+                    if not topic:
+                        topic = self._aliases.get(alias)
+                        if topic is None:
+                            break  # used before it was set: _on_publish refuses it
+            t = self._target(topic)
             if t is None:
                 break
             if p.qos == 1:
@@ -365,8 +399,20 @@ cdef class Inbound:
                 qos0 += 1
             if received_at is None:
                 received_at = _now()
-            msg = new_message(p.topic, p.payload, p.qos, False, p.properties, self._client_id,
-                              self._username, received_at, None)
+            expires_at = None
+            if props:
+                if alias is not None:
+                    if p.topic:
+                        self._aliases[alias] = topic  # the PUBLISH sets the alias
+                    props = dict(props)
+                    del props[_P_TOPIC_ALIAS]
+                expiry = props.get(_P_MESSAGE_EXPIRY)
+                if expiry is not None:
+                    if mono is None:
+                        mono = _monotonic()
+                    expires_at = mono + expiry
+            msg = new_message(topic, p.payload, p.qos, False, props, self._client_id,
+                              self._username, received_at, expires_at)
             target = <IngestTarget>t
             nr = len(target._runs)
             for r in range(nr):

@@ -27,7 +27,7 @@ the PUBLISHes came [MQTT-4.6.0-2]. If durability fails, no ack is sent and the
 connection is closed: the client re-sends after reconnecting.
 
 Fast path: a run of PUBLISH packets whose topics only ingest routes take (QoS
-0/1, no RETAIN, no properties) is handled by ``inbound.take`` in one call
+0/1, no RETAIN) is handled by ``inbound.take`` in one call
 instead of ``_on_publish`` per packet (see ext/ingestd/_inbound.pyx for the
 exact conditions); the first packet that does not qualify, and everything
 after it that does not, goes through ``_on_publish``.
@@ -515,6 +515,8 @@ class MQTTConnection(asyncio.Protocol):
             self.username,
             session.inbound_qos2,
             self.stats.messages_received,
+            self._inbound_aliases,
+            cfg.topic_alias_maximum,
         )
         self.broker.client_connected(self)
         if present:
