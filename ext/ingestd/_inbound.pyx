@@ -160,12 +160,14 @@ cdef class Inbound:
     cdef SubscriptionTrie _trie
     cdef Py_ssize_t _generation
     cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
-    cdef dict _cache              # topic -> IngestTarget or None
+    cdef dict _cache              # topic -> IngestTarget or None (created on first use)
     cdef str _client_id
     cdef object _username
     cdef set _qos2                # the session's inbound_qos2
     cdef list _received           # stats.messages_received (per QoS)
     cdef Py_ssize_t _stamp
+    # Scratch lists of a run, created with the first fast PUBLISH (a connection
+    # that never sends one, e.g. an idle device, carries none of them):
     cdef list _run_targets        # per message of the current run: its IngestTarget
     cdef list _run_pids           # per message of the current run: packet id (0: QoS 0)
     cdef list _touched            # BatchRuns with messages in the current run
@@ -176,10 +178,6 @@ cdef class Inbound:
         self._futs = []
         self._codes = NULL
         self._cap = 0
-        self._cache = {}
-        self._run_targets = []
-        self._run_pids = []
-        self._touched = []
 
     def __dealloc__(self):
         PyMem_Free(self._codes)
@@ -205,7 +203,7 @@ cdef class Inbound:
         self._username = username
         self._qos2 = inbound_qos2
         self._received = received
-        self._cache.clear()
+        self._cache = None
         self._enabled = True
 
     @property
@@ -316,7 +314,7 @@ cdef class Inbound:
         self._head = 0
         self._watch = None
         self._enabled = False
-        self._cache.clear()
+        self._cache = None
         self._classify = None
         self._qos2 = None
         self._aliases = None
@@ -325,6 +323,8 @@ cdef class Inbound:
 
     cdef object _target(self, str topic):
         cdef object t
+        if self._cache is None:
+            self._cache = {}
         if self._trie.generation != self._generation:
             # Someone subscribed or unsubscribed: what a topic reaches may have changed.
             self._cache.clear()
@@ -391,6 +391,10 @@ cdef class Inbound:
             t = self._target(topic)
             if t is None:
                 break
+            if targets is None:
+                targets = self._run_targets = []
+                pids = self._run_pids = []
+                touched = self._touched = []
             if p.qos == 1:
                 if qos1 >= limit:
                     break  # _on_publish raises Receive Maximum exceeded [MQTT-3.3.4-9]

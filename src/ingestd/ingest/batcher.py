@@ -640,9 +640,10 @@ class TableBatcher:
     def flush(self, force: bool = False) -> None:
         """Close the current batch (no-op when empty) and start writers for closed batches.
 
-        A closed batch waits, as messages, until one of this table's writers is
-        free. ``force`` (a flush of everything: tests, shutdown) starts a writer for
-        every closed batch whatever the limit (they still take turns for a COPY slot).
+        A closed batch waits, as messages, until fewer than twice
+        ``max_concurrent_copies`` of this table's writer tasks run. ``force`` (a
+        flush of everything: tests, shutdown) starts a writer for every closed batch
+        whatever the limit (they still take turns for a COPY slot).
         """
         if self._timer is not None:
             self._timer.cancel()
