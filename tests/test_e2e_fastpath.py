@@ -98,6 +98,8 @@ def test_run_in_one_write_is_stored_and_acked_in_order(pg_dsn, tmp_path):
         # acknowledged = committed (QoS 0 ones after the last QoS 1 may still be on the way)
         assert fetch_sync(pg_dsn, "SELECT count(*) FROM fp_rows")[0][0] >= len(pids)
         assert taken(srv) > 1  # the runs took the fast path
+        stats = srv.call(lambda: srv.app.broker.stats)
+        assert stats.messages_fast_path == taken(srv)  # the broker-wide counter agrees
         r.sock.close()
         wait_rows(pg_dsn, "SELECT count(*) FROM fp_rows", until=lambda r: r[0][0] == 400)
         rows = fetch_sync(pg_dsn, "SELECT dev, seq, who FROM fp_rows ORDER BY seq")

@@ -20,6 +20,7 @@ from ingestd._codec import Publish, encode_ack
 from ingestd._inbound import BatchRun, Inbound, IngestTarget
 from ingestd._trie import SubscriptionTrie
 
+from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.message import Message
 
 
@@ -141,7 +142,7 @@ def test_clear_forgets_acks_and_disables_the_fast_path(loop):
     q = Inbound(lambda f: None, Sent())
     q.queue(loop.create_future(), 4, 1, 1)
     trie = SubscriptionTrie()
-    q.attach(4, 100, trie, lambda t: None, "c", None, set(), [0, 0, 0])
+    q.attach(4, 100, trie, lambda t: None, "c", None, set(), BrokerStats())
     assert q.enabled
     q.clear()
     assert q.ack_count == 0 and not q.enabled
@@ -241,8 +242,9 @@ def test_fast_path_equals_per_message_handling(specs, chunks):
         trie, world = build_world(loop)
         sent = Sent()
         inbound = Inbound(lambda f: None, sent)
-        received = [0, 0, 0]
-        inbound.attach(4, 65535, trie, classify(trie), "dev", "u", set(), received)
+        stats = BrokerStats()
+        received = stats.messages_received
+        inbound.attach(4, 65535, trie, classify(trie), "dev", "u", set(), stats)
         packets = [
             Publish(t, pl, q, rt, False, (k % 65535) + 1 if q else 0, dict(pr))
             for k, (t, q, rt, pr, pl) in enumerate(specs)
@@ -281,6 +283,7 @@ def test_fast_path_equals_per_message_handling(specs, chunks):
         assert inbound.taken == len(fast)
         assert received[0] == sum(1 for p in fast if p.qos == 0)
         assert received[1] == sum(1 for p in fast if p.qos == 1)
+        assert stats.messages_fast_path == len(fast)
         # same rows, same order, per batcher
         expected = model(world, trie, packets)
         assert {k: b.got for k, b in world.items()} == expected
@@ -305,7 +308,7 @@ def test_acks_of_a_run_wait_for_every_durable_table(loop):
     trie, world = build_world(loop)
     sent = Sent()
     inbound = Inbound(lambda f: None, sent)
-    inbound.attach(4, 65535, trie, classify(trie), "dev", None, set(), [0, 0, 0])
+    inbound.attach(4, 65535, trie, classify(trie), "dev", None, set(), BrokerStats())
     # a/1 feeds table a (after-commit) and table r (on-receipt): its ack waits for a only.
     pkts = [
         Publish("a/1", b"1", 1, False, False, 1, {}),
@@ -323,7 +326,7 @@ def test_on_receipt_run_is_acked_in_one_write(loop):
     trie, world = build_world(loop)
     sent = Sent()
     inbound = Inbound(lambda f: None, sent)
-    inbound.attach(4, 65535, trie, classify(trie), "dev", None, set(), [0, 0, 0])
+    inbound.attach(4, 65535, trie, classify(trie), "dev", None, set(), BrokerStats())
     pkts = [Publish(f"r/{k}", b"x", 1, False, False, k, {}) for k in range(1, 6)]
     assert inbound.take(pkts, 0) == 5
     assert sent.data == [b"".join(ack(k) for k in range(1, 6))]
@@ -339,7 +342,7 @@ def test_messages_carry_the_client_and_one_receive_time(loop):
     trie2 = SubscriptionTrie()
     trie2.subscribe("a/+", Sink(b, "a.r", False), None)
     inbound = Inbound(lambda f: None, Sent())
-    inbound.attach(5, 65535, trie2, classify(trie2), "dev-9", "alice", set(), [0, 0, 0])
+    inbound.attach(5, 65535, trie2, classify(trie2), "dev-9", "alice", set(), BrokerStats())
     pkts = [
         Publish("a/2", b"p", 1, False, False, 3, {}),
         Publish("a/3", b"q", 0, False, False, 0, {}),
@@ -356,7 +359,7 @@ def test_messages_carry_the_client_and_one_receive_time(loop):
 def test_trie_change_invalidates_the_cached_topics(loop):
     trie, _world = build_world(loop)
     inbound = Inbound(lambda f: None, Sent())
-    inbound.attach(4, 65535, trie, classify(trie), "dev", None, set(), [0, 0, 0])
+    inbound.attach(4, 65535, trie, classify(trie), "dev", None, set(), BrokerStats())
     p = [Publish("a/2", b"x", 0, False, False, 0, {})]
     assert inbound.take(p, 0) == 1
     trie.subscribe("a/2", "a-session", None)  # now a session wants a/2 too
@@ -369,7 +372,7 @@ def test_v5_receive_maximum_leaves_the_exceeding_publish_to_the_slow_path(loop):
     trie, _world = build_world(loop)
     inbound = Inbound(lambda f: None, Sent())
     qos2 = {100, 101}
-    inbound.attach(5, 5, trie, classify(trie), "dev", None, qos2, [0, 0, 0])
+    inbound.attach(5, 5, trie, classify(trie), "dev", None, qos2, BrokerStats())
     pkts = [Publish("a/2", b"x", 1, False, False, k, {}) for k in range(1, 6)]
     # 2 QoS 2 ids pending + 3 QoS 1 = 5 = Receive Maximum: the 4th QoS 1 must not be taken
     assert inbound.take(pkts, 0) == 3
@@ -391,7 +394,7 @@ def test_v5_topic_alias_is_set_and_resolved_like_on_publish(loop):
     trie, got = _alias_world(loop)
     inbound = Inbound(lambda f: None, Sent())
     aliases: dict[int, str] = {}
-    inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), [0, 0, 0], aliases, 10)
+    inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), BrokerStats(), aliases, 10)
     pkts = [
         Publish("a/1", b"x", 1, False, False, 1, {0x23: 3, 0x26: [("k", "v")]}),  # sets 3
         Publish("", b"y", 1, False, False, 2, {0x23: 3}),  # uses 3
@@ -417,7 +420,7 @@ def test_v5_aliases_on_publish_would_refuse_are_left_to_it(loop):
     trie, got = _alias_world(loop)
     inbound = Inbound(lambda f: None, Sent())
     aliases: dict[int, str] = {}
-    inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), [0, 0, 0], aliases, 10)
+    inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), BrokerStats(), aliases, 10)
     unknown = [Publish("", b"x", 1, False, False, 1, {0x23: 4})]
     assert inbound.take(unknown, 0) == 0  # used before it was set
     too_big = [Publish("a/1", b"x", 1, False, False, 1, {0x23: 11})]

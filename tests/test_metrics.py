@@ -96,6 +96,7 @@ def fake_broker() -> FakeBroker:
     st.drop("qos0_queue_full", 5)
     st.drop("session_queue_full")
     st.protocol_errors = 9
+    st.messages_fast_path = 77
     c1 = FakeConn(FakeTransport(1000), 24)
     c2 = FakeConn(FakeTransport(50), 0)
     c3 = FakeConn(None, 7)  # closed transport: only its unflushed bytes
@@ -176,6 +177,8 @@ def test_broker_metrics_from_fake_broker() -> None:
     assert [value(m, tx, tx + "_total", qos=str(q)) for q in range(3)] == [400, 40, 6]
     assert value(m, "ingestd_received_bytes", "ingestd_received_bytes_total") == 123456
     assert value(m, "ingestd_sent_bytes", "ingestd_sent_bytes_total") == 654321
+    fp = "ingestd_messages_fast_path"
+    assert value(m, fp, fp + "_total") == 77
     d = "ingestd_dropped_messages"
     assert value(m, d, d + "_total", reason="qos0_queue_full") == 5
     assert value(m, d, d + "_total", reason="session_queue_full") == 1

@@ -164,7 +164,7 @@ cdef class Inbound:
     cdef str _client_id
     cdef object _username
     cdef set _qos2                # the session's inbound_qos2
-    cdef list _received           # stats.messages_received (per QoS)
+    cdef object _stats            # the broker's BrokerStats
     cdef Py_ssize_t _stamp
     # Scratch lists of a run, created with the first fast PUBLISH (a connection
     # that never sends one, e.g. an idle device, carries none of them):
@@ -185,7 +185,7 @@ cdef class Inbound:
     # -- fast path set-up -------------------------------------------------------
 
     def attach(self, int version, int receive_maximum, SubscriptionTrie trie, classify,
-               str client_id, username, set inbound_qos2, list received,
+               str client_id, username, set inbound_qos2, stats,
                dict aliases=None, int alias_max=0):
         """Turn the fast path on for a CONNECTED connection of ``client_id``.
 
@@ -202,7 +202,7 @@ cdef class Inbound:
         self._client_id = client_id
         self._username = username
         self._qos2 = inbound_qos2
-        self._received = received
+        self._stats = stats
         self._cache = None
         self._enabled = True
 
@@ -455,9 +455,11 @@ cdef class Inbound:
                 run._hand_over()
         finally:
             del touched[:]
-        received = self._received
+        stats = self._stats
+        received = stats.messages_received
         received[0] += qos0
         received[1] += qos1
+        stats.messages_fast_path += qos0 + qos1
         try:
             for k in range(n):
                 pid = pids[k]

@@ -24,7 +24,7 @@ Broker (``ingestd.broker.server.Broker``):
 * ``broker.stats`` — ``BrokerStats``: ``connections_current`` /
   ``connections_total`` (dict protocol level -> int), ``messages_received`` /
   ``messages_delivered`` (list by QoS), ``bytes_received``, ``bytes_sent``,
-  ``dropped`` (dict reason -> int), ``protocol_errors``;
+  ``dropped`` (dict reason -> int), ``protocol_errors``, ``messages_fast_path``;
 * ``broker.sessions`` — online when ``session.connection is not None``;
   ``len(session.inflight)`` summed as in-flight deliveries, ``len(session.queue)``
   summed as queued deliveries;
@@ -345,6 +345,12 @@ class IngestdCollector(Collector):
             "ingestd_protocol_errors",
             "Connections closed for a protocol violation",
             value=st.protocol_errors,
+        )
+        yield cur(
+            "ingestd_messages_fast_path",
+            "PUBLISH packets handed to ingest batches by the compiled fast path"
+            " (topics that only ingest routes subscribe to)",
+            value=st.messages_fast_path,
         )
 
         conns = list(broker.connections)

@@ -514,7 +514,7 @@ class MQTTConnection(asyncio.Protocol):
             self.client_id,
             self.username,
             session.inbound_qos2,
-            self.stats.messages_received,
+            self.stats,
             self._inbound_aliases,
             cfg.topic_alias_maximum,
         )

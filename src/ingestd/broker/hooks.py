@@ -101,6 +101,8 @@ class BrokerStats:
     # drops by reason: "qos0_queue_full", "session_queue_full", "expired", "packet_too_large", "no_subscribers"
     dropped: dict[str, int] = field(default_factory=dict)
     protocol_errors: int = 0
+    # PUBLISHes handled by the compiled ingest fast path (counted once per run).
+    messages_fast_path: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
