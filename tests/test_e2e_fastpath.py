@@ -53,8 +53,8 @@ v = "payload.v::bigint"
 """
 
 
-def start(pg_dsn, tmp_path, **mqtt):
-    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn, mqtt=mqtt)
+def start(pg_dsn, tmp_path, ingest=None, **mqtt):
+    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn, mqtt=mqtt, ingest=ingest or {})
     cfg.server.listen = ["127.0.0.1:0"]
     return ServerThread(cfg, database=True).start()
 
@@ -260,5 +260,25 @@ def test_v5_topic_aliases_and_properties_on_the_fast_path(pg_dsn, tmp_path):
         r.send(_v5_publish("", body(5), 6, b"\x23\x00\x07"))
         got = r.read_until_closed()
         assert [b[0] for f, b in got if f == 0xE0] == [0x82]
+    finally:
+        srv.stop()
+
+
+def test_fast_path_off_stores_the_same_rows(pg_dsn, tmp_path):
+    """ingest.fast_path = false: every PUBLISH goes through _on_publish; same rows, acks."""
+    srv = start(pg_dsn, tmp_path, ingest={"fast_path": False})
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v4("fp-off"))
+        assert r.read_packet() == (0x20, b"\x00\x00")
+        r.send(
+            b"".join(publish("fp/off/t", body(k), qos=1, pid=k + 1, v5=False) for k in range(50))
+        )
+        assert read_acks(r, 50) == [(0x40, (k + 1).to_bytes(2, "big")) for k in range(50)]
+        assert taken(srv) == 0
+        assert srv.call(lambda: srv.app.broker.stats.messages_fast_path) == 0
+        rows = fetch_sync(pg_dsn, "SELECT seq FROM fp_rows ORDER BY seq")
+        assert [x[0] for x in rows] == list(range(50))
+        r.sock.close()
     finally:
         srv.stop()

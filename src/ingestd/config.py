@@ -119,6 +119,11 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_pending_rows: int = 100_000
     # COPY statements in flight at once (each holds one pooled connection).
     max_concurrent_copies: int = 2
+    # PUBLISHes whose topics only ingest routes take are handed to the batches a
+    # read at a time by compiled code (docs/architecture.md, "Inbound fast path").
+    # false: every PUBLISH goes through the per-message path (to compare, or to
+    # rule the fast path out when chasing a problem); the result is the same.
+    fast_path: bool = True
     # Retry backoff for a failing write: starts here, doubles up to retry_max_ms.
     retry_initial_ms: float = 100.0
     retry_max_ms: float = 5000.0

@@ -506,9 +506,18 @@ class MQTTConnection(asyncio.Protocol):
             clean_start=p.clean_start,
             transport=self.transport_name,
         )
+        if self.broker.config.ingest.fast_path:
+            self._attach_fast_path(session)
+        self.broker.client_connected(self)
+        if present:
+            session.resend_inflight()
+            session.pump()
+
+    def _attach_fast_path(self, session: Session) -> None:
+        """Let ``inbound.take`` handle runs of ingest-only PUBLISHes (now CONNECTED)."""
         self.inbound.attach(
             self.version,
-            cfg.receive_maximum,
+            self.cfg.receive_maximum,
             self.broker.trie,
             self.broker.ingest_target,
             self.client_id,
@@ -516,12 +525,8 @@ class MQTTConnection(asyncio.Protocol):
             session.inbound_qos2,
             self.stats,
             self._inbound_aliases,
-            cfg.topic_alias_maximum,
+            self.cfg.topic_alias_maximum,
         )
-        self.broker.client_connected(self)
-        if present:
-            session.resend_inflight()
-            session.pump()
 
     def _on_publish(self, p: Any) -> None:
         if self.state != CONNECTED:
