@@ -9,6 +9,12 @@ packets that must leave the fast path, and check rows, acks and deliveries.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
 
 from mqtt_clients import Client
 from pg_fixtures import config_from_toml, fetch_sync, wait_rows
@@ -280,5 +286,56 @@ def test_fast_path_off_stores_the_same_rows(pg_dsn, tmp_path):
         rows = fetch_sync(pg_dsn, "SELECT seq FROM fp_rows ORDER BY seq")
         assert [x[0] for x in rows] == list(range(50))
         r.sock.close()
+    finally:
+        srv.stop()
+
+
+JS = Path(__file__).parent / "js"
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (JS / "node_modules" / "mqtt").exists(),
+    reason="node and tests/js/node_modules (npm ci in tests/js) are needed",
+)
+def test_mqttjs_over_websocket_with_topic_aliases_is_ingested(pg_dsn, tmp_path):
+    """An independent client (MQTT.js, MQTT 5 over WebSocket, automatic topic aliases,
+    user properties, 500 QoS 1 PUBLISHes in flight at once): every acknowledged one is
+    a row with the topic it was aliased to, and the runs took the fast path."""
+    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn)
+    cfg.server.listen = ["127.0.0.1:0"]
+    cfg.server.ws_listen = ["127.0.0.1:0"]
+    srv = ServerThread(cfg, database=True).start()
+    try:
+        node = subprocess.Popen(
+            ["node", str(JS / "ingest.mjs"), f"ws://127.0.0.1:{srv.app.port('ws')}/mqtt", "500"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watchdog = threading.Timer(60, node.kill)  # bounded even if node hangs
+        watchdog.start()
+        try:
+            assert node.stdout is not None
+            result = json.loads(node.stdout.readline())
+            assert result == {"acked": 500}, result
+            # MQTT.js replaced the topic by an alias after its first use of each one.
+            aliases = srv.call(
+                lambda: [dict(c._inbound_aliases) for c in srv.app.broker.connections]
+            )
+            assert sorted(v for a in aliases for v in a.values()) == [
+                "fp/js0/t",
+                "fp/js1/t",
+                "fp/js2/t",
+            ]
+        finally:
+            _, err = node.communicate(timeout=30)
+            watchdog.cancel()
+        assert node.returncode == 0, err
+        rows = fetch_sync(pg_dsn, "SELECT seq, dev, who, note FROM fp_rows ORDER BY seq")
+        assert [tuple(r) for r in rows] == [
+            (k, f"js{k % 3}", "js-ingest", f"n{k}" if k % 10 == 0 else None) for k in range(500)
+        ]
+        assert srv.call(lambda: srv.app.broker.stats.messages_fast_path) == 500
     finally:
         srv.stop()
