@@ -333,7 +333,8 @@ def test_on_receipt_run_is_acked_in_one_write(loop):
     assert [g[1] for g in world["r"].got] == [f"r/{k}" for k in range(1, 6)]
 
 
-def test_messages_carry_the_client_and_one_receive_time(loop):
+def recording_world(loop):
+    """A trie where a/+ is one on-receipt route whose batcher records the Messages."""
     _trie, world = build_world(loop)
     got: list[Any] = []
     b = world["a"]
@@ -341,6 +342,11 @@ def test_messages_carry_the_client_and_one_receive_time(loop):
     b.run = BatchRun(b.add_run, False)
     trie2 = SubscriptionTrie()
     trie2.subscribe("a/+", Sink(b, "a.r", False), None)
+    return trie2, got
+
+
+def test_messages_carry_the_client_and_one_receive_time(loop):
+    trie2, got = recording_world(loop)
     inbound = Inbound(lambda f: None, Sent())
     inbound.attach(5, 65535, trie2, classify(trie2), "dev-9", "alice", set(), BrokerStats())
     pkts = [
@@ -379,19 +385,8 @@ def test_v5_receive_maximum_leaves_the_exceeding_publish_to_the_slow_path(loop):
     assert inbound.pending_qos1 == 3
 
 
-def _alias_world(loop):
-    _trie, world = build_world(loop)
-    got: list[Any] = []
-    b = world["a"]
-    b.add_run = lambda msgs, routes, durable: got.extend(msgs)  # type: ignore[method-assign]
-    b.run = BatchRun(b.add_run, False)
-    trie2 = SubscriptionTrie()
-    trie2.subscribe("a/+", Sink(b, "a.r", False), None)
-    return trie2, got
-
-
 def test_v5_topic_alias_is_set_and_resolved_like_on_publish(loop):
-    trie, got = _alias_world(loop)
+    trie, got = recording_world(loop)
     inbound = Inbound(lambda f: None, Sent())
     aliases: dict[int, str] = {}
     inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), BrokerStats(), aliases, 10)
@@ -417,7 +412,7 @@ def test_v5_topic_alias_is_set_and_resolved_like_on_publish(loop):
 
 
 def test_v5_aliases_on_publish_would_refuse_are_left_to_it(loop):
-    trie, got = _alias_world(loop)
+    trie, got = recording_world(loop)
     inbound = Inbound(lambda f: None, Sent())
     aliases: dict[int, str] = {}
     inbound.attach(5, 65535, trie, classify(trie), "d", None, set(), BrokerStats(), aliases, 10)
