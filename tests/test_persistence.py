@@ -322,3 +322,86 @@ def test_session_journal_off_keeps_graceful_restarts_and_drops_old_rows(pg_dsn, 
         dev3.expect_nothing()
     finally:
         again.stop()
+
+
+def test_durable_future_resolves_after_the_commit_and_survives_a_failed_flush(pg_dsn):
+    """The store alone: durable_future() is shared until a flush starts, resolves once
+    that flush commits (also when there is nothing to write), and a failed flush leaves
+    it pending until a later one commits what it held."""
+    import asyncio
+
+    import asyncpg
+    import pytest
+
+    from ingestd.broker.message import Message
+    from ingestd.broker.session import Delivery
+    from ingestd.broker_store import PgBrokerStore
+
+    class BrokenPool:
+        def acquire(self):
+            raise ConnectionError("database down")
+
+    async def main() -> None:
+        pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+        store = PgBrokerStore(pool, flush_interval=3600.0)  # flushed by hand after the first
+        await store.start()
+        try:
+            first = store.durable_future()
+            await asyncio.wait_for(first, WAIT)  # nothing to write: resolved by the writer
+            d = Delivery(Message("t/x", b"1", 1), 1, False, None)
+            store.put("c", d)
+            fut = store.durable_future()
+            assert store.durable_future() is fut
+            await asyncio.sleep(0.1)
+            assert not fut.done()  # the writer sleeps; nothing committed yet
+            store.pool = BrokenPool()
+            with pytest.raises(ConnectionError):
+                await store.flush()
+            assert not fut.done()  # not durable: still waiting
+            store.pool = pool
+            await store.flush()
+            assert fut.done() and fut.exception() is None
+            rows = await pool.fetch("SELECT seq FROM ingestd_session_queue WHERE client_id='c'")
+            assert [r[0] for r in rows] == [d.seq]
+        finally:
+            store.pool = pool
+            await store.close()
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_ack_after_journal_acknowledges_only_journaled_messages(pg_dsn, tmp_path):
+    """persistence.ack_after_journal: a QoS 1 PUBLISH queued for an offline persistent
+    session is PUBACKed only once its journal row is committed, so a crash right after
+    the PUBACK cannot lose it. The write-behind interval is long (1.5 s) so that an ack
+    sent before the commit would find no row."""
+    cfg = config(tmp_path, pg_dsn)
+    cfg.persistence.flush_interval_ms = 1500.0
+    cfg.persistence.ack_after_journal = True
+    srv = ServerThread(cfg, database=True).start()
+    try:
+        dev = Client(srv.port, client_id="aaj-dev", session_expiry=3600)
+        dev.subscribe("cmd/aaj-dev/#", 1)
+        dev.disconnect()
+        pub = Client(srv.port)
+        for i in range(3):
+            pub.publish(f"cmd/aaj-dev/{i}", str(i).encode(), 1)  # waits for the PUBACK
+            assert len(fetch_sync(pg_dsn, journal_rows("aaj-dev"))) == i + 1
+        pub.publish("nobody/listens", b"x", 1)  # no persistent session: nothing to wait for
+        pub.disconnect()
+    finally:
+        srv.stop()
+
+
+def test_ack_after_journal_needs_the_journal(tmp_path):
+    import pytest
+
+    from ingestd.config import load_config
+    from ingestd.errors import ConfigError
+
+    path = tmp_path / "c.toml"
+    path.write_text("[persistence]\nack_after_journal = true\nsession_journal = false\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), env={})
+    assert "persistence.ack_after_journal" in str(e.value)

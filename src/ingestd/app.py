@@ -84,6 +84,7 @@ class App:
                 # The store first: restored sessions journal their deliveries in it.
                 broker.store = store
                 broker.journal = store if cfg.persistence.session_journal else None
+                broker.ack_after_journal = cfg.persistence.ack_after_journal
                 broker.restore(*await store.load())
                 # Stopped before the engine (extras stop in reverse), while the pool is open.
                 self.extras.append(store)

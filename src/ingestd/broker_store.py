@@ -161,6 +161,11 @@ def decode_delivery(
     return seq, message, dqos, dretain, ids
 
 
+def _resolve(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
 class PgBrokerStore:
     """BrokerStore over an asyncpg pool; see the module docstring."""
 
@@ -180,6 +185,8 @@ class PgBrokerStore:
         self._wake = asyncio.Event()
         self._closing = False
         self.flush_errors = 0
+        # Resolved when the changes recorded so far are committed (durable_future).
+        self._durable: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         async with self.pool.acquire() as conn:
@@ -210,6 +217,19 @@ class PgBrokerStore:
             del self._journal[key]
         self._journal_clear.add(client_id)
         self._wake.set()
+
+    def durable_future(self) -> asyncio.Future[None]:
+        """A future resolved once every change recorded so far is committed.
+
+        Shared by everything recorded until the next flush starts; it never fails
+        (a failed flush keeps the changes and retries), so an acknowledgement held
+        on it waits out a database outage.
+        """
+        fut = self._durable
+        if fut is None:
+            fut = self._durable = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        return fut
 
     def put(self, client_id: str, d: Delivery) -> None:
         self._seq += 1
@@ -251,7 +271,9 @@ class PgBrokerStore:
             await self._flush()
 
     async def _flush(self) -> None:
+        durable, self._durable = self._durable, None
         if not (self._retained or self._sessions or self._journal or self._journal_clear):
+            _resolve(durable)  # nothing left to write (e.g. a put and its done cancelled)
             return
         retained, self._retained = self._retained, {}
         sessions, self._sessions = self._sessions, {}
@@ -333,7 +355,14 @@ class PgBrokerStore:
                 if jk not in self._journal and jk[0] not in self._journal_clear:
                     self._journal[jk] = d
             self._journal_clear |= clears
+            # Waiters wait for the next flush, which holds what this one did not write.
+            if durable is not None:
+                if self._durable is None:
+                    self._durable = durable
+                else:
+                    self._durable.add_done_callback(lambda _f: _resolve(durable))
             raise
+        _resolve(durable)
 
     # -- start-up and shutdown -------------------------------------------------
 

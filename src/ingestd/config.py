@@ -163,6 +163,12 @@ class PersistenceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     # does not lose them. It writes only what is still undelivered after a flush
     # interval (a slow or offline subscriber); off: they are saved at a graceful stop only.
     session_journal: bool = True
+    # Acknowledge a QoS 1/2 PUBLISH that reaches a persistent session only once the
+    # journal holding its delivery is committed (as ack = "after-commit" does for
+    # ingest routes): a crash then loses no acknowledged message, at the cost of up
+    # to flush_interval_ms more publish->ack latency for such messages. Needs
+    # session_journal. Off: acknowledged once queued in memory (written behind).
+    ack_after_journal: bool = False
 
 
 class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -579,6 +585,14 @@ def validate_config(cfg: Config) -> None:
             key="ingest.max_concurrent_copies",
         )
     _positive(cfg.presence.flush_interval_ms, "presence.flush_interval_ms")
+    if cfg.persistence.ack_after_journal and not (
+        cfg.persistence.enabled and cfg.persistence.session_journal
+    ):
+        raise ConfigError(
+            "needs persistence.enabled and persistence.session_journal: the acknowledgement"
+            " waits for the delivery journal",
+            key="persistence.ack_after_journal",
+        )
     # Routes, lookups and tables: compiling them is the validation.
     from ingestd.ingest.routes import compile_config
 

@@ -74,6 +74,9 @@ class Broker:
         # Where persistent sessions journal their QoS 1/2 deliveries (the store, unless
         # persistence.session_journal is off: then only a graceful stop saves them).
         self.journal: DeliveryJournal | None = None
+        # persistence.ack_after_journal: a PUBLISH a persistent session journaled is
+        # acknowledged once the journal is committed (publish returns its future).
+        self.ack_after_journal = False
 
     # -- plumbing for plugins ---------------------------------------------
 
@@ -275,6 +278,7 @@ class Broker:
             return None
         qos = message.qos
         durable: list[asyncio.Future[Any]] | None = None
+        journaled = False  # a persistent session journaled its delivery
         targets: dict[Session, list[Any]] | None = None
         single: Session | None = None
         single_opts: SubOptions | None = None
@@ -310,18 +314,26 @@ class Broker:
         retain = message.retain
         if targets is not None:
             for session, (gqos, rap, ids) in targets.items():
-                session.deliver(message, gqos if gqos < qos else qos, retain and rap, ids)
+                if session.deliver(message, gqos if gqos < qos else qos, retain and rap, ids):
+                    journaled = True
         elif single is not None:
             assert single_opts is not None
             o = single_opts
-            single.deliver(
+            journaled = single.deliver(
                 message,
                 o.qos if o.qos < qos else qos,
                 retain and o.retain_as_published,
                 [o.sub_id] if o.sub_id else None,
             )
         for group in groups:
-            self._deliver_shared(group, message)
+            if self._deliver_shared(group, message):
+                journaled = True
+        if journaled and self.ack_after_journal and self.journal is not None:
+            fut = self.journal.durable_future()
+            if durable is None:
+                durable = [fut]
+            else:
+                durable.append(fut)
         if durable is None:
             return None
         if len(durable) == 1:
@@ -345,11 +357,12 @@ class Broker:
             entries.append((sub.batch_run, sub.route, sub.durable))
         return IngestTarget(entries)
 
-    def _deliver_shared(self, group: Any, message: Message) -> None:
+    def _deliver_shared(self, group: Any, message: Message) -> bool:
+        """Deliver to one member; True if a persistent session journaled it."""
         members = group.members
         n = len(members)
         if not n:
-            return
+            return False
         start = group.next_index()
         chosen = members[start]
         # Prefer a member that is online; an offline member's session queues it.
@@ -362,14 +375,14 @@ class Broker:
         sub, opts = chosen
         if type(sub) is Session:
             q = opts.qos if opts.qos < message.qos else message.qos
-            sub.deliver(
+            return sub.deliver(
                 message,
                 q,
                 message.retain and opts.retain_as_published,
                 [opts.sub_id] if opts.sub_id else None,
             )
-        else:
-            sub.deliver(message)
+        sub.deliver(message)
+        return False
 
     # -- backpressure from ingest -------------------------------------------
 

@@ -44,6 +44,7 @@ that had completed within that time may come back too (at least once).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
@@ -71,6 +72,10 @@ class DeliveryJournal(Protocol):
     def put(self, client_id: str, d: Delivery) -> None: ...
 
     def done(self, client_id: str, d: Delivery) -> None: ...
+
+    def durable_future(self) -> asyncio.Future[None]:
+        """Resolved once every put and done recorded so far is committed (never fails)."""
+        ...
 
 
 class SubOptions:
@@ -183,19 +188,20 @@ class Session:
         retain: bool,
         sub_ids: list[int] | None,
         seq: int = 0,
-    ) -> None:
+    ) -> bool:
         """Deliver one message to this session at ``qos`` (already min'd with the grant).
 
         ``seq``: the delivery's journal key when it is restored from the journal.
+        Returns True if the delivery was recorded in the journal just now.
         """
         conn = self.connection
         if qos == 0:
             if conn is None:
                 # QoS 0 is not queued for offline sessions (as Mosquitto's default).
-                return
+                return False
             if not conn.send_publish(message, 0, retain, sub_ids, 0, False):
                 self.stats.drop("qos0_queue_full")
-            return
+            return False
         d = Delivery(message, qos, retain, sub_ids)
         if seq:
             d.seq = seq
@@ -205,9 +211,9 @@ class Session:
             and len(self.inflight) < self.send_window
             and conn.writable()
         ):
-            self._accepted(d)
+            journaled = self._accepted(d)
             self._send_new(conn, d)
-            return
+            return journaled
         size = len(message.payload) + len(message.topic)
         queue = self.queue
         if queue is None:
@@ -218,15 +224,18 @@ class Session:
         ):
             self.stats.drop("session_queue_full")
             self._done(d)  # a restored delivery that no longer fits leaves the journal
-            return
-        self._accepted(d)
+            return False
+        journaled = self._accepted(d)
         queue.append(d)
         self.queued_bytes += size
+        return journaled
 
-    def _accepted(self, d: Delivery) -> None:
+    def _accepted(self, d: Delivery) -> bool:
         """Journal a new QoS 1/2 delivery of a persistent session (restored ones already are)."""
         if not d.seq and self.expiry_interval and self.journal is not None:
             self.journal.put(self.client_id, d)
+            return True
+        return False
 
     def _done(self, d: Delivery) -> None:
         """A delivery completed or was dropped: it leaves the journal."""
