@@ -325,13 +325,13 @@ def test_session_journal_off_keeps_graceful_restarts_and_drops_old_rows(pg_dsn, 
 
 
 def test_durable_future_resolves_after_the_commit_and_survives_a_failed_flush(pg_dsn):
-    """The store alone: durable_future() is shared until a flush starts, resolves once
-    that flush commits (also when there is nothing to write), and a failed flush leaves
-    it pending until a later one commits what it held."""
+    """The store alone: durable_future() is shared until a flush starts and resolves
+    once a flush commits what was recorded before it, without waiting for the
+    write-behind interval (an hour here); while the database fails it stays pending
+    (never failed), and the retry that commits resolves it."""
     import asyncio
 
     import asyncpg
-    import pytest
 
     from ingestd.broker.message import Message
     from ingestd.broker.session import Delivery
@@ -343,26 +343,33 @@ def test_durable_future_resolves_after_the_commit_and_survives_a_failed_flush(pg
 
     async def main() -> None:
         pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
-        store = PgBrokerStore(pool, flush_interval=3600.0)  # flushed by hand after the first
+        store = PgBrokerStore(pool, flush_interval=3600.0)
         await store.start()
         try:
-            first = store.durable_future()
-            await asyncio.wait_for(first, WAIT)  # nothing to write: resolved by the writer
-            d = Delivery(Message("t/x", b"1", 1), 1, False, None)
-            store.put("c", d)
+            await asyncio.wait_for(store.durable_future(), WAIT)  # nothing to write
+            d1 = Delivery(Message("t/x", b"1", 1), 1, False, None)
+            store.put("c", d1)
             fut = store.durable_future()
             assert store.durable_future() is fut
-            await asyncio.sleep(0.1)
-            assert not fut.done()  # the writer sleeps; nothing committed yet
-            store.pool = BrokenPool()
-            with pytest.raises(ConnectionError):
-                await store.flush()
-            assert not fut.done()  # not durable: still waiting
-            store.pool = pool
-            await store.flush()
-            assert fut.done() and fut.exception() is None
+            await asyncio.wait_for(fut, WAIT)  # not after the hour: at once
             rows = await pool.fetch("SELECT seq FROM ingestd_session_queue WHERE client_id='c'")
-            assert [r[0] for r in rows] == [d.seq]
+            assert [r[0] for r in rows] == [d1.seq]
+
+            store.flush_interval = 0.2  # the retry pace while the database fails
+            store.pool = BrokenPool()
+            d2 = Delivery(Message("t/x", b"2", 1), 1, False, None)
+            store.put("c", d2)
+            fut2 = store.durable_future()
+            await asyncio.sleep(0.5)
+            assert store.flush_errors >= 1
+            assert not fut2.done()  # not durable: still waiting, not failed
+            store.pool = pool
+            await asyncio.wait_for(fut2, WAIT)
+            assert fut2.exception() is None
+            rows = await pool.fetch(
+                "SELECT seq FROM ingestd_session_queue WHERE client_id='c' ORDER BY seq"
+            )
+            assert [r[0] for r in rows] == [d1.seq, d2.seq]
         finally:
             store.pool = pool
             await store.close()

@@ -183,6 +183,7 @@ class PgBrokerStore:
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # an acknowledgement waits on the journal
         self._closing = False
         self.flush_errors = 0
         # Resolved when the changes recorded so far are committed (durable_future).
@@ -229,6 +230,7 @@ class PgBrokerStore:
         if fut is None:
             fut = self._durable = asyncio.get_running_loop().create_future()
             self._wake.set()
+            self._urgent.set()
         return fut
 
     def put(self, client_id: str, d: Delivery) -> None:
@@ -258,7 +260,15 @@ class PgBrokerStore:
                 self.flush_errors += 1
                 log.warning("broker store: flush failed (%s); will retry", exc)
                 self._wake.set()
-            await asyncio.sleep(self.flush_interval)
+                await asyncio.sleep(self.flush_interval)
+                continue
+            # Write behind: changes wait for the interval, unless an acknowledgement
+            # waits on them (durable_future): then they go at once (group commit:
+            # what arrives during one flush goes in the next).
+            if self._durable is None:
+                self._urgent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.flush_interval)
 
     async def flush(self) -> None:
         """Write every pending change in one transaction.
