@@ -582,21 +582,11 @@ class TableBatcher:
 
     def add(self, route: Route, msg: Message, durable: bool) -> asyncio.Future[None] | None:
         """Queue one message; returns the batch's future if ``durable``."""
-        msgs = self.msgs
-        msgs.append(msg)
+        self.msgs.append(msg)
         if self.routes is not None:
             self.routes.append(route)
         self._engine._pending += 1
-        fut = None
-        if durable:
-            fut = self.future
-            if fut is None:
-                fut = self.future = self._loop.create_future()
-        if len(msgs) >= self.batch_rows:
-            self.flush()
-        elif self._timer is None:
-            self._schedule()
-        return fut
+        return self._added(durable)
 
     def add_run(
         self, msgs: list[Message], routes: list[Route] | None, durable: bool
@@ -612,6 +602,11 @@ class TableBatcher:
             assert routes is not None
             self.routes += routes
         self._engine._pending += len(msgs)
+        return self._added(durable)
+
+    def _added(self, durable: bool) -> asyncio.Future[None] | None:
+        """Rows just joined the open batch: its future if ``durable``; flush it when
+        full, else arrange its flush if nothing has yet."""
         fut = None
         if durable:
             fut = self.future
@@ -620,17 +615,13 @@ class TableBatcher:
         if len(self.msgs) >= self.batch_rows:
             self.flush()
         elif self._timer is None:
-            self._schedule()
+            if self._active < self._engine.config.ingest.max_concurrent_copies:
+                # A writer is free: take everything that arrives in this loop turn and go.
+                # Waiting for more rows would only add latency to after-commit acks.
+                self._timer = self._loop.call_soon(self.flush)
+            else:
+                self._timer = self._loop.call_later(self.flush_interval, self.flush)
         return fut
-
-    def _schedule(self) -> None:
-        """Arrange the flush of a batch that just got its first rows."""
-        if self._active < self._engine.config.ingest.max_concurrent_copies:
-            # A writer is free: take everything that arrives in this loop turn and go.
-            # Waiting for more rows would only add latency to after-commit acks.
-            self._timer = self._loop.call_soon(self.flush)
-        else:
-            self._timer = self._loop.call_later(self.flush_interval, self.flush)
 
     @property
     def backlog(self) -> int:
