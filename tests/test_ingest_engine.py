@@ -24,6 +24,16 @@ pytestmark = pytest.mark.pg
 UTC = dt.UTC
 
 
+async def lock_table(dsn: str, table: str) -> tuple[Any, Any]:
+    """(connection, transaction) holding ACCESS EXCLUSIVE on ``table``: nothing can
+    COPY into it until the transaction is rolled back."""
+    conn = await asyncpg.connect(dsn)
+    tr = conn.transaction()
+    await tr.start()
+    await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    return conn, tr
+
+
 def run_engine(cfg: Config, body: Callable[[IngestEngine], Awaitable[None]]) -> IngestEngine:
     async def main() -> IngestEngine:
         eng = IngestEngine(cfg)
@@ -315,10 +325,7 @@ def test_after_commit_future_resolves_only_after_commit(pg_dsn: str, tmp_path: P
 
     async def body(eng: IngestEngine) -> None:
         # Hold a lock that blocks the COPY: nothing can commit until we let go.
-        blocker = await asyncpg.connect(pg_dsn)
-        tr = blocker.transaction()
-        await tr.start()
-        await blocker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+        blocker, tr = await lock_table(pg_dsn, "telemetry")
         futs = publish(eng, "m/a/t", '{"v": 1, "seq": 1}', qos=1)
         futs += publish(eng, "m/a/t", '{"v": 1, "seq": 2}', qos=2)
         assert len(futs) == 2 and futs[0] is futs[1]  # one future per batch
@@ -349,10 +356,7 @@ def test_saturation_and_resume(pg_dsn: str, tmp_path: Path) -> None:
     )
 
     async def body(eng: IngestEngine) -> None:
-        blocker = await asyncpg.connect(pg_dsn)
-        tr = blocker.transaction()
-        await tr.start()
-        await blocker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+        blocker, tr = await lock_table(pg_dsn, "telemetry")
         futs = []
         for i in range(8):
             assert not eng.saturated
@@ -384,10 +388,7 @@ def test_batches_wait_as_messages_beyond_twice_the_copy_slots(pg_dsn: str, tmp_p
     )
 
     async def body(eng: IngestEngine) -> None:
-        blocker = await asyncpg.connect(pg_dsn)
-        tr = blocker.transaction()
-        await tr.start()
-        await blocker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+        blocker, tr = await lock_table(pg_dsn, "telemetry")
         futs: list[Any] = []
         try:
             for i in range(50):
