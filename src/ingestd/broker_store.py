@@ -13,8 +13,10 @@ What survives what:
   session (the delivery journal, flushed at stop);
 - a crash (SIGKILL, power loss): the same as written by the last flush, at
   most ``flush_interval`` old: a message delivered to a persistent session
-  (online or offline) less than that before the crash can be lost, and one
-  that completed less than that before it can be delivered again.
+  (online or offline) less than that before the crash can be lost (unless
+  ``persistence.ack_after_journal`` held its publisher's acknowledgement until
+  that flush: see ``durable_future``), and one that completed less than that
+  before it can be delivered again.
 
 The delivery journal (``ingestd_session_queue``): a persistent session's
 QoS 1/2 delivery is put when the session accepts it and deleted when it

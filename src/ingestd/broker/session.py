@@ -40,6 +40,9 @@ PUBCOMP, a refusing PUBREC) or is dropped (expired, too large). The journal is
 written behind, so after a crash the deliveries accepted more than one
 ``persistence.flush_interval_ms`` earlier come back queued, in order; ones
 that had completed within that time may come back too (at least once).
+With ``persistence.ack_after_journal`` the publisher's acknowledgement waits
+for the journal (``deliver`` says whether it journaled), so every
+acknowledged delivery comes back.
 """
 
 from __future__ import annotations
