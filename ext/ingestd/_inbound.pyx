@@ -54,6 +54,15 @@ cdef inline unsigned int _code(int ptype, int pid, int qos) noexcept:
     return <unsigned int>pid | (<unsigned int>ptype << 16) | (<unsigned int>qos << 20)
 
 
+# A success ack (PUBACK 4 / PUBREC 5): 4 bytes under 3.1.1 and 5.0 alike (v5 omits
+# reason code 0 and the properties).
+cdef inline void _write_ack(char* p, int ptype, int pid) noexcept:
+    p[0] = <char>(ptype << 4)
+    p[1] = 2
+    p[2] = <char>((pid >> 8) & 0xFF)
+    p[3] = <char>(pid & 0xFF)
+
+
 @cython.final
 cdef class BatchRun:
     """The messages one table's batcher gets from the current fast run.
@@ -242,14 +251,9 @@ cdef class Inbound:
         the ack to send now (nothing held back and no future), else None.
         """
         cdef bytes out
-        cdef char* p
         if fut is None and self._head == len(self._futs):
             out = PyBytes_FromStringAndSize(NULL, 4)
-            p = PyBytes_AS_STRING(out)
-            p[0] = <char>(ptype << 4)
-            p[1] = 2
-            p[2] = <char>(pid >> 8)
-            p[3] = <char>pid
+            _write_ack(PyBytes_AS_STRING(out), ptype, pid)
             return out
         if qos == 1:
             self.pending_qos1 += 1
@@ -289,10 +293,7 @@ cdef class Inbound:
         cdef int released_qos1 = 0
         for j in range(self._head, i):
             code = self._codes[j]
-            p[0] = <char>(((code >> 16) & 0xF) << 4)
-            p[1] = 2
-            p[2] = <char>((code >> 8) & 0xFF)
-            p[3] = <char>(code & 0xFF)
+            _write_ack(p, (code >> 16) & 0xF, code & 0xFFFF)
             p += 4
             if code >> 20 == 1:
                 released_qos1 += 1
@@ -448,6 +449,7 @@ cdef class Inbound:
         cdef Py_ssize_t k, n = len(targets)
         cdef int pid
         cdef object fut
+        cdef bytes ack
         cdef bytearray now_out = None
         self._stamp += 1
         try:
@@ -478,14 +480,12 @@ cdef class Inbound:
                               for r in range(len(target._runs)) if target._durable[r]]
                         )
                     fut = target._gathered
-                if fut is None and self._head == len(self._futs):
+                ack = self.queue(fut, _PUBACK, pid, 1)
+                if ack is not None:
                     # Nothing held back: ack now (one write for the run).
                     if now_out is None:
                         now_out = bytearray()
-                    now_out += bytes((_PUBACK << 4, 2, pid >> 8, pid & 0xFF))
-                else:
-                    self.pending_qos1 += 1
-                    self._append(fut, _code(_PUBACK, pid, 1))
+                    now_out += ack
         finally:
             del targets[:]
             del pids[:]
