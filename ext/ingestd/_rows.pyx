@@ -66,13 +66,15 @@ cdef class RowBuilder:
         self._ops = NULL
         self._required = NULL
 
-    def __init__(self, ops, decode, bint needs_levels, check, Py_ssize_t levels_cache_max=4096):
+    def __init__(self, ops, decode, bint needs_levels, check, dict levels=None,
+                 Py_ssize_t levels_cache_max=4096):
         """``ops``: per column, (kind, required, arg0, arg1, arg2) with the kinds
-        named as in :data:`KINDS`."""
+        named as in :data:`KINDS`; ``levels``: the topic -> split levels cache to
+        use (shared with the route's generated converter)."""
         self._decode = decode
         self._check = check
         self._levels = needs_levels or check is not None
-        self._lvc = {}
+        self._lvc = levels if levels is not None else {}
         self._lvc_max = levels_cache_max
         self._n = len(ops)
         self._ops = <int*>PyMem_Malloc(max(self._n, 1) * sizeof(int))

@@ -478,7 +478,10 @@ class Route:
         self.decoder = decoder
         self.needs_levels = needs_levels or check is not None
         self._check = check
-        self._fast = _generate_converter(columns, decoder, self.needs_levels, check)
+        # Devices publish to the same few topics over and over: both converters keep
+        # the split levels of a topic (read-only), in one dict.
+        levels: dict[str, list[str]] = {}
+        self._fast = _generate_converter(columns, decoder, self.needs_levels, check, levels)
         # The same rows for a whole chunk, compiled (ext/ingestd/_rows.pyx); it raises
         # instead of deciding any error, and the caller then uses convert() per message.
         self._rows = RowBuilder(
@@ -486,6 +489,7 @@ class Route:
             decoder.decode if decoder is not None else None,
             self.needs_levels,
             check,
+            levels,
             _LEVELS_CACHE_MAX,
         )
 
@@ -1454,7 +1458,7 @@ def _row_ops(columns: list[Column]) -> list[tuple[Any, ...]]:
     return ops
 
 
-# Topics whose split levels one route's converter keeps (cleared when full).
+# Topics whose split levels one route's converters keep (cleared when full).
 _LEVELS_CACHE_MAX = 4096
 
 
@@ -1463,8 +1467,12 @@ def _generate_converter(
     decoder: msgspec.json.Decoder[Any] | None,
     needs_levels: bool,
     check: Callable[[list[str]], None] | None,
+    levels: dict[str, list[str]] | None = None,
 ) -> Callable[[Message], tuple[Any, ...]]:
-    """Generate one straight-line function building a row (the hot path of a flush).
+    """Generate one straight-line function building a row (the per-message path of a flush).
+
+    ``levels``: the topic -> split levels cache to use (bounded by
+    ``_LEVELS_CACHE_MAX``), shared with the route's RowBuilder.
 
     Columns whose getter carries an inline expression (``getter.fast``) are
     inlined; the others are called. Several times faster than calling one
@@ -1497,7 +1505,7 @@ def _generate_converter(
     if needs_levels or check is not None:
         # Devices publish to the same few topics over and over: keep their split
         # levels (read-only for every getter) instead of splitting each message.
-        env["_lvc"] = {}
+        env["_lvc"] = levels if levels is not None else {}
         env["_LVC_MAX"] = _LEVELS_CACHE_MAX
         lines += [
             "    t = m.topic",
