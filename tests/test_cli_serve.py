@@ -84,3 +84,66 @@ def test_bad_config_fails_at_start_with_file_key_reason(serve_cmd, tmp_path):
     assert out.returncode == 2
     assert str(cfg) in out.stderr
     assert "max_packet_size" in out.stderr
+
+
+def _held_port() -> socket.socket:
+    """A listening socket on a free loopback port, as another program would hold it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [
+        ("--http-listen", "HTTP endpoint"),
+        ("--listen", "MQTT on"),
+        ("--ws-listen", "MQTT over WebSocket"),
+    ],
+)
+def test_a_taken_port_names_its_listener_and_setting(serve_cmd, flag, named):
+    held = _held_port()
+    try:
+        port = held.getsockname()[1]
+        args = ["--no-db", flag, f"127.0.0.1:{port}"]
+        if flag != "--listen":
+            args += ["--listen", f"127.0.0.1:{free_port()}"]
+        if flag != "--http-listen":
+            args += ["--http-listen", ""]
+        out = subprocess.run(serve_cmd(*args), capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert out.returncode == 1
+    assert named in out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr
+    assert flag in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_http_listen_flag_moves_the_http_endpoint(serve_cmd):
+    import urllib.request
+
+    mqtt_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        serve_cmd(
+            "--no-db",
+            "--listen",
+            f"127.0.0.1:{mqtt_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_listening(mqtt_port, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=10) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

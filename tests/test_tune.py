@@ -292,3 +292,23 @@ def test_copy_measurement_and_apply(tmp_path: Path) -> None:
         assert asyncio.run(leftovers()) == 0  # the scratch table is dropped
     finally:
         pg.drop_database(dsn)
+
+
+def test_tune_without_a_database_leaves_no_data_directory_behind(tmp_path: Path) -> None:
+    """No --dsn and no ingestd data directory here: measure on a throw-away cluster."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ingestd", "tune", "--seconds", "0", "--batch-sizes", "10",
+         "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [m["batch_rows"] for m in data["copy"]] == [10]
+    assert "temporary" in data["database"]
+    assert list(tmp_path.iterdir()) == []  # no ./ingestd-data

@@ -32,6 +32,28 @@ class BoundListener:
     port: int
 
 
+# What each listener kind is, and where it is configured (for bind errors).
+_LISTENERS = {
+    "mqtt": ("MQTT", "server.listen", "--listen"),
+    "mqtts": ("MQTT over TLS", "server.tls_listen", None),
+    "ws": ("MQTT over WebSocket", "server.ws_listen", "--ws-listen"),
+    "http": ("the HTTP endpoint (/metrics, /healthz)", "server.http_listen", "--http-listen"),
+}
+
+
+def listen_error(kind: str, host: str, port: int, exc: OSError) -> OSError:
+    """A bind failure that names the listener and the setting that chose its address.
+
+    No fallback to another port: a listener that moves silently breaks the
+    devices, scrapers and health checks configured for the address asked for.
+    """
+    what, key, flag = _LISTENERS[kind]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    how = f"{flag} or {key}" if flag else key
+    reason = exc.strerror or str(exc)
+    return OSError(exc.errno, f"cannot listen for {what} on {where}: {reason} (set by {how})")
+
+
 class App:
     """Owns every long-lived object of the process (no module-level state)."""
 
@@ -132,7 +154,11 @@ class App:
             lambda: None if ingest is None else ingest.database.pool,
         )
         self.http = HttpServer(self.registry, ready)
-        self.bound.append(BoundListener("http", host, await self.http.start(host, port)))
+        try:
+            bound_port = await self.http.start(host, port)
+        except OSError as exc:
+            raise listen_error("http", host, port, exc) from None
+        self.bound.append(BoundListener("http", host, bound_port))
 
     def _tls_context(self) -> ssl.SSLContext:
         s = self.config.server
@@ -156,9 +182,12 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(exc), key=f"server.{kind}_listen") from None
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            factory, host, port, reuse_address=True, backlog=4096, **kw
-        )
+        try:
+            server = await loop.create_server(
+                factory, host, port, reuse_address=True, backlog=4096, **kw
+            )
+        except OSError as exc:
+            raise listen_error(kind, host, port, exc) from None
         self.servers.append(server)
         for sock in server.sockets:
             name = sock.getsockname()

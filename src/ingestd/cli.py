@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ingestd import __version__
+
+if TYPE_CHECKING:
+    from ingestd.config import Config
 
 
 def codec_implementation() -> str:
@@ -57,6 +61,11 @@ def version() -> None:
     help="MQTT over WebSocket listener; repeatable.",
 )
 @click.option(
+    "--http-listen",
+    metavar="HOST:PORT",
+    help="HTTP listener (/metrics, /healthz, /readyz); '' disables. Default 127.0.0.1:8080.",
+)
+@click.option(
     "--dsn", help="PostgreSQL DSN; default: an embedded PostgreSQL in the data directory."
 )
 @click.option(
@@ -70,17 +79,20 @@ def serve(
     config_path: str | None,
     data_dir: str | None,
     ws_listen: tuple[str, ...],
+    http_listen: str | None,
     dsn: str | None,
     no_db: bool,
     log_level: str | None,
 ) -> None:
     """Run the broker and ingestion engine until SIGTERM or SIGINT."""
-    from ingestd.config import Config, load_config
+    from ingestd.config import load_config
     from ingestd.errors import ConfigError, DatabaseError
 
     overrides: dict[str, dict[str, object]] = {"server": {}, "database": {}}
     if ws_listen:
         overrides["server"]["ws_listen"] = list(ws_listen)
+    if http_listen is not None:
+        overrides["server"]["http_listen"] = http_listen
     if dsn:
         overrides["database"]["dsn"] = dsn
     if listen:
@@ -150,29 +162,138 @@ def config_show(config_path: str | None) -> None:
 
 @main.group()
 def db() -> None:
-    """Database tasks."""
+    """Database tasks: create tables, find and open the database ingestd writes to."""
+
+
+def _db_options(f: Any) -> Any:
+    """--config, --dsn and --data-dir: which database a db command means (as `serve`)."""
+    f = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        help="Data directory whose embedded PostgreSQL to use (default: the configuration's).",
+    )(f)
+    f = click.option("--dsn", help="PostgreSQL DSN (default: the configuration's, else embedded).")(
+        f
+    )
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file."
+    )(f)
+
+
+def _db_config(config_path: str | None, dsn: str | None, data_dir: str | None) -> Config:
+    from ingestd.config import load_config
+
+    overrides: dict[str, dict[str, object]] = {"server": {}, "database": {}}
+    if dsn:
+        overrides["database"]["dsn"] = dsn
+    if data_dir:
+        overrides["server"]["data_dir"] = data_dir
+    return load_config(config_path, overrides=overrides)
+
+
+def _describe_db(cfg: Config) -> str:
+    from ingestd.db import embedded_pgdata, redact_dsn
+
+    if cfg.database.dsn:
+        return redact_dsn(cfg.database.dsn)
+    return f"embedded PostgreSQL in {embedded_pgdata(cfg.server.data_dir)}"
 
 
 @db.command("init")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@_db_options
 @click.option("--print", "print_only", is_flag=True, help="Print the SQL instead of running it.")
-def db_init(config_path: str | None, print_only: bool) -> None:
+def db_init(
+    config_path: str | None, dsn: str | None, data_dir: str | None, print_only: bool
+) -> None:
     """Create missing tables and indexes for the configured routes and presence."""
-    from ingestd.config import load_config
     from ingestd.errors import ConfigError, DatabaseError
     from ingestd.ingest.routes import compile_config
     from ingestd.ingest.schema import init_database, schema_sql
 
     try:
-        cfg = load_config(config_path)
+        cfg = _db_config(config_path, dsn, data_dir)
         if print_only:
             click.echo(schema_sql(cfg, compile_config(cfg)))
             return
+        click.echo(f"database: {_describe_db(cfg)}")
         for stmt in asyncio.run(init_database(cfg)):
             click.echo(stmt.strip().splitlines()[0] + " ...")
     except (ConfigError, DatabaseError) as exc:
         click.echo(f"ingestd: {exc}", err=True)
         sys.exit(2)
+
+
+@db.command("url")
+@_db_options
+def db_url(config_path: str | None, dsn: str | None, data_dir: str | None) -> None:
+    """Print the DSN of the database ingestd writes to (for psql, Grafana, your code).
+
+    The embedded PostgreSQL must be running (``ingestd serve`` runs it); its DSN
+    names a Unix socket and the ``postgres`` role.
+    """
+    from ingestd.db import EmbeddedPostgres, embedded_pgdata
+    from ingestd.errors import ConfigError
+
+    try:
+        cfg = _db_config(config_path, dsn, data_dir)
+    except ConfigError as exc:
+        click.echo(f"ingestd: configuration error: {exc}", err=True)
+        sys.exit(2)
+    if cfg.database.dsn:
+        click.echo(cfg.database.dsn)
+        return
+    pgdata = embedded_pgdata(cfg.server.data_dir)
+    uri = EmbeddedPostgres(pgdata).running_uri()
+    if uri is None:
+        click.echo(
+            f"ingestd: the embedded PostgreSQL in {pgdata} is not running; start"
+            " `ingestd serve` (or use `ingestd db shell`, which starts it)",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(uri)
+
+
+@db.command("shell", context_settings={"ignore_unknown_options": True})
+@_db_options
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+def db_shell(
+    config_path: str | None, dsn: str | None, data_dir: str | None, psql_args: tuple[str, ...]
+) -> None:
+    """Run psql on the database ingestd writes to; PSQL_ARGS go to psql (after --).
+
+    The embedded PostgreSQL is started for the session if it is not running,
+    and stopped again when psql exits.
+    """
+    import subprocess
+
+    from ingestd.db import EmbeddedPostgres, embedded_pgdata, psql_path
+    from ingestd.errors import ConfigError, DatabaseError
+
+    try:
+        cfg = _db_config(config_path, dsn, data_dir)
+    except ConfigError as exc:
+        click.echo(f"ingestd: configuration error: {exc}", err=True)
+        sys.exit(2)
+    psql = psql_path()
+    if psql is None:
+        click.echo("ingestd: no psql found (pgserver's or on PATH)", err=True)
+        sys.exit(1)
+    embedded: EmbeddedPostgres | None = None
+    target = cfg.database.dsn
+    if not target:
+        embedded = EmbeddedPostgres(embedded_pgdata(cfg.server.data_dir))
+        try:
+            target = embedded.start()
+        except DatabaseError as exc:
+            click.echo(f"ingestd: {exc}", err=True)
+            sys.exit(2)
+    try:
+        rc = subprocess.call([psql, target, *psql_args])
+    finally:
+        if embedded is not None:
+            embedded.stop()  # only if this command started it
+    sys.exit(rc)
 
 
 @main.command()

@@ -46,6 +46,25 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
 
 
+def embedded_pgdata(data_dir: str | Path) -> Path:
+    """Where the embedded PostgreSQL of ``server.data_dir`` keeps its cluster."""
+    return Path(data_dir).expanduser().resolve() / "pg"
+
+
+def psql_path() -> str | None:
+    """The ``psql`` shipped in pgserver's wheel, else one on PATH, else None."""
+    import shutil
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from pgserver._commands import POSTGRES_BIN_PATH
+        except ImportError:  # pragma: no cover - pgserver is a dependency
+            return shutil.which("psql")
+    bundled = Path(POSTGRES_BIN_PATH) / "psql"
+    return str(bundled) if bundled.exists() else shutil.which("psql")
+
+
 class EmbeddedPostgres:
     """A PostgreSQL cluster in a local directory, run through ``pgserver``."""
 
@@ -54,6 +73,19 @@ class EmbeddedPostgres:
         self.started_here = False
         self._server: Any = None
         self.uri = ""
+
+    def running_uri(self) -> str | None:
+        """The URI of a server already running on this directory, else None. Never starts one."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pgserver.utils import PostmasterInfo
+
+        if not (self.pgdata / "PG_VERSION").exists():
+            return None
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if info is None or not info.is_running():
+            return None
+        return str(info.get_uri())
 
     def start(self) -> str:
         """Start (or attach to) the server; returns its URI. Blocking."""
@@ -154,6 +186,11 @@ class Database:
                 if embedded is not None:
                     await asyncio.to_thread(embedded.stop)
                 raise
+        log.info(
+            "database %s%s (psql: ingestd db shell; DSN: ingestd db url)",
+            redact_dsn(dsn),
+            f" (embedded, in {embedded.pgdata})" if embedded is not None else "",
+        )
         return cls(dsn, pool, embedded)
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ import os
 import re
 import resource
 import statistics
+import tempfile
 import time
 import tomllib
 import uuid
@@ -487,15 +488,29 @@ async def _copy_report(
             return await measure_copy(conn, sizes, seconds), _redact(dsn)
         finally:
             await conn.close()
-    db = await Database.start(cfg, connect=False)
+    from ingestd.db import embedded_pgdata
+
+    where = f"embedded ({cfg.server.data_dir})"
+    scratch: tempfile.TemporaryDirectory[str] | None = None
+    if not (embedded_pgdata(cfg.server.data_dir) / "PG_VERSION").exists():
+        # No ingestd database here yet: measure on a throw-away cluster rather than
+        # leave a new data directory (about 70 MB) wherever tune happened to run.
+        scratch = tempfile.TemporaryDirectory(prefix="ingestd-tune-")
+        cfg.server.data_dir = scratch.name
+        where = "embedded (temporary, removed afterwards)"
     try:
-        conn = await asyncpg.connect(db.dsn)
+        db = await Database.start(cfg, connect=False)
         try:
-            return await measure_copy(conn, sizes, seconds), f"embedded ({cfg.server.data_dir})"
+            conn = await asyncpg.connect(db.dsn)
+            try:
+                return await measure_copy(conn, sizes, seconds), where
+            finally:
+                await conn.close()
         finally:
-            await conn.close()
+            await db.close()
     finally:
-        await db.close()
+        if scratch is not None:
+            scratch.cleanup()
 
 
 class _Skip(Exception):
