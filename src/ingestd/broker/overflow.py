@@ -1,0 +1,277 @@
+"""Session overflow: QoS 1/2 deliveries that do not fit a session's memory queue, on disk.
+
+Theory of operation
+-------------------
+A session keeps at most ``mqtt.max_queued_messages`` / ``mqtt.max_queued_bytes``
+undelivered QoS 1/2 deliveries in memory. Past that bound a delivery is not
+dropped: it is appended to the session's :class:`OverflowQueue`, a chain of
+segment files under ``<data_dir>/overflow/``. Once a session has anything on
+disk, every later delivery of that session goes to disk too, so the order of
+deliveries is kept; as the session's memory queue empties, its pump takes
+deliveries back from the head of the disk queue (oldest first).
+
+One :class:`OverflowStore` per broker holds the disk budget
+(``mqtt.overflow_max_bytes``) shared by every session. An append that would
+pass it is refused (``append`` returns False); the session then applies the
+documented policy (drop and count ``overflow_full``). ``overflow_max_bytes = 0``
+turns overflow off: the memory bound is then the last word, as before.
+
+What this is, and is not: memory relief for a consumer slower than its
+publishers. It is not a durability mechanism. The files are written without
+fsync and are removed at start-up: a crash loses what only they held, as it
+loses a clean session's memory queue; a persistent session's deliveries are
+journaled in PostgreSQL (``persistence.session_journal``) whether they sit in
+memory or on disk, and come back from there.
+
+Bounds: disk, ``overflow_max_bytes`` over all sessions; memory per queue, one
+write buffer (flushed at ``WRITE_BUFFER_BYTES``) and while draining one
+segment being read (at most ``segment_bytes`` plus one record). File I/O is
+plain buffered ``write``/``read`` on the event loop: appends land in the page
+cache in microseconds, and a segment is read once per ``segment_bytes``.
+
+Record format: ``<u32 little-endian length><msgpack body>``, the body an
+array ``[topic, payload, message qos, message retain, delivery qos,
+delivery retain, properties|nil, sub_ids|nil,
+expires_at|nil, client_id, username|nil, received_at, journal_seq]``.
+``expires_at`` is a ``time.monotonic()`` value, valid because files never
+outlive the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ingestd._message import Message
+
+log = logging.getLogger("ingestd.broker.overflow")
+
+WRITE_BUFFER_BYTES = 64 * 1024
+SEGMENT_BYTES = 1024 * 1024
+_LEN = struct.Struct("<I")
+_P_USER_PROPERTY = 0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY: a list of pairs
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+# One taken delivery: (message, qos, retain, subscription ids, journal seq).
+Taken = tuple[Message, int, bool, "list[int] | None", int]
+
+
+class OverflowStore:
+    """The disk space of every session's overflow queue, bounded by one budget."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        max_bytes: int,
+        segment_bytes: int = SEGMENT_BYTES,
+        write_buffer_bytes: int = WRITE_BUFFER_BYTES,
+    ) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.write_buffer_bytes = write_buffer_bytes
+        self.used_bytes = 0  # records appended and not yet taken, over all queues
+        self.queues = 0  # queues holding at least one record
+        self._next_id = 0
+
+    def start(self) -> None:
+        """Remove files a previous process left (they are never valid after a restart)."""
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def queue(self) -> OverflowQueue:
+        """A new, empty queue (its directory is made on first append)."""
+        self._next_id += 1
+        return OverflowQueue(self, self.dir / f"q{self._next_id}")
+
+
+class OverflowQueue:
+    """One session's deliveries on disk, in order. Not thread-safe; one event loop."""
+
+    __slots__ = (
+        "_buf",
+        "_read",
+        "_read_pos",
+        "_read_seg",
+        "_seg_bytes",
+        "_write_seg",
+        "bytes",
+        "count",
+        "dir",
+        "store",
+    )
+
+    def __init__(self, store: OverflowStore, directory: Path) -> None:
+        self.store = store
+        self.dir = directory
+        self.count = 0  # records on disk or in the write buffer, not yet taken
+        self.bytes = 0  # their size, as counted against the store's budget
+        self._buf = bytearray()  # records appended, not yet written to _write_seg
+        self._write_seg = 0  # the segment appends go to
+        self._seg_bytes = 0  # bytes already written to _write_seg
+        self._read_seg = 0  # the segment being read (always < _write_seg while reading)
+        self._read: bytes = b""  # its content, loaded whole
+        self._read_pos = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _path(self, seg: int) -> Path:
+        return self.dir / f"{seg:08d}.seg"
+
+    def append(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        seq: int = 0,
+    ) -> bool:
+        """Add one delivery at the tail; False (nothing written) if the budget is spent."""
+        m = message
+        body = _encode(
+            (
+                m.topic,
+                m.payload,
+                m.qos,
+                m.retain,
+                qos,
+                retain,
+                m.properties or None,
+                sub_ids,
+                m.expires_at,
+                m.client_id,
+                m.username,
+                m.received_at,
+                seq,
+            )
+        )
+        size = _LEN.size + len(body)
+        store = self.store
+        if store.used_bytes + size > store.max_bytes:
+            return False
+        if not self.count:
+            store.queues += 1
+        store.used_bytes += size
+        self.bytes += size
+        self.count += 1
+        buf = self._buf
+        buf += _LEN.pack(len(body))
+        buf += body
+        if len(buf) >= store.write_buffer_bytes:
+            self._flush()
+        return True
+
+    def _flush(self) -> None:
+        """Write the buffer to the tail segment; start a new segment when it is full."""
+        if not self._buf:
+            return
+        if self._seg_bytes == 0:  # a new segment file
+            self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self._path(self._write_seg), "ab") as f:
+            f.write(self._buf)
+        self._seg_bytes += len(self._buf)
+        self._buf = bytearray()
+        if self._seg_bytes >= self.store.segment_bytes:
+            self._write_seg += 1
+            self._seg_bytes = 0
+
+    def take(self, limit: int) -> list[Taken]:
+        """Remove and return up to ``limit`` deliveries from the head, oldest first."""
+        out: list[Taken] = []
+        while len(out) < limit and self.count:
+            if self._read_pos >= len(self._read) and not self._load_next():
+                break
+            data = self._read
+            pos = self._read_pos
+            (n,) = _LEN.unpack_from(data, pos)
+            start = pos + _LEN.size
+            rec: Any = _decode(data[start : start + n])
+            self._read_pos = start + n
+            size = _LEN.size + n
+            self.count -= 1
+            self.bytes -= size
+            self.store.used_bytes -= size
+            out.append(_delivery(rec))
+        if not self.count:
+            self._reset()
+        return out
+
+    def _load_next(self) -> bool:
+        """Make the next segment the one being read (sealing the tail if it is that one)."""
+        if self._read:
+            # Fully read: its file goes, the next one is read.
+            _unlink(self._path(self._read_seg))
+            self._read_seg += 1
+            self._read = b""
+            self._read_pos = 0
+        if self._read_seg == self._write_seg:
+            # Reading the tail: write out what is buffered and seal it, so a segment being
+            # read never grows (appends continue in the next one).
+            self._flush()  # may roll over to the next segment by itself
+            if self._read_seg == self._write_seg:
+                if self._seg_bytes == 0:
+                    return False
+                self._write_seg += 1
+                self._seg_bytes = 0
+        try:
+            with open(self._path(self._read_seg), "rb") as f:
+                self._read = f.read()
+        except FileNotFoundError:  # pragma: no cover - removed under us
+            log.error("overflow segment %s vanished; %d deliveries lost", self.dir, self.count)
+            self.discard()
+            return False
+        self._read_pos = 0
+        return bool(self._read)
+
+    def _reset(self) -> None:
+        """Empty: remove every file; the next append starts from segment 0 again."""
+        if self._read or self._seg_bytes or self._write_seg:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self._buf = bytearray()
+        self._read = b""
+        self._read_pos = 0
+        self._read_seg = self._write_seg = self._seg_bytes = 0
+
+    def discard(self) -> None:
+        """Forget everything queued (the session ended) and remove its files."""
+        if self.count:
+            self.store.used_bytes -= self.bytes
+            self.store.queues -= 1
+        self.count = 0
+        self.bytes = 0
+        self._reset()
+
+    def __del__(self) -> None:
+        # A queue dropped without discard() (e.g. at shutdown) must not leak budget.
+        if self.count:
+            self.discard()
+
+
+def _delivery(rec: list[Any]) -> Taken:
+    (topic, payload, mqos, mretain, qos, retain, props, sub_ids, expires_at, client_id, username,
+     rx, seq) = rec  # fmt: skip
+    if props:
+        props = {int(k): v for k, v in props.items()}
+        pairs = props.get(_P_USER_PROPERTY)
+        if pairs is not None:
+            props[_P_USER_PROPERTY] = [tuple(p) for p in pairs]
+    message = Message(
+        topic, payload, mqos, mretain, props or {}, client_id, username, rx, expires_at
+    )
+    return message, qos, retain, sub_ids, seq
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
