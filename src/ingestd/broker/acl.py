@@ -322,11 +322,17 @@ class ClientAcl:
 
     def may_publish(self, topic: str) -> bool:
         """Whether a PUBLISH (or Will) to ``topic`` is allowed (``MOSQ_ACL_WRITE``)."""
-        return bool(self.access(topic) & WRITE)
+        bits = self._cache.get(topic)  # the hot path: one dict lookup
+        if bits is None:
+            bits = self.access(topic)
+        return bool(bits & WRITE)
 
     def may_read(self, topic: str) -> bool:
         """Whether a message on ``topic`` may be delivered to this client (``MOSQ_ACL_READ``)."""
-        return bool(self.access(topic) & READ)
+        bits = self._cache.get(topic)
+        if bits is None:
+            bits = self.access(topic)
+        return bool(bits & READ)
 
     def may_subscribe(self, topic_filter: str) -> bool:
         """Whether SUBSCRIBE to ``topic_filter`` is granted: always, as in Mosquitto 2.0.
