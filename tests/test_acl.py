@@ -287,6 +287,12 @@ def test_username_starting_with_dollar_reaches_dollar_topics_through_patterns() 
     assert c.may_read("$SYS/broker/uptime")
 
 
+def test_a_topic_name_with_wildcards_or_empty_matches_nothing() -> None:
+    c = acl("topic readwrite #\ntopic readwrite a/+\n").for_client(None, "c")
+    assert c.may_read("a/b")
+    assert not c.may_read("a/+") and not c.may_publish("a/#") and not c.may_read("")
+
+
 def test_subscribe_is_always_granted() -> None:
     a = acl("user alice\ntopic read a/#\n")
     for u, f in [("alice", "#"), ("alice", "b/+"), (None, "$SYS/#"), ("bob", "a/b")]:

@@ -76,6 +76,11 @@ D. Only then, if the file has any ``pattern``: a client whose username or
    matching pattern with the wanted access allows.
 E. Otherwise access is denied.
 
+A topic name that is empty or contains ``+``/``#`` matches nothing (the C
+matcher returns an error), so every access to it is denied. UNSUBSCRIBE is
+always allowed, like SUBSCRIBE. A Will is checked with ``write`` when it is
+sent; retained messages with ``read`` when they are delivered.
+
 Matching is ``mosquitto_topic_matches_sub``: MQTT topic-filter matching by
 level, ``#`` matching the parent level too (``a/#`` matches ``a``), and a
 topic starting with ``$`` matched only by an entry starting with ``$``.
@@ -305,7 +310,9 @@ class ClientAcl:
         return bits
 
     def _decide(self, topic: str) -> int:
-        mask = _dollar_mask(topic) if topic[:1] == "$" else READ | WRITE
+        if not topic or "+" in topic or "#" in topic:
+            return 0  # not a topic name: mosquitto_topic_matches_sub matches nothing
+        mask = _dollar_mask(topic) if topic[0] == "$" else READ | WRITE
         if not mask:
             return 0
         granted = 0
