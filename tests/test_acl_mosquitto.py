@@ -366,6 +366,41 @@ def test_mosquitto_matches_acl_model(broker: Broker) -> None:
                 pass
 
 
+def test_retained_messages_are_delivered_by_may_read(broker: Broker) -> None:
+    """Retained messages sent on SUBSCRIBE go through the same read check (retain__process)."""
+    model = AclFile.parse(ACL, source="acl.acl")
+    admin = Peer("admin", "admin-r", broker.port)
+    peers = [Peer(u, f"r-{i}", broker.port) for i, (u, _cid) in enumerate(CLIENTS)]
+    retained = []
+    try:
+        admin.connect()
+        for t in TOPICS:
+            info = admin.c.publish(t, PAYLOAD_PREFIX + b"retained", qos=1, retain=True)
+            _mid, rc = admin._acks.get(timeout=WAIT)
+            assert _mid == info.mid
+            if rc != 0x87:
+                retained.append(t)
+        assert model.may_publish("admin", "admin-r", retained[0])
+        assert len(retained) > 20
+        mismatch = []
+        for p in peers:
+            p.connect()
+            assert all(rc < 0x80 for rc in p.subscribe(["#", "$SYS/#", "$app/#"]))
+            p.publish(BARRIER_TOPIC, b"barrier")
+            with p._lock:
+                got = {t for _src, t in p.received}
+            expected = {t for t in retained if model.may_read(p.username, p.client_id, t)}
+            if got != expected:
+                mismatch.append((p.username, p.client_id, sorted(got ^ expected)))
+        assert mismatch == []
+    finally:
+        for p in [admin, *peers]:
+            try:
+                p.close()
+            except Exception:
+                pass
+
+
 # Files Mosquitto refuses to start with and AclFile.load must refuse too; and
 # odd files both accept.
 BAD_FILES = [
