@@ -101,6 +101,7 @@ pattern readwrite company/%u/#
 pattern deny company/%u/locked/#
 pattern read devices/%c/config
 pattern write $SYS/broker/connection/%c/state
+pattern read %u/broker/#
 """
 
 # (username, client id): tenants, a device, a user whose name has a '/', a
@@ -118,6 +119,8 @@ CLIENTS: list[tuple[str | None, str]] = [
     ("acme/x", "acmex-1"),
     ("mal+", "mal-1"),
     ("+", "plus-1"),
+    ("", "empty-1"),
+    ("$SYS", "sys-user"),
     ("eve", "e+ve#"),
 ]
 
@@ -136,6 +139,8 @@ TOPICS = [
     "company/globex/data",
     "company/globex/locked",
     "company/globex/announcements",
+    "company//x",
+    "company/$SYS/x",
     "telemetry/device-7/temp",
     "telemetry/device-7",
     "telemetry/device-8/temp",

@@ -50,6 +50,9 @@ counts; a NUL byte ends the line, as in C).
 
 Decisions (``mosquitto_acl_check`` then ``mosquitto_acl_check_default``)
 ------------------------------------------------------------------------
+A client that sent an empty username is anonymous (``handle__connect``
+drops a zero-length username), here as in Mosquitto.
+
 Access is ``write`` for a PUBLISH (and a Will), ``read`` for every delivery
 of a message to a subscriber (retained messages included), ``subscribe``
 for each filter of a SUBSCRIBE.
@@ -468,8 +471,12 @@ class AclFile:
         """A new :class:`ClientAcl` for a client that connected with ``username`` and ``client_id``.
 
         The user list is compiled once per username and the patterns once per
-        distinct substitution, and shared between clients.
+        distinct substitution, and shared between clients. An empty username
+        is no username: Mosquitto reads a zero-length string as NULL
+        (``packet__read_binary``), so ``handle__connect`` ignores it.
         """
+        if username == "":
+            username = None
         user_rules = self._user_rules.get(username)
         if user_rules is None and username in self._users:
             user_rules = _Rules((e.topic, e.access) for e in self._users[username])
