@@ -309,6 +309,8 @@ def test_decision_cache_is_bounded_and_never_changes_answers() -> None:
         for t in topics:
             assert c.may_read(t) == t.startswith("t/u/")
             assert len(c._cache) <= 3
+    long_topic = "t/u/" + "x" * 300
+    assert c.may_read(long_topic) and long_topic not in c._cache
     nocache = acl("pattern read t/%u\n", cache_size=0).for_client("u", "c")
     assert nocache.may_read("t/u") and nocache.may_read("t/u") and not nocache._cache
 

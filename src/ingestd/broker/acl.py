@@ -119,6 +119,8 @@ _SYS_BRIDGE_STATE = "$SYS/broker/connection/+/state"
 
 #: Default bound of a ClientAcl's per-topic decision cache.
 DEFAULT_CACHE_SIZE = 1024
+#: Longer topics are decided every time: 1,024 cached 64 KiB topics would be 64 MiB per client.
+_CACHE_MAX_TOPIC = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,8 +263,8 @@ class ClientAcl:
     Ask :meth:`may_publish` for each PUBLISH (and the Will), :meth:`may_read`
     for each message about to be delivered, :meth:`may_subscribe` for each
     SUBSCRIBE filter. Decisions for a topic are cached (both accesses at
-    once); the cache holds at most ``cache_size`` topics and is emptied when
-    full. A ClientAcl is a snapshot of its :class:`AclFile`: after a reload,
+    once); the cache holds at most ``cache_size`` topics of at most 256
+    characters and is emptied when full. A ClientAcl is a snapshot of its :class:`AclFile`: after a reload,
     make new ones.
     """
 
@@ -305,6 +307,8 @@ class ClientAcl:
         bits = cache.get(topic)
         if bits is None:
             bits = self._decide(topic)
+            if len(topic) > _CACHE_MAX_TOPIC:
+                return bits  # bound the cache's memory too, not just its length
             if len(cache) >= self._cache_size:
                 cache.clear()
                 if not self._cache_size:
