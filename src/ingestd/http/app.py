@@ -32,6 +32,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API_PREFIX = "/api"
 
+# Where the auth middleware leaves the index of the token a request presented.
+TOKEN_INDEX: Any = (
+    web.RequestKey("token_index", int) if hasattr(web, "RequestKey") else "token_index"
+)
+
 # Stable error codes by status, for errors raised by aiohttp itself (router, body limits).
 _CODES = {
     400: "bad_request",
@@ -161,7 +166,7 @@ async def _api_request(
                     "missing or invalid bearer token (Authorization: Bearer <token>)",
                     headers={"WWW-Authenticate": 'Bearer realm="ingestd"'},
                 )
-            request["token_index"] = index
+            request[TOKEN_INDEX] = index
         return await handler(request)
     except ApiError as e:
         return e.response()
