@@ -408,6 +408,33 @@ def test_sessions_list_and_administrative_disconnect(srv: ServerThread) -> None:
     v3.disconnects.get(timeout=WAIT)
 
 
+# -- OpenAPI -------------------------------------------------------------------------------
+
+
+def test_openapi_documents_exactly_the_registered_routes(srv: ServerThread) -> None:
+    api = Api(srv)
+    doc = api.ok("GET", "/api/openapi.json")
+    assert doc["openapi"].startswith("3.1")
+    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
+    assert srv.app is not None and srv.app.http is not None
+    router = srv.app.http.app.router
+    registered = {
+        (route.resource.canonical, route.method)
+        for route in router.routes()
+        if route.resource is not None
+        and route.resource.canonical.startswith("/api")
+        and route.method != "HEAD"
+    }
+    assert documented == registered
+    for (path, method), ops in [
+        ((p, m), o) for p, ms in doc["paths"].items() for m, o in ms.items()
+    ]:
+        assert "200" in ops["responses"], (path, method)
+        for param in ops.get("parameters", []):
+            if param["in"] == "path":
+                assert "{" + param["name"] + "}" in path
+
+
 # -- ingestion: real PostgreSQL -------------------------------------------------------------
 
 ROUTES = """

@@ -5,7 +5,7 @@ does, so subscribers receive it and ingest routes store it. A QoS 1/2 message
 is answered only after the future ``publish`` returns has completed (the rows
 of every ``after-commit`` route committed); a failed future is a 503.
 Bodies are validated whole before anything is published: a 400 publishes
-nothing.
+nothing. See docs/api.md for the routes and :mod:`ingestd.http.openapi`.
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ class Api:
             )
 
     def routes(self) -> list[tuple[str, str, RouteHandler]]:
-        """(method, path, handler) of every API route."""
+        """(method, path, handler) of every API route; the OpenAPI document matches it."""
         return [
             ("POST", "/api/publish", self.publish),
             ("POST", "/api/ingest/webhook", self.webhook),
@@ -383,6 +383,7 @@ class Api:
             ("DELETE", "/api/retained/{topic:.+}", self.delete_retained),
             ("GET", "/api/sessions", self.list_sessions),
             ("DELETE", "/api/sessions/{client_id:.+}", self.delete_session),
+            ("GET", "/api/openapi.json", self.openapi),
         ]
 
     def register(self, app: web.Application) -> None:
@@ -580,6 +581,13 @@ class Api:
         conn.disconnect("administrative", 0x98, "administrative action")
         log.info("audit: disconnect client_id=%r %s", client_id, self._who(request))
         return web.json_response({"ok": True, "client_id": client_id, "disconnected": True})
+
+    # -- GET /api/openapi.json ---------------------------------------------------
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from ingestd.http.openapi import openapi_document
+
+        return web.json_response(openapi_document())
 
 
 def _reject_constant(name: str) -> Any:
