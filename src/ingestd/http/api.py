@@ -474,7 +474,7 @@ class Api:
             messages = []
             for i, element in enumerate(body):
                 try:
-                    messages.append(parse_webhook_message(element, f"[{i}] "))
+                    messages.append(parse_webhook_message(element, ""))
                 except ApiError as e:
                     e.message = f"element {i}: {e.message}"
                     e.extra["index"] = i
