@@ -710,3 +710,55 @@ def test_a_failed_commit_is_a_503_and_shutdown_refuses_publishes(
             await http.stop()
 
     asyncio.run(main())
+
+
+def test_body_limits_and_slow_bodies_answer_json_errors() -> None:
+    from prometheus_client.registry import CollectorRegistry
+
+    from ingestd.http import Api as ApiRoutes
+    from ingestd.http import HttpServer
+
+    broker = FailingBroker()
+
+    async def main() -> None:
+        http = HttpServer(
+            CollectorRegistry(),
+            api=ApiRoutes(broker),
+            max_api_body_bytes=1000,
+            request_timeout=0.2,
+        )
+        port = await http.start("127.0.0.1", 0)
+
+        async def exchange(raw: bytes) -> tuple[int, Any]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            data = await asyncio.wait_for(reader.read(), WAIT)  # the server closes
+            writer.close()
+            head, _, payload = data.partition(b"\r\n\r\n")
+            return int(head.split(b" ")[1]), json.loads(payload)
+
+        head = "POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        try:
+            # Announced too large: refused before reading.
+            status, data = await exchange(f"{head}Content-Length: 1001\r\n\r\n".encode())
+            assert "1001 bytes exceeds the limit of 1000" in error_of(
+                status, data, 413, "payload_too_large"
+            )
+            # Chunked, so only reading finds out.
+            chunk = b"x" * 1500
+            status, data = await exchange(
+                f"{head}Transfer-Encoding: chunked\r\n\r\n{len(chunk):x}\r\n".encode()
+                + chunk
+                + b"\r\n0\r\n\r\n"
+            )
+            error_of(status, data, 413, "payload_too_large")
+            # Half a body, then silence: 408 after request_timeout.
+            status, data = await exchange(
+                f'{head}Content-Length: 20\r\nConnection: close\r\n\r\n{{"topic":'.encode()
+            )
+            error_of(status, data, 408, "request_timeout")
+            assert broker.published == []
+        finally:
+            await http.stop()
+
+    asyncio.run(main())
