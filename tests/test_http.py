@@ -167,7 +167,9 @@ def test_keep_alive_and_pipelining() -> None:
         (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
     ],
 )
-def test_garbage_gets_an_error_and_a_closed_connection(raw: bytes, status: int) -> None:
+def test_garbage_gets_an_error_and_a_closed_connection(
+    raw: bytes, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
     async def body(srv: HttpServer) -> None:
         got, headers, _, closed = await request(srv.port, raw)
         assert got == status
@@ -175,7 +177,10 @@ def test_garbage_gets_an_error_and_a_closed_connection(raw: bytes, status: int) 
         # The server still serves others.
         assert (await request(srv.port, get("/healthz")))[0] == 200
 
-    run(body)
+    with caplog.at_level("DEBUG"):
+        run(body)
+    # A stray request is not an error of ours: no error log, no traceback (debug only).
+    assert not [r for r in caplog.records if r.levelno >= 30 or r.exc_info], caplog.text
 
 
 def test_half_requests_and_abrupt_closes_are_harmless() -> None:

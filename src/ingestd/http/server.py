@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.registry import CollectorRegistry
 
 from ingestd.http.app import build_app
@@ -30,6 +31,24 @@ if TYPE_CHECKING:
     from ingestd.http.api import Api
 
 log = logging.getLogger("ingestd.http")
+
+
+class _MalformedRequestsAtDebug(logging.Filter):
+    """aiohttp logs every unparsable request as an error with a traceback; scanners
+    and stray TLS handshakes on a public port would flood the log. They become one
+    debug line here; any other error passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("http: malformed request: %s", exc)
+            return False
+        return True
+
+
+# The logger our aiohttp request handlers report to (aiohttp's own stays untouched).
+_wire_log = logging.getLogger("ingestd.http.wire")
+_wire_log.addFilter(_MalformedRequestsAtDebug())
 
 
 class HttpServer:
@@ -84,6 +103,7 @@ class HttpServer:
         runner = web.AppRunner(
             self.app,
             access_log=None,
+            logger=_wire_log,
             handle_signals=False,
             shutdown_timeout=self.shutdown_timeout,
             keepalive_timeout=self.idle_timeout,
