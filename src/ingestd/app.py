@@ -134,8 +134,8 @@ class App:
         )
 
     async def _start_http(self, broker: Broker) -> None:
-        """Prometheus /metrics, /healthz and /readyz (server.http_listen; empty disables)."""
-        from ingestd.http import HttpServer, readiness_probe
+        """/metrics, /healthz, /readyz and the JSON API (server.http_listen; empty disables)."""
+        from ingestd.http import Api, HttpServer, readiness_probe
         from ingestd.metrics import LoopLagMonitor, build_registry
 
         self.lag = LoopLagMonitor()
@@ -153,7 +153,8 @@ class App:
             lambda: any(b.kind == "mqtt" for b in self.bound) and not broker.closing,
             lambda: None if ingest is None else ingest.database.pool,
         )
-        self.http = HttpServer(self.registry, ready)
+        api = Api(broker, ingest, self.config.http.tokens)
+        self.http = HttpServer(self.registry, ready, api=api)
         try:
             bound_port = await self.http.start(host, port)
         except OSError as exc:

@@ -47,6 +47,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_timeout: float = 10.0
 
 
+class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The JSON API on server.http_listen: bearer tokens (required beyond loopback)."""
+
+    tokens: list[str] = msgspec.field(default_factory=list)
+
+
 class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Protocol limits. Every bound on memory the broker keeps is here."""
 
@@ -245,6 +251,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration of one ingestd process."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
@@ -257,6 +264,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 # Sections that take INGESTD_<SECTION>__<KEY> environment overrides.
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
+    "http": HttpConfig,
     "mqtt": MqttConfig,
     "database": DatabaseConfig,
     "ingest": IngestConfig,

@@ -1,5 +1,8 @@
-"""The HTTP endpoint: Prometheus /metrics, /healthz and /readyz."""
+"""The HTTP listener: /metrics, /healthz, /readyz and the JSON API under /api (aiohttp)."""
 
-from ingestd.http.server import HttpServer, ReadyFn, parse_head, readiness_probe
+from ingestd.http.api import Api
+from ingestd.http.app import ApiError
+from ingestd.http.health import ReadyFn, readiness_probe
+from ingestd.http.server import HttpServer
 
-__all__ = ["HttpServer", "ReadyFn", "parse_head", "readiness_probe"]
+__all__ = ["Api", "ApiError", "HttpServer", "ReadyFn", "readiness_probe"]
