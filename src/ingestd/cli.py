@@ -9,14 +9,7 @@ import sys
 import click
 
 from ingestd import __version__
-
-
-def codec_implementation() -> str:
-    """Which packet codec is loaded: 'cython' when the compiled extension is in use."""
-    from ingestd import _codec
-
-    path = getattr(_codec, "__file__", "") or ""
-    return "cython" if path.endswith((".so", ".pyd")) else "python"
+from ingestd.build_info import codec_implementation
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
