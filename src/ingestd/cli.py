@@ -84,6 +84,10 @@ def serve(
         overrides["server"]["log_level"] = log_level
     try:
         cfg: Config = load_config(config_path, overrides=overrides)
+        # Routes, lookups and tables are validated by compiling them.
+        from ingestd.ingest.routes import compile_config
+
+        compile_config(cfg, config_path)
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -118,9 +122,10 @@ def config_check(path: str) -> None:
     """Validate PATH without starting anything; exit 2 with file, key and reason if invalid."""
     from ingestd.config import load_config
     from ingestd.errors import ConfigError
+    from ingestd.ingest.routes import compile_config
 
     try:
-        load_config(path)
+        compile_config(load_config(path), path)
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -158,8 +163,9 @@ def db_init(config_path: str | None, print_only: bool) -> None:
 
     try:
         cfg = load_config(config_path)
+        compiled = compile_config(cfg, config_path)
         if print_only:
-            click.echo(schema_sql(cfg, compile_config(cfg)))
+            click.echo(schema_sql(cfg, compiled))
             return
         for stmt in asyncio.run(init_database(cfg)):
             click.echo(stmt.strip().splitlines()[0] + " ...")
