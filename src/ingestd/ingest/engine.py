@@ -34,18 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd.db import Database
 from ingestd.errors import DatabaseError
-from ingestd.ingest.batcher import (
-    Group,
-    TableBatcher,
-    Writer,
-    convert_entries,
-    decode_groups,
-    encode_groups,
-)
+from ingestd.ingest.batching import PendingRows, TableBatcher
+from ingestd.ingest.conversion import convert_entries
 from ingestd.ingest.presence import Presence
 from ingestd.ingest.routes import CompiledConfig, LookupCache, Route, compile_config
 from ingestd.ingest.schema import ensure_schema
 from ingestd.ingest.spool import Spool, SpoolFull
+from ingestd.ingest.writing import Group, Writer, decode_groups, encode_groups
 from ingestd.metrics import Histogram, batch_rows_histogram, copy_seconds_histogram
 
 if TYPE_CHECKING:
@@ -131,11 +126,8 @@ class IngestEngine:
         self._owns_database = database is None
         self.stats = IngestStats()
         ing = config.ingest
-        self._max_pending = ing.max_pending_rows
-        # Resume publishers once pending rows fall to 3/4 of the bound (hysteresis,
-        # so the broker does not flap between pausing and resuming).
-        self._low_water = max(0, (ing.max_pending_rows * 3) // 4)
-        self._pending = 0
+        # Rows the batchers took and no batch has committed or spooled yet.
+        self.pending = PendingRows(ing.max_pending_rows)
         self._retry_initial = ing.retry_initial_ms / 1000
         self._retry_max = ing.retry_max_ms / 1000
         self._spool_after = ing.spool_after_ms / 1000
@@ -169,8 +161,6 @@ class IngestEngine:
         Raises DatabaseError when PostgreSQL cannot be reached or a table does not fit.
         """
         loop = asyncio.get_running_loop()
-        self._resume = asyncio.Event()
-        self._resume.set()
         self._stop_event = asyncio.Event()
         cfg = self.config
         if self.database is None:
@@ -201,7 +191,14 @@ class IngestEngine:
         for table, routes in by_table.items():
             spec = self.compiled.tables[table]
             self._batchers[table] = TableBatcher(
-                self, spec, routes, cfg.ingest.batch_rows, interval
+                spec,
+                routes,
+                cfg.ingest.batch_rows,
+                interval,
+                max_concurrent_copies=cfg.ingest.max_concurrent_copies,
+                pending=self.pending,
+                process=self._process_batch,
+                track=self._track,
             )
         for route in self.compiled.routes:
             b = self._batchers[route.table]
@@ -286,24 +283,16 @@ class IngestEngine:
     @property
     def saturated(self) -> bool:
         """True while rows not yet committed/spooled are at ``max_pending_rows`` or more."""
-        return self._pending >= self._max_pending
+        p = self.pending
+        return p.count >= p.bound
 
     @property
     def pending_rows(self) -> int:
-        return self._pending
+        return self.pending.count
 
     async def wait_not_saturated(self) -> None:
         """Return once pending rows have fallen to 3/4 of the bound (immediately if not saturated)."""
-        if self._pending < self._max_pending:
-            return
-        while self._pending > self._low_water:
-            self._resume.clear()
-            await self._resume.wait()
-
-    def _release(self, n: int) -> None:
-        self._pending -= n
-        if self._pending <= self._low_water:
-            self._resume.set()
+        await self.pending.wait_not_saturated()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -330,7 +319,11 @@ class IngestEngine:
                 await asyncio.wait([prev])
             self.stats.messages_received += n
             conv = await convert_entries(
-                msgs, routes, batcher.kind, self.config.ingest.dead_letter_table, self
+                msgs,
+                routes,
+                batcher.kind,
+                self.config.ingest.dead_letter_table,
+                self.reload_lookup_on_miss,
             )
             if self._touch and self.presence is not None:
                 touch = self.presence.touch
@@ -351,7 +344,7 @@ class IngestEngine:
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
-            self._release(n)
+            self.pending.release(n)
 
     async def _persist(self, groups: list[Group], origins: list[Any] | None) -> bool:
         """Commit or spool one batch. False only if neither was possible before stop()."""
