@@ -36,8 +36,9 @@ from ingestd.db import Database
 from ingestd.errors import DatabaseError
 from ingestd.ingest.batching import PendingRows, TableBatcher
 from ingestd.ingest.conversion import convert_entries
+from ingestd.ingest.lookups import LookupLoader
 from ingestd.ingest.presence import Presence
-from ingestd.ingest.routes import CompiledConfig, LookupCache, Route, compile_config
+from ingestd.ingest.routes import CompiledConfig, Route, compile_config
 from ingestd.ingest.schema import ensure_schema
 from ingestd.ingest.spool import Spool, SpoolFull
 from ingestd.ingest.writing import Group, Writer, decode_groups, encode_groups
@@ -147,7 +148,6 @@ class IngestEngine:
             )
         self._touch = config.presence.enabled and config.presence.touch_on_publish
         self.writer: Writer | None = None
-        self._lookup_reloads: dict[str, asyncio.Future[None]] = {}
         self._last_warning = -WARN_EVERY_S
 
     # ------------------------------------------------------------------
@@ -170,8 +170,8 @@ class IngestEngine:
             await ensure_schema(pool, cfg, self.compiled)
             self._copy_sem = asyncio.Semaphore(cfg.ingest.max_concurrent_copies)
             self.writer = Writer(pool, cfg.ingest.dead_letter_table)
-            for lk in self.compiled.lookups.values():
-                await self._load_lookup(lk)
+            self.lookups = LookupLoader(list(self.compiled.lookups.values()), pool, self.stats)
+            await self.lookups.load_all()
             if self.presence is not None and cfg.presence.reset_on_start:
                 n = await self.presence.reset(pool)
                 if n:
@@ -207,7 +207,7 @@ class IngestEngine:
         if self.presence is not None:
             self._bg.append(loop.create_task(self.presence.run(pool, self._retry_max)))
         if self.compiled.lookups:
-            self._bg.append(loop.create_task(self._refresh_lookups()))
+            self._bg.append(loop.create_task(self.lookups.refresh_forever()))
         if not self.spool.empty:
             self._spool_active = True
             self._start_replay()
@@ -323,7 +323,7 @@ class IngestEngine:
                 routes,
                 batcher.kind,
                 self.config.ingest.dead_letter_table,
-                self.reload_lookup_on_miss,
+                self.lookups.reload_on_miss,
             )
             if self._touch and self.presence is not None:
                 touch = self.presence.touch
@@ -475,53 +475,6 @@ class IngestEngine:
             self.stats.rows_replayed += _data_rows(groups) - dead
             self.stats.dead_letters += dead
             self.stats.batches_replayed += 1
-
-    # ------------------------------------------------------------------
-    # lookups
-    # ------------------------------------------------------------------
-
-    async def _load_lookup(self, lk: LookupCache) -> None:
-        assert self.database is not None
-        rows = await self.database.pool.fetch(lk.select_sql())
-        lk.replace([tuple(r) for r in rows])
-        lk.loaded_at = time.monotonic()
-        self.stats.lookup_reloads += 1
-
-    async def reload_lookup_on_miss(self, lk: LookupCache) -> None:
-        """Reload a lookup after a miss, at most every ``miss_refresh_s``; errors are logged."""
-        running = self._lookup_reloads.get(lk.name)
-        if running is not None and not running.done():
-            # Another batch triggered a reload: its result is what we need.
-            await asyncio.shield(running)
-            return
-        now = time.monotonic()
-        if lk.miss_reloaded_at and now - lk.miss_reloaded_at < lk.miss_refresh_s:
-            return
-        lk.miss_reloaded_at = now
-        task = asyncio.ensure_future(self._reload_logged(lk))
-        self._lookup_reloads[lk.name] = task
-        await asyncio.shield(task)
-
-    async def _reload_logged(self, lk: LookupCache) -> None:
-        try:
-            await self._load_lookup(lk)
-        except Exception as e:
-            # Keep the stale cache; the miss applies on_miss.
-            log.warning("lookup %s: reload failed: %s", lk.name, e)
-
-    async def _refresh_lookups(self) -> None:
-        lookups = list(self.compiled.lookups.values())
-        tick = min(lk.refresh_s for lk in lookups)
-        while True:
-            await asyncio.sleep(min(tick, 5.0))
-            now = time.monotonic()
-            for lk in lookups:
-                if now - lk.loaded_at >= lk.refresh_s:
-                    try:
-                        await self._load_lookup(lk)
-                    except Exception as e:
-                        lk.loaded_at = now  # retry at the next period
-                        log.warning("lookup %s: refresh failed: %s", lk.name, e)
 
 
 def _data_rows(groups: list[Group]) -> int:
