@@ -19,17 +19,18 @@ if TYPE_CHECKING:
 def _row_ops(columns: list[Column]) -> list[tuple[Any, ...]]:
     """Per column, the RowBuilder operation: (kind, required, arg0, arg1, arg2).
 
-    A getter with an inline expression carries the equivalent operation (``op``);
-    any other column is called as the generated converter calls it.
+    A column kind with an inline form gives its operation (``ColumnRead.op``,
+    routes/kinds.py); any other column is called as the generated converter
+    calls it (its getter decides a required column's None itself).
     """
     ops: list[tuple[Any, ...]] = []
     for c in columns:
-        op = getattr(c.getter, "op", None)
+        op = c.read.op()
         if op is None:
             ops.append(("py", False, c.getter, None, None))
             continue
         args = (*op[1:], None, None, None)[:3]
-        ops.append((op[0], bool(getattr(c.getter, "op_required", False)), *args))
+        ops.append((op[0], c.read.required, *args))
     return ops
 
 
@@ -49,8 +50,8 @@ def _generate_converter(
     ``levels``: the topic -> split levels cache to use (bounded by
     ``_LEVELS_CACHE_MAX``), shared with the route's RowBuilder.
 
-    Columns whose getter carries an inline expression (``getter.fast``) are
-    inlined; the others are called. Several times faster than calling one
+    Columns whose kind has an inline expression (``ColumnRead.expr``,
+    routes/kinds.py) are inlined; the others' getters are called. Several times faster than calling one
     closure per column. Errors raise RowError exactly like the getters do.
     """
     env: dict[str, Any] = {
@@ -64,7 +65,7 @@ def _generate_converter(
     }
     exprs = []
     for i, c in enumerate(columns):
-        fast = getattr(c.getter, "fast", None)
+        fast = c.read.expr()
         if fast is None:
             env[f"_g{i}"] = c.getter
             exprs.append(f"_g{i}(m, lv, o)")

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 from ingestd.errors import ConfigError
 from ingestd.ingest.lookups import LookupCache
 from ingestd.ingest.pgtypes import canonical_type
+from ingestd.ingest.routes.kinds import Required
 from ingestd.ingest.routes.model import Column, CompiledConfig, IndexDef, Route, TableSpec
-from ingestd.ingest.routes.sources import _normalize_column, _required, _RouteBuilder
+from ingestd.ingest.routes.sources import _normalize_column, _RouteBuilder
 from ingestd.ingest.routes.templates import _template_checker, parse_template, validate_filter
 
 if TYPE_CHECKING:
@@ -219,9 +220,9 @@ def compile_route(
     for idx, (cname, spec) in enumerate(rc.columns.items()):
         ckey = f"{key}.columns.{cname}"
         _check_ident(cname, ckey, "column")
-        pgtype, getter, required = b.column(idx, cname, spec, ckey)
+        pgtype, read, required = b.column(idx, cname, spec, ckey)
         src = spec if isinstance(spec, str) else (spec.source or "const")
-        columns.append(Column(cname, pgtype, src, getter, required))
+        columns.append(Column(cname, pgtype, src, read, required))
     b.finish(columns)
     key_cols: tuple[str, ...] = tuple(rc.key)
     if rc.kind == "latest":
@@ -242,7 +243,7 @@ def compile_route(
         raise ConfigError("only 'latest' routes have a key", key=f"{key}.key")
     for c in columns:
         if c.required:
-            c.getter = _required(c.getter, c.name)
+            c.read = Required(c.read, c.name)
     return Route(
         index=index,
         name=rc.name,

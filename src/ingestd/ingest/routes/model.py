@@ -15,6 +15,7 @@ from ingestd.ingest.routes.errors import RowError
 if TYPE_CHECKING:
     from ingestd._message import Message
     from ingestd.ingest.lookups import LookupCache
+    from ingestd.ingest.routes.kinds import ColumnRead
 
 Getter = Callable[["Message", "list[str] | None", Any], Any]
 
@@ -26,8 +27,13 @@ class Column:
     name: str
     pgtype: str  # canonical
     source: str  # the source as written ("const" for constants)
-    getter: Getter
+    read: ColumnRead  # its kind: getter, inline expression, RowBuilder op (routes/kinds.py)
     required: bool = False
+
+    @property
+    def getter(self) -> Getter:
+        """``getter(message, levels, payload_obj) -> value``: the reference per-column read."""
+        return self.read.getter
 
 
 @dataclass(slots=True)

@@ -1,4 +1,6 @@
-"""Column sources: what a column reads (topic, payload path, metadata, lookup) and its getter."""
+"""Column sources: which kind of read (:mod:`.kinds`) a source spec is, checked against
+the route (template placeholders, lookups), and the route's payload decoder (a
+Struct generated from the payload paths its columns read)."""
 
 from __future__ import annotations
 
@@ -9,18 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ingestd._copy import fromtimestamp_utc
 from ingestd.errors import ConfigError
 from ingestd.ingest.pgtypes import TYPE_ALIASES, canonical_type
 from ingestd.ingest.routes.errors import LookupMiss, RowError, SkipRow
+from ingestd.ingest.routes.kinds import (
+    ColumnRead,
+    Constant,
+    PayloadField,
+    ReceivedAt,
+    TopicLevel,
+    TopicName,
+)
 from ingestd.ingest.routes.model import Column, Getter
 from ingestd.ingest.routes.templates import Template
 from ingestd.ingest.routes.values import (
-    UTC,
     _decode_type,
     _post_decode,
-    _to_text,
-    _type_name,
     string_converter,
     value_converter,
 )
@@ -116,8 +122,8 @@ class _RouteBuilder:
         self.root = _PayloadNode()
         self.uses_payload_paths = False
         self.whole_payload_json = False
-        # column index -> callable(payload_obj) -> converted value, set by finish()
-        self.payload_getters: dict[int, Callable[[Any], Any]] = {}
+        # column index -> its payload read, set by finish()
+        self.payload_reads: dict[int, PayloadField] = {}
         self.pending_payload: list[tuple[int, list[str | int], str, str]] = []
         self.decoder: msgspec.json.Decoder[Any] | None = None
 
@@ -125,8 +131,8 @@ class _RouteBuilder:
 
     def column(
         self, idx: int, name: str, spec: str | ColumnSpec, key: str
-    ) -> tuple[str, Getter, bool]:
-        """-> (canonical type, getter, required). Payload getters are bound in finish()."""
+    ) -> tuple[str, ColumnRead, bool]:
+        """-> (canonical type, read, required). Payload reads are bound in finish()."""
         source, typ, unit, const, required = _normalize_column(spec, key)
         pgtype: str | None = None
         if typ is not None:
@@ -142,12 +148,12 @@ class _RouteBuilder:
                 value = value_converter(pgtype, unit)(const)
             except RowError as e:
                 raise ConfigError(f"constant {const!r}: {e}", key=key) from None
-            return pgtype, _constant(value), required
+            return pgtype, Constant(value), required
         return self._source(idx, source, pgtype, unit, key, required)
 
     def _source(
         self, idx: int, source: str, pgtype: str | None, unit: str, key: str, required: bool
-    ) -> tuple[str, Getter, bool]:
+    ) -> tuple[str, ColumnRead, bool]:
         if source in _SIMPLE_SOURCES:
             pgtype = pgtype or _SIMPLE_SOURCES[source]
             return pgtype, self._simple(source, pgtype, unit), required
@@ -165,7 +171,7 @@ class _RouteBuilder:
                 raise ConfigError("bytea columns can only take the whole payload", key=key)
             self.uses_payload_paths = True
             self.pending_payload.append((idx, path, pgtype, unit))
-            return pgtype, _unbound, required
+            return pgtype, ColumnRead(_unbound), required
         if source.startswith("user_property."):
             prop = source[len("user_property.") :]
             if not prop:
@@ -181,7 +187,7 @@ class _RouteBuilder:
                             return conv(v)
                 return None
 
-            return pgtype, get_user_property, required
+            return pgtype, ColumnRead(get_user_property), required
         if source.startswith("lookup."):
             return self._lookup(source, pgtype, key, required)
         raise ConfigError(
@@ -191,35 +197,29 @@ class _RouteBuilder:
             key=key,
         )
 
-    def _simple(self, source: str, pgtype: str, unit: str) -> Getter:
+    def _simple(self, source: str, pgtype: str, unit: str) -> ColumnRead:
         if source == "received_at":
             if pgtype == "timestamptz":
-                fromts = fromtimestamp_utc
-                return _fast(
-                    lambda m, lv, o: fromts(m.received_at, UTC),
-                    "_fromts(m.received_at, _UTC)",
-                    op=("received_ts",),
-                )
+                return ReceivedAt()
             conv = value_converter(pgtype, unit)
-            return lambda m, lv, o: conv(m.received_at)
+            return ColumnRead(lambda m, lv, o: conv(m.received_at))
         if source == "qos":
             vconv = value_converter(pgtype, unit)
-            return lambda m, lv, o: vconv(m.qos)
+            return ColumnRead(lambda m, lv, o: vconv(m.qos))
         if source == "retain":
             vconv = value_converter(pgtype, unit)
-            return lambda m, lv, o: vconv(m.retain)
+            return ColumnRead(lambda m, lv, o: vconv(m.retain))
         sconv = string_converter(pgtype, unit)
         if source == "topic":
             if pgtype == "text":
-                # MQTT topic names cannot contain U+0000 [MQTT-4.7.3-2]: no check needed.
-                return _fast(lambda m, lv, o: m.topic, "m.topic", op=("topic",))
-            return lambda m, lv, o: sconv(m.topic)
+                return TopicName()
+            return ColumnRead(lambda m, lv, o: sconv(m.topic))
         if source == "client_id":
-            return lambda m, lv, o: sconv(m.client_id)
+            return ColumnRead(lambda m, lv, o: sconv(m.client_id))
         # username may be None
-        return lambda m, lv, o: None if m.username is None else sconv(m.username)
+        return ColumnRead(lambda m, lv, o: None if m.username is None else sconv(m.username))
 
-    def _topic(self, source: str, pgtype: str, unit: str, key: str) -> tuple[str, Getter]:
+    def _topic(self, source: str, pgtype: str, unit: str, key: str) -> tuple[str, ColumnRead]:
         self.needs_levels = True
         conv = string_converter(pgtype, unit)
         if source.startswith("topic["):
@@ -239,7 +239,7 @@ class _RouteBuilder:
                 except IndexError:
                     raise RowError(f"topic has no level {i}") from None
 
-            return pgtype, get_level
+            return pgtype, ColumnRead(get_level)
         name = source[len("topic.") :]
         pos = self.tpl.places.get(name)
         if pos is None:
@@ -257,21 +257,13 @@ class _RouteBuilder:
                     raise RowError(f"topic has no level for {{{name}#}}")
                 return conv("/".join(part))
 
-            return pgtype, get_multi
-        p = pos
-        if pgtype == "text":
-            # A topic level is a str without NUL already.
-            return pgtype, _fast(lambda msg, lv, o: lv[p], f"lv[{p}]", op=("level", p))
-        return pgtype, _fast(
-            lambda msg, lv, o: conv(lv[p]),
-            f"{{conv}}(lv[{p}])",
-            op=("level_conv", p, conv),
-            conv=conv,
-        )
+            return pgtype, ColumnRead(get_multi)
+        # A topic level is a str without NUL already: text needs no converter.
+        return pgtype, TopicLevel(pos, None if pgtype == "text" else conv)
 
-    def _whole_payload(self, pgtype: str, unit: str) -> Getter:
+    def _whole_payload(self, pgtype: str, unit: str) -> ColumnRead:
         if pgtype == "bytea":
-            return lambda m, lv, o: m.payload
+            return ColumnRead(lambda m, lv, o: m.payload)
         if pgtype == "jsonb":
             self.whole_payload_json = True
 
@@ -288,7 +280,7 @@ class _RouteBuilder:
                     raise RowError("payload contains \\u0000, which jsonb cannot store")
                 return None if s.strip() == "null" else s
 
-            return get_json
+            return ColumnRead(get_json)
         sconv = string_converter(pgtype, unit) if pgtype == "text" else None
         jconv = value_converter(pgtype, unit)
         dec = msgspec.json.Decoder()
@@ -312,11 +304,11 @@ class _RouteBuilder:
                     raise RowError("payload is not UTF-8") from None
             return None if v is None else jconv(v)
 
-        return get_scalar
+        return ColumnRead(get_scalar)
 
     def _lookup(
         self, source: str, pgtype: str | None, key: str, required: bool
-    ) -> tuple[str, Getter, bool]:
+    ) -> tuple[str, ColumnRead, bool]:
         parts = source.split(".")
         if len(parts) != 3:
             raise ConfigError(
@@ -358,7 +350,7 @@ class _RouteBuilder:
                 raise RowError(f"lookup {lk.name!r}: no row in {lk.table} for key {k!r}")
             return row[vi]
 
-        return vtype, get_lookup, required
+        return vtype, ColumnRead(get_lookup), required
 
     def _lookup_key_getters(self, lk: LookupCache, key: str) -> list[Getter]:
         out: list[Getter] = []
@@ -366,7 +358,7 @@ class _RouteBuilder:
             spec = lk.key_specs[col]
             src, _t, unit, const, _r = _normalize_column(spec, key)
             if src is None:
-                out.append(_constant(value_converter(ktype, unit)(const)))
+                out.append(Constant(value_converter(ktype, unit)(const)).getter)
                 continue
             if src.startswith("payload") or src.startswith("lookup."):
                 # Payload keys would need the route's decoder; keep lookups on metadata.
@@ -375,10 +367,10 @@ class _RouteBuilder:
                     "(use topic, client_id, username, user_property or a constant)",
                     key=key,
                 )
-            _pt, g, _req = self._source(
+            _pt, read, _req = self._source(
                 -1, src, ktype, unit, f"{key} (lookup {lk.name} key {col})", False
             )
-            out.append(g)
+            out.append(read.getter)
         return out
 
     # -- payload decoder ---------------------------------------------------
@@ -411,21 +403,21 @@ class _RouteBuilder:
             if node is not self.root and not mixed and node.leaves and len(leaf_types) == 1:
                 t = next(iter(leaf_types))
                 for ci, _t in node.leaves:
-                    bind(ci, accessor, [], _post_decode(t, units[ci]), True)
+                    bind(ci, accessor, [], _post_decode(t, units[ci]))
                 return _decode_type(t)
             if mixed or (node is self.root and (node.leaves or node.tails)):
                 # Decode this subtree fully and walk it in Python.
                 for ci, _t in node.leaves:
-                    bind(ci, accessor, [], value_converter(types[ci], units[ci]), False)
+                    bind(ci, accessor, [], value_converter(types[ci], units[ci]))
                 for ci, rest in node.tails:
-                    bind(ci, accessor, rest, value_converter(types[ci], units[ci]), False)
+                    bind(ci, accessor, rest, value_converter(types[ci], units[ci]))
                 for k, child in node.children.items():
                     for ci, rest in _collect(child, [k]):
-                        bind(ci, accessor, rest, value_converter(types[ci], units[ci]), False)
+                        bind(ci, accessor, rest, value_converter(types[ci], units[ci]))
                 return Any
             if node.leaves:  # several leaf types at one path: decode as Any
                 for ci, _t in node.leaves:
-                    bind(ci, accessor, [], value_converter(types[ci], units[ci]), False)
+                    bind(ci, accessor, [], value_converter(types[ci], units[ci]))
                 return Any
             fields = []
             rename = {}
@@ -449,20 +441,13 @@ class _RouteBuilder:
             attrs: list[str],
             rest: list[str | int],
             conv: Callable[[Any], Any] | None,
-            typed: bool,
         ) -> None:
-            self.payload_getters[ci] = _payload_getter(attrs, rest, conv, typed)
+            self.payload_reads[ci] = PayloadField(attrs, rest, conv)
 
         root_type = build(self.root, [])
         self.decoder = msgspec.json.Decoder(root_type, strict=False)
-        for idx in self.payload_getters:
-            getter = self.payload_getters[idx]
-            col = columns[idx]
-            col.getter = _with_obj(getter)
-            fast = getattr(getter, "fast", None)
-            if fast is not None:
-                col.getter.fast = fast  # type: ignore[attr-defined]
-                col.getter.op = getter.op  # type: ignore[attr-defined]
+        for idx, read in self.payload_reads.items():
+            columns[idx].read = read
 
 
 def _collect(node: _PayloadNode, prefix: list[str | int]) -> list[tuple[int, list[str | int]]]:
@@ -473,110 +458,5 @@ def _collect(node: _PayloadNode, prefix: list[str | int]) -> list[tuple[int, lis
     return out
 
 
-def _constant(value: Any) -> Getter:
-    return _fast(lambda m, lv, o: value, "{v}", op=("const", value), v=value)
-
-
-def _fast(getter: Any, expr: str, op: tuple[Any, ...] | None = None, **env: Any) -> Any:
-    """Attach an inline expression equivalent to ``getter`` for the generated converter.
-
-    ``expr`` reads ``m`` (message), ``lv`` (topic levels), ``o`` (decoded
-    payload); ``{name}`` placeholders refer to objects in ``env``. ``op``: the
-    same as an operation of the compiled :class:`ingestd._rows.RowBuilder`
-    (``(kind, arg...)``, see :func:`_row_ops`).
-    """
-    getter.fast = (expr, env)
-    if op is not None:
-        getter.op = op
-    return getter
-
-
 def _unbound(m: Message, lv: Any, o: Any) -> Any:  # pragma: no cover - replaced in finish()
     raise AssertionError("payload getter not bound")
-
-
-def _with_obj(f: Callable[[Any], Any]) -> Getter:
-    return lambda m, lv, o: f(o)
-
-
-def _payload_getter(
-    attrs: list[str], rest: list[str | int], conv: Callable[[Any], Any] | None, typed: bool
-) -> Callable[[Any], Any]:
-    """Read ``obj.f1.f2`` (Struct fields) then ``[k][0]...`` (decoded JSON), then convert."""
-    attrs_t = tuple(attrs)
-    rest_t = tuple(rest)
-    fast: tuple[str, dict[str, Any]] | None = None
-    op: tuple[Any, ...] | None = None
-    if len(attrs_t) == 1 and not rest_t:
-        if conv is None:
-            fast = (f"o.{attrs_t[0]}", {})
-            op = ("attr", attrs_t[0])
-        else:
-            inline = getattr(conv, "inline", "{conv}(_v)")
-            fast = (f"(None if (_v := o.{attrs_t[0]}) is None else ({inline}))", {"conv": conv})
-            if conv is _to_text:
-                op = ("attr_text", attrs_t[0], conv)
-            elif hasattr(conv, "ts_div"):
-                div = conv.ts_div
-                op = ("attr_ts", attrs_t[0], conv, None if div == 1 else div)
-            else:
-                op = ("attr_conv", attrs_t[0], conv)
-
-    def get(obj: Any) -> Any:
-        v = obj
-        for a in attrs_t:
-            v = getattr(v, a)
-            if v is None:
-                return None
-        for step in rest_t:
-            # Missing or null: NULL. Something other than the array or object the path
-            # steps into: an error, as msgspec reports it for the typed part of a path
-            # (docs/ingest.md), so a column does not depend on what other columns read.
-            if type(step) is int:
-                if type(v) is not list:
-                    raise RowError(f"expected an array at [{step}], got {_type_name(v)}")
-                try:
-                    v = v[step]
-                except IndexError:
-                    return None
-            else:
-                if type(v) is not dict:
-                    raise RowError(f"expected an object at {step!r}, got {_type_name(v)}")
-                v = v.get(step)
-            if v is None:
-                return None
-        return v if conv is None else conv(v)
-
-    if fast is not None:
-        get.fast = fast  # type: ignore[attr-defined]
-        get.op = op  # type: ignore[attr-defined]
-    return get
-
-
-def _required(g: Getter, name: str) -> Getter:
-    def get(m: Message, lv: Any, o: Any) -> Any:
-        v = g(m, lv, o)
-        if v is None:
-            raise RowError(f"column {name}: no value (required)")
-        return v
-
-    inner = getattr(g, "fast", None)
-    if inner is not None:
-        # Outer reference to the inner expression: rename its placeholders.
-        expr, env = inner
-        env2 = {f"r_{k}": v for k, v in env.items()}
-        for k in env:
-            expr = expr.replace("{" + k + "}", "{r_" + k + "}")
-        get.fast = (  # type: ignore[attr-defined]
-            f"(_w if (_w := {expr}) is not None else {{missing}}({name!r}))",
-            {**env2, "missing": _missing},
-        )
-        op = getattr(g, "op", None)
-        if op is not None:
-            get.op = op  # type: ignore[attr-defined]
-            get.op_required = True  # type: ignore[attr-defined]
-    return get
-
-
-def _missing(name: str) -> Any:
-    raise RowError(f"column {name}: no value (required)")
