@@ -46,7 +46,7 @@ from ingestd.metrics import Histogram, batch_rows_histogram, copy_seconds_histog
 
 if TYPE_CHECKING:
     from ingestd.broker.hooks import ClientInfo
-    from ingestd.broker.message import Message
+    from ingestd._message import Message
     from ingestd.config import Config
 
 log = logging.getLogger("ingestd.ingest")
