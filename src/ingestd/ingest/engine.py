@@ -45,8 +45,8 @@ from ingestd.ingest.writing import Group, Writer, decode_groups, encode_groups
 from ingestd.metrics import Histogram, batch_rows_histogram, copy_seconds_histogram
 
 if TYPE_CHECKING:
-    from ingestd.broker.hooks import ClientInfo
     from ingestd._message import Message
+    from ingestd.broker.hooks import ClientInfo
     from ingestd.config import Config
 
 log = logging.getLogger("ingestd.ingest")
