@@ -148,6 +148,7 @@ class IngestEngine:
             )
         self._touch = config.presence.enabled and config.presence.touch_on_publish
         self.writer: Writer | None = None
+        self.lookups = LookupLoader(list(self.compiled.lookups.values()), self.stats)
         self._last_warning = -WARN_EVERY_S
 
     # ------------------------------------------------------------------
@@ -170,8 +171,7 @@ class IngestEngine:
             await ensure_schema(pool, cfg, self.compiled)
             self._copy_sem = asyncio.Semaphore(cfg.ingest.max_concurrent_copies)
             self.writer = Writer(pool, cfg.ingest.dead_letter_table)
-            self.lookups = LookupLoader(list(self.compiled.lookups.values()), pool, self.stats)
-            await self.lookups.load_all()
+            await self.lookups.load_all(pool)
             if self.presence is not None and cfg.presence.reset_on_start:
                 n = await self.presence.reset(pool)
                 if n:

@@ -66,20 +66,20 @@ class ReloadCounter(Protocol):
 class LookupLoader:
     """Loads the lookups from PostgreSQL: at start, every ``refresh_s``, and after misses."""
 
-    def __init__(
-        self, lookups: list[LookupCache], pool: asyncpg.Pool, stats: ReloadCounter
-    ) -> None:
+    def __init__(self, lookups: list[LookupCache], stats: ReloadCounter) -> None:
         self._lookups = lookups
-        self._pool = pool
+        self._pool: asyncpg.Pool | None = None
         self._stats = stats
         self._reloads: dict[str, asyncio.Future[None]] = {}
 
-    async def load_all(self) -> None:
-        """Load every lookup (start-up; errors propagate)."""
+    async def load_all(self, pool: asyncpg.Pool) -> None:
+        """Load every lookup from ``pool`` (start-up; errors propagate); later loads use it too."""
+        self._pool = pool
         for lk in self._lookups:
             await self._load(lk)
 
     async def _load(self, lk: LookupCache) -> None:
+        assert self._pool is not None, "load_all() first"
         rows = await self._pool.fetch(lk.select_sql())
         lk.replace([tuple(r) for r in rows])
         lk.loaded_at = time.monotonic()
