@@ -15,7 +15,7 @@ Measured, each into the same (truncated) ``telemetry`` table, same run:
               payload, build the tuple, COPY per batch;
 * ``engine``  Message objects handed to the route sink exactly as the broker
               does (after-commit acks), until every future resolved;
-* ``engine/asyncpg-enc`` the same with ``batcher.USE_COPY_ENCODER = False``:
+* ``engine/asyncpg-enc`` the same with ``writing.USE_COPY_ENCODER = False``:
               rows encoded by asyncpg's ``copy_records_to_table`` instead of
               ``ingestd._copy.CopyEncoder`` (the before/after of that change).
 
@@ -44,7 +44,7 @@ import msgspec
 from ingestd.broker.message import Message
 from ingestd.config import load_config
 from ingestd.db import EmbeddedPostgres
-from ingestd.ingest import batcher
+from ingestd.ingest import writing
 from ingestd.ingest.engine import IngestEngine
 
 CONFIG = """
@@ -286,11 +286,11 @@ async def main() -> None:
             rate, stall = await bench_engine(cfg, dsn, msgs)
             results["engine"].append(rate)
             stalls.append(stall)
-            batcher.USE_COPY_ENCODER = False
+            writing.USE_COPY_ENCODER = False
             try:
                 rate, _stall = await bench_engine(cfg, dsn, msgs)
             finally:
-                batcher.USE_COPY_ENCODER = True
+                writing.USE_COPY_ENCODER = True
             results["engine/asyncpg-enc"].append(rate)
         best = {k: max(v) for k, v in results.items()}
         med = {k: statistics.median(v) for k, v in results.items()}
@@ -315,7 +315,7 @@ async def run_upsert(cfg: Any, dsn: str, args: argparse.Namespace) -> None:
     print(f"latest table upserts: {args.rows} messages over 500 keys (batches of {args.batch})")
     msgs = make_messages(args.rows, kind="status")
     for method in ("unnest", "temp-table", "executemany"):
-        batcher.UPSERT_METHOD = method
+        writing.UPSERT_METHOD = method
         rates = []
         for _ in range(args.repeat):
             rate, _stall = await bench_engine(cfg, dsn, msgs, table="machine_status")
@@ -325,7 +325,7 @@ async def run_upsert(cfg: Any, dsn: str, args: argparse.Namespace) -> None:
     msgs = make_messages(args.rows, kind="status", machines=args.rows)
     print(f"latest table upserts: {args.rows} messages, all distinct keys")
     for method in ("unnest", "temp-table", "executemany"):
-        batcher.UPSERT_METHOD = method
+        writing.UPSERT_METHOD = method
         rates = []
         for _ in range(args.repeat):
             rate, _stall = await bench_engine(cfg, dsn, msgs, table="machine_status")

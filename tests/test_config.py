@@ -39,6 +39,16 @@ def write(tmp_path: Path, text: str) -> str:
     return str(p)
 
 
+def load_checked(path: str) -> Config:
+    """What `ingestd config check` does: read the file, then compile its routes
+    (load_config checks structure and types; compiling validates routes and tables)."""
+    from ingestd.ingest.routes import compile_config
+
+    cfg = load_config(path, env={})
+    compile_config(cfg, path)
+    return cfg
+
+
 def test_defaults_without_file() -> None:
     cfg = load_config(None, env={})
     assert cfg == Config()
@@ -164,7 +174,7 @@ def test_file_errors_name_file_key_and_reason(
 ) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as ei:
-        load_config(path, env={})
+        load_checked(path)
     msg = str(ei.value)
     assert msg.startswith(f"{path}: {key}: "), msg
     assert reason in msg
@@ -178,7 +188,7 @@ def test_route_index_in_error_path(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"routes\[2\]\.columns\.ts2\.unit: Invalid enum value 'hours'"
     ):
-        load_config(write(tmp_path, text), env={})
+        load_checked(write(tmp_path, text))
 
 
 def test_duplicate_tables_must_agree(tmp_path: Path) -> None:
@@ -197,19 +207,19 @@ table = "t"
         base
         + 'columns = { id = "topic.id", v = "payload.v::double precision", w = "payload.w::text" }\n'
     )
-    load_config(write(tmp_path, ok), env={})
+    load_checked(write(tmp_path, ok))
     bad = base + 'columns = { id = "topic.id", v = "payload.v::bigint" }\n'
     with pytest.raises(
         ConfigError,
         match=r"routes\[1\]\.columns\.v: column t\.v is bigint here but double precision at routes\[0\]",
     ):
-        load_config(write(tmp_path, bad), env={})
+        load_checked(write(tmp_path, bad))
     bad_kind = base + 'kind = "latest"\nkey = ["id"]\ncolumns = { id = "topic.id" }\n'
     with pytest.raises(ConfigError, match=r"routes\[1\]: table 't' is 'latest' here but 'append'"):
-        load_config(write(tmp_path, bad_kind), env={})
+        load_checked(write(tmp_path, bad_kind))
     dup_name = base.replace('name = "b"', 'name = "a"') + 'columns = { id = "topic.id" }\n'
     with pytest.raises(ConfigError, match="duplicate route name"):
-        load_config(write(tmp_path, dup_name), env={})
+        load_checked(write(tmp_path, dup_name))
 
 
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
@@ -248,7 +258,7 @@ def test_dump_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_load_and_round_trip(path: Path, tmp_path: Path) -> None:
-    cfg = load_config(str(path), env={})
+    cfg = load_checked(str(path))
     assert cfg.routes or path.name == "ingestd.example.toml"
     p = tmp_path / "dumped.toml"
     p.write_text(dump_config(cfg))
@@ -283,3 +293,16 @@ def test_dump_round_trips_any_string_and_number(text: str, number: float) -> Non
     )
     back = msgspec.convert(tomllib.loads(dump_config(cfg)), Config, strict=True)
     assert back == cfg
+
+
+def test_load_config_does_not_import_ingest() -> None:
+    """Reading a configuration needs nothing of the ingest side (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ingestd.config import load_config; load_config(None, env={}); "
+        "bad = [m for m in sys.modules if m.startswith(('ingestd.ingest', 'ingestd.cli'))]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ingestd._copy import TYPE_CODES, CopyEncoder, fromtimestamp_utc, supports
 
-from ingestd.ingest.routes import SQL_TYPE
+from ingestd.ingest.pgtypes import SQL_TYPE
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 HEADER = SIGNATURE + struct.pack("!ii", 0, 0)

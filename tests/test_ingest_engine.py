@@ -16,7 +16,7 @@ import pytest
 from ingestd.broker.hooks import ClientInfo
 from ingestd.config import Config
 from ingestd.errors import DatabaseError
-from ingestd.ingest import batcher
+from ingestd.ingest import writing
 from ingestd.ingest.engine import IngestEngine
 from pg_fixtures import config_from_toml, fetch, publish
 
@@ -202,7 +202,7 @@ updated_at = "received_at"
 def test_latest_keeps_the_last_state(
     pg_dsn: str, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(batcher, "UPSERT_METHOD", method)
+    monkeypatch.setattr(writing, "UPSERT_METHOD", method)
     cfg = config_from_toml(
         STATUS, tmp_path, pg_dsn, ingest={"batch_rows": 1000, "flush_interval_ms": 10_000}
     )

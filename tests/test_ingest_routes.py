@@ -329,7 +329,7 @@ def test_route_config_errors(columns: dict[str, Any], kw: dict[str, Any], error:
 
 
 def test_topic_levels_cache_is_bounded_and_exact() -> None:
-    from ingestd.ingest import routes as routes_mod
+    from ingestd.ingest.routes import codegen as routes_mod
 
     r = route({"id": "topic.id", "v": "payload.v::bigint"})
     cache = r._fast.__globals__["_lvc"]
@@ -354,7 +354,7 @@ _json_scalars = st.one_of(
 def test_text_column_inline_path_matches_to_text(value: Any) -> None:
     import msgspec
 
-    from ingestd.ingest.routes import _to_text
+    from ingestd.ingest.routes.values import _to_text
 
     payload = msgspec.json.encode({"x": value})
     decoded = msgspec.json.decode(payload)["x"]

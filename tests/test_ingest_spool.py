@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.ingest.batcher import Group, decode_groups, encode_groups
 from ingestd.ingest.spool import Spool, SpoolFull
+from ingestd.ingest.writing import Group, decode_groups, encode_groups
 
 
 def drain(sp: Spool) -> list[bytes]:

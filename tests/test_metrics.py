@@ -297,7 +297,7 @@ def test_private_registry_and_process_metrics() -> None:
 
 
 def _codec() -> str:
-    from ingestd.cli import codec_implementation
+    from ingestd.build_info import codec_implementation
 
     return codec_implementation()
 

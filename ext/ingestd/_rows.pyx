@@ -1,7 +1,7 @@
 # Building the rows of an ingest batch, compiled.
 #
 # A route's row for one message is defined by its generated Python converter
-# (ingestd.ingest.routes._generate_converter: decode the payload with the
+# (ingestd.ingest.routes.codegen: decode the payload with the
 # route's msgspec decoder, then one expression per column). After the inbound
 # fast path, running that converter was the largest share of the broker's CPU
 # at ingest rates; the expressions themselves (not the msgspec decode) were
@@ -27,40 +27,18 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
-from ingestd._message cimport Message
-
 import datetime as _dt
 
 from ingestd._copy import fromtimestamp_utc as _fromts
 
 cdef object _UTC = _dt.timezone.utc
 
-cdef enum:
-    OP_PY = 0            # arg0: getter(m, lv, o)
-    OP_ATTR = 1          # arg0: field name; value as decoded
-    OP_ATTR_TEXT = 2     # arg0: name, arg1: conv (_to_text)
-    OP_ATTR_TS = 3       # arg0: name, arg1: conv (to_ts), arg2: divisor (None: seconds)
-    OP_ATTR_CONV = 4     # arg0: name, arg1: conv
-    OP_LEVEL = 5         # arg0: index
-    OP_LEVEL_CONV = 6    # arg0: index, arg1: conv
-    OP_TOPIC = 7
-    OP_RECEIVED_TS = 8
-    OP_CONST = 9         # arg0: value
-
 
 @cython.final
 cdef class RowBuilder:
-    """The rows of a list of messages for one route (see the module comment)."""
+    """The rows of a list of messages for one route (see the module comment).
 
-    cdef object _decode          # the route decoder's decode, or None
-    cdef object _check           # the topic template check(lv), or None
-    cdef bint _levels            # the topic's levels are needed
-    cdef dict _lvc               # topic -> its split levels
-    cdef Py_ssize_t _lvc_max
-    cdef Py_ssize_t _n
-    cdef int* _ops
-    cdef bint* _required
-    cdef list _a0, _a1, _a2
+    Fields and the operation codes are declared in _rows.pxd."""
 
     def __cinit__(self):
         self._ops = NULL

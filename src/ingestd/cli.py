@@ -10,17 +10,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ingestd import __version__
+from ingestd.build_info import codec_implementation
 
 if TYPE_CHECKING:
     from ingestd.config import Config
-
-
-def codec_implementation() -> str:
-    """Which packet codec is loaded: 'cython' when the compiled extension is in use."""
-    from ingestd import _codec
-
-    path = getattr(_codec, "__file__", "") or ""
-    return "cython" if path.endswith((".so", ".pyd")) else "python"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,6 +96,10 @@ def serve(
         overrides["server"]["log_level"] = log_level
     try:
         cfg: Config = load_config(config_path, overrides=overrides)
+        # Routes, lookups and tables are validated by compiling them.
+        from ingestd.ingest.routes import compile_config
+
+        compile_config(cfg, config_path)
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -137,9 +134,10 @@ def config_check(path: str) -> None:
     """Validate PATH without starting anything; exit 2 with file, key and reason if invalid."""
     from ingestd.config import load_config
     from ingestd.errors import ConfigError
+    from ingestd.ingest.routes import compile_config
 
     try:
-        load_config(path)
+        compile_config(load_config(path), path)
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -212,8 +210,9 @@ def db_init(
 
     try:
         cfg = _db_config(config_path, dsn, data_dir)
+        compiled = compile_config(cfg, config_path)
         if print_only:
-            click.echo(schema_sql(cfg, compile_config(cfg)))
+            click.echo(schema_sql(cfg, compiled))
             return
         click.echo(f"database: {_describe_db(cfg)}")
         for stmt in asyncio.run(init_database(cfg)):

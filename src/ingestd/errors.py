@@ -42,6 +42,7 @@ class ConfigError(IngestdError):
         super().__init__(where + message)
         self.path = path
         self.key = key
+        self.reason = message
 
 
 class DatabaseError(IngestdError):

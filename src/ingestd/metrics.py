@@ -489,7 +489,7 @@ class IngestdCollector(Collector):
 
 def _codec_implementation() -> str:
     try:
-        from ingestd.cli import codec_implementation
+        from ingestd.build_info import codec_implementation
 
         return codec_implementation()
     except Exception:

@@ -1,5 +1,10 @@
 """``ingestd tune``: check the host's limits and measure PostgreSQL's COPY rate.
 
+(Over 600 lines on purpose: one command whose parts, host checks, the COPY
+measurement, the recommendation and the TOML edit, are each a short pipeline
+stage read top to bottom and used nowhere else; split, they would be four
+modules with one caller.)
+
 System checks (read from ``/proc/sys`` and ``getrlimit``):
 
 * open-file limit (``RLIMIT_NOFILE``) against the connections wanted: every

@@ -24,7 +24,6 @@ from aiohttp import web
 
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.message import Message
-from ingestd.errors import ConfigError
 from ingestd.http.app import TOKEN_INDEX, ApiError
 from ingestd.protocol import Prop
 

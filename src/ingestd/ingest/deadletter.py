@@ -23,7 +23,7 @@ import msgspec
 from ingestd.ingest.schema import DEAD_LETTER_COLUMNS
 
 if TYPE_CHECKING:
-    from ingestd.broker.message import Message
+    from ingestd._message import Message
 
 COLUMNS: tuple[str, ...] = tuple(DEAD_LETTER_COLUMNS)
 TYPES: tuple[str, ...] = tuple(DEAD_LETTER_COLUMNS.values())

@@ -34,23 +34,19 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd.db import Database
 from ingestd.errors import DatabaseError
-from ingestd.ingest.batcher import (
-    Group,
-    TableBatcher,
-    Writer,
-    convert_entries,
-    decode_groups,
-    encode_groups,
-)
+from ingestd.ingest.batching import PendingRows, TableBatcher
+from ingestd.ingest.conversion import convert_entries
+from ingestd.ingest.lookups import LookupLoader
 from ingestd.ingest.presence import Presence
-from ingestd.ingest.routes import CompiledConfig, LookupCache, Route, compile_config
+from ingestd.ingest.routes import CompiledConfig, Route, compile_config
 from ingestd.ingest.schema import ensure_schema
 from ingestd.ingest.spool import Spool, SpoolFull
+from ingestd.ingest.writing import Group, Writer, decode_groups, encode_groups
 from ingestd.metrics import Histogram, batch_rows_histogram, copy_seconds_histogram
 
 if TYPE_CHECKING:
+    from ingestd._message import Message
     from ingestd.broker.hooks import ClientInfo
-    from ingestd.broker.message import Message
     from ingestd.config import Config
 
 log = logging.getLogger("ingestd.ingest")
@@ -131,11 +127,8 @@ class IngestEngine:
         self._owns_database = database is None
         self.stats = IngestStats()
         ing = config.ingest
-        self._max_pending = ing.max_pending_rows
-        # Resume publishers once pending rows fall to 3/4 of the bound (hysteresis,
-        # so the broker does not flap between pausing and resuming).
-        self._low_water = max(0, (ing.max_pending_rows * 3) // 4)
-        self._pending = 0
+        # Rows the batchers took and no batch has committed or spooled yet.
+        self.pending = PendingRows(ing.max_pending_rows)
         self._retry_initial = ing.retry_initial_ms / 1000
         self._retry_max = ing.retry_max_ms / 1000
         self._spool_after = ing.spool_after_ms / 1000
@@ -155,7 +148,7 @@ class IngestEngine:
             )
         self._touch = config.presence.enabled and config.presence.touch_on_publish
         self.writer: Writer | None = None
-        self._lookup_reloads: dict[str, asyncio.Future[None]] = {}
+        self.lookups = LookupLoader(list(self.compiled.lookups.values()), self.stats)
         self._last_warning = -WARN_EVERY_S
 
     # ------------------------------------------------------------------
@@ -169,8 +162,6 @@ class IngestEngine:
         Raises DatabaseError when PostgreSQL cannot be reached or a table does not fit.
         """
         loop = asyncio.get_running_loop()
-        self._resume = asyncio.Event()
-        self._resume.set()
         self._stop_event = asyncio.Event()
         cfg = self.config
         if self.database is None:
@@ -180,8 +171,7 @@ class IngestEngine:
             await ensure_schema(pool, cfg, self.compiled)
             self._copy_sem = asyncio.Semaphore(cfg.ingest.max_concurrent_copies)
             self.writer = Writer(pool, cfg.ingest.dead_letter_table)
-            for lk in self.compiled.lookups.values():
-                await self._load_lookup(lk)
+            await self.lookups.load_all(pool)
             if self.presence is not None and cfg.presence.reset_on_start:
                 n = await self.presence.reset(pool)
                 if n:
@@ -201,7 +191,14 @@ class IngestEngine:
         for table, routes in by_table.items():
             spec = self.compiled.tables[table]
             self._batchers[table] = TableBatcher(
-                self, spec, routes, cfg.ingest.batch_rows, interval
+                spec,
+                routes,
+                cfg.ingest.batch_rows,
+                interval,
+                max_concurrent_copies=cfg.ingest.max_concurrent_copies,
+                pending=self.pending,
+                process=self._process_batch,
+                track=self._track,
             )
         for route in self.compiled.routes:
             b = self._batchers[route.table]
@@ -210,7 +207,7 @@ class IngestEngine:
         if self.presence is not None:
             self._bg.append(loop.create_task(self.presence.run(pool, self._retry_max)))
         if self.compiled.lookups:
-            self._bg.append(loop.create_task(self._refresh_lookups()))
+            self._bg.append(loop.create_task(self.lookups.refresh_forever()))
         if not self.spool.empty:
             self._spool_active = True
             self._start_replay()
@@ -286,24 +283,16 @@ class IngestEngine:
     @property
     def saturated(self) -> bool:
         """True while rows not yet committed/spooled are at ``max_pending_rows`` or more."""
-        return self._pending >= self._max_pending
+        p = self.pending
+        return p.count >= p.bound
 
     @property
     def pending_rows(self) -> int:
-        return self._pending
+        return self.pending.count
 
     async def wait_not_saturated(self) -> None:
         """Return once pending rows have fallen to 3/4 of the bound (immediately if not saturated)."""
-        if self._pending < self._max_pending:
-            return
-        while self._pending > self._low_water:
-            self._resume.clear()
-            await self._resume.wait()
-
-    def _release(self, n: int) -> None:
-        self._pending -= n
-        if self._pending <= self._low_water:
-            self._resume.set()
+        await self.pending.wait_not_saturated()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -330,7 +319,11 @@ class IngestEngine:
                 await asyncio.wait([prev])
             self.stats.messages_received += n
             conv = await convert_entries(
-                msgs, routes, batcher.kind, self.config.ingest.dead_letter_table, self
+                msgs,
+                routes,
+                batcher.kind,
+                self.config.ingest.dead_letter_table,
+                self.lookups.reload_on_miss,
             )
             if self._touch and self.presence is not None:
                 touch = self.presence.touch
@@ -351,7 +344,7 @@ class IngestEngine:
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
-            self._release(n)
+            self.pending.release(n)
 
     async def _persist(self, groups: list[Group], origins: list[Any] | None) -> bool:
         """Commit or spool one batch. False only if neither was possible before stop()."""
@@ -482,53 +475,6 @@ class IngestEngine:
             self.stats.rows_replayed += _data_rows(groups) - dead
             self.stats.dead_letters += dead
             self.stats.batches_replayed += 1
-
-    # ------------------------------------------------------------------
-    # lookups
-    # ------------------------------------------------------------------
-
-    async def _load_lookup(self, lk: LookupCache) -> None:
-        assert self.database is not None
-        rows = await self.database.pool.fetch(lk.select_sql())
-        lk.replace([tuple(r) for r in rows])
-        lk.loaded_at = time.monotonic()
-        self.stats.lookup_reloads += 1
-
-    async def reload_lookup_on_miss(self, lk: LookupCache) -> None:
-        """Reload a lookup after a miss, at most every ``miss_refresh_s``; errors are logged."""
-        running = self._lookup_reloads.get(lk.name)
-        if running is not None and not running.done():
-            # Another batch triggered a reload: its result is what we need.
-            await asyncio.shield(running)
-            return
-        now = time.monotonic()
-        if lk.miss_reloaded_at and now - lk.miss_reloaded_at < lk.miss_refresh_s:
-            return
-        lk.miss_reloaded_at = now
-        task = asyncio.ensure_future(self._reload_logged(lk))
-        self._lookup_reloads[lk.name] = task
-        await asyncio.shield(task)
-
-    async def _reload_logged(self, lk: LookupCache) -> None:
-        try:
-            await self._load_lookup(lk)
-        except Exception as e:
-            # Keep the stale cache; the miss applies on_miss.
-            log.warning("lookup %s: reload failed: %s", lk.name, e)
-
-    async def _refresh_lookups(self) -> None:
-        lookups = list(self.compiled.lookups.values())
-        tick = min(lk.refresh_s for lk in lookups)
-        while True:
-            await asyncio.sleep(min(tick, 5.0))
-            now = time.monotonic()
-            for lk in lookups:
-                if now - lk.loaded_at >= lk.refresh_s:
-                    try:
-                        await self._load_lookup(lk)
-                    except Exception as e:
-                        lk.loaded_at = now  # retry at the next period
-                        log.warning("lookup %s: refresh failed: %s", lk.name, e)
 
 
 def _data_rows(groups: list[Group]) -> int:

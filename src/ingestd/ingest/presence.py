@@ -28,7 +28,7 @@ import datetime as _dt
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ingestd.ingest.routes import quote_ident
+from ingestd.ingest.pgtypes import quote_ident
 from ingestd.ingest.schema import PRESENCE_COLUMNS
 
 if TYPE_CHECKING:
@@ -154,6 +154,6 @@ class Presence:
 
 
 def _sql(t: str) -> str:
-    from ingestd.ingest.routes import SQL_TYPE
+    from ingestd.ingest.pgtypes import SQL_TYPE
 
     return SQL_TYPE[t]

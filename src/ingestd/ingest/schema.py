@@ -16,7 +16,8 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from ingestd.errors import DatabaseError
-from ingestd.ingest.routes import SQL_TYPE, CompiledConfig, IndexDef, TableSpec, quote_ident
+from ingestd.ingest.pgtypes import SQL_TYPE, quote_ident
+from ingestd.ingest.routes import CompiledConfig, IndexDef, TableSpec
 
 if TYPE_CHECKING:
     import asyncpg

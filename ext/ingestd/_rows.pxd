@@ -1,0 +1,36 @@
+# Declarations for ingestd._rows: a route's rows for a chunk of messages (see _rows.pyx).
+
+cimport cython
+
+from ingestd._message cimport Message
+
+
+# RowBuilder operations: one per column kind the builder does itself (the
+# names in KINDS, _rows.pyx, are what ingestd.ingest.routes passes).
+cdef enum:
+    OP_PY = 0            # arg0: getter(m, lv, o)
+    OP_ATTR = 1          # arg0: field name; value as decoded
+    OP_ATTR_TEXT = 2     # arg0: name, arg1: conv (_to_text)
+    OP_ATTR_TS = 3       # arg0: name, arg1: conv (to_ts), arg2: divisor (None: seconds)
+    OP_ATTR_CONV = 4     # arg0: name, arg1: conv
+    OP_LEVEL = 5         # arg0: index
+    OP_LEVEL_CONV = 6    # arg0: index, arg1: conv
+    OP_TOPIC = 7
+    OP_RECEIVED_TS = 8
+    OP_CONST = 9         # arg0: value
+
+
+@cython.final
+cdef class RowBuilder:
+    cdef object _decode          # the route decoder's decode, or None
+    cdef object _check           # the topic template check(lv), or None
+    cdef bint _levels            # the topic's levels are needed
+    cdef dict _lvc               # topic -> its split levels
+    cdef Py_ssize_t _lvc_max
+    cdef Py_ssize_t _n           # columns
+    cdef int* _ops               # per column: its OP_*
+    cdef bint* _required         # per column: None is an error
+    cdef list _a0, _a1, _a2      # per column: the operation's arguments
+
+    # One message's row; raises (anything) when it needs the per-message path.
+    cdef tuple _row(self, Message m)

@@ -1,0 +1,257 @@
+"""The configuration as msgspec Structs, with every default in one place."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Listeners and process-level settings."""
+
+    # TCP listeners, "HOST:PORT" ("[::1]:1883" for IPv6).
+    listen: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0:1883"])
+    # MQTT over TLS listeners; need tls_certfile and tls_keyfile.
+    tls_listen: list[str] = msgspec.field(default_factory=list)
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_cafile: str | None = None  # client certificates are required when set
+    # MQTT over WebSocket listeners (subprotocol "mqtt", any path).
+    ws_listen: list[str] = msgspec.field(default_factory=list)
+    # Prometheus /metrics, /healthz, /readyz.
+    http_listen: str | None = "127.0.0.1:8080"
+    data_dir: str = "./ingestd-data"
+    log_level: str = "info"
+    # Seconds granted to flush and close sessions on SIGTERM/SIGINT.
+    shutdown_timeout: float = 10.0
+
+
+class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The JSON API on server.http_listen: bearer tokens (required beyond loopback)."""
+
+    tokens: list[str] = msgspec.field(default_factory=list)
+
+
+class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Protocol limits. Every bound on memory the broker keeps is here."""
+
+    # Largest packet accepted from a client (bytes, whole packet); v5 clients are told.
+    max_packet_size: int = 1_048_576
+    # Keepalive ceiling; a client asking more (or 0) is told this as Server Keep Alive (v5).
+    max_keepalive: int = 65_535
+    # Inbound QoS 1/2 publishes a client may have unacknowledged (our Receive Maximum).
+    receive_maximum: int = 1_024
+    # Outbound QoS 1/2 deliveries in flight per connection (further capped by the client's Receive Maximum).
+    max_inflight: int = 256
+    # Topic aliases a v5 client may use towards us (0 disables).
+    topic_alias_maximum: int = 64
+    # Per-connection outbound buffer bound (bytes written but not yet drained by the socket);
+    # past it QoS 0 deliveries are dropped and counted, QoS 1/2 wait in the session queue.
+    max_outbound_bytes: int = 1_048_576
+    # Per-session queue of QoS 1/2 messages waiting for a free inflight slot or for the
+    # client to come back; past it the oldest is dropped and counted.
+    max_queued_messages: int = 10_000
+    max_queued_bytes: int = 16_777_216
+    # Ceiling on the Session Expiry Interval a v5 client may ask for (seconds).
+    max_session_expiry: int = 7 * 24 * 3600
+    # Session expiry for 3.1.1 clients with clean session 0 (seconds).
+    persistent_session_expiry: int = 7 * 24 * 3600
+    retain_available: bool = True
+    max_retained_messages: int = 1_000_000
+    allow_anonymous: bool = True
+    # "user:password" lines, passwords hashed as written by `ingestd passwd` (optional).
+    password_file: str | None = None
+    # Seconds a new TCP connection may take to send CONNECT.
+    connect_timeout: float = 10.0
+    # Empty client ids get an assigned id with this prefix.
+    assigned_id_prefix: str = "auto-"
+
+
+# --------------------------------------------------------------------------
+# Ingestion side
+# --------------------------------------------------------------------------
+
+AckMode = Literal["after-commit", "on-receipt"]
+
+
+class DatabaseConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where rows go. An empty DSN starts an embedded PostgreSQL in ``<data_dir>/pg``."""
+
+    dsn: str = ""
+    # asyncpg pool size (connections). COPYs in flight are further capped by
+    # ingest.max_concurrent_copies; the rest serve presence, lookups and replay.
+    pool_size: int = 4
+    # Seconds to open one connection before the attempt counts as failed.
+    connect_timeout: float = 10.0
+    # Seconds one statement (a COPY of a whole batch) may take before it is
+    # abandoned and retried; guards against a half-dead server hanging a flush.
+    command_timeout: float = 60.0
+
+
+class IngestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Batching, durability and back-pressure of the ingestion pipeline."""
+
+    # "after-commit": a QoS 1/2 PUBLISH is acknowledged once its row is committed
+    # (or fsync'd to the spool). "on-receipt": acknowledged at once (faster, may lose
+    # the last batch on a crash). Routes may override it.
+    ack: AckMode = "after-commit"
+    # A table's batch is flushed when it holds this many rows...
+    batch_rows: int = 5000
+    # ...or this long after its first row arrived, whichever comes first.
+    flush_interval_ms: float = 50.0
+    # Rows received but not yet committed/spooled, over all tables. Past it the
+    # engine reports `saturated` and the broker stops reading from publishers.
+    max_pending_rows: int = 100_000
+    # COPY statements in flight at once (each holds one pooled connection).
+    max_concurrent_copies: int = 2
+    # PUBLISHes whose topics only ingest routes take are handed to the batches a
+    # read at a time by compiled code (docs/architecture.md, "Inbound fast path").
+    # false: every PUBLISH goes through the per-message path (to compare, or to
+    # rule the fast path out when chasing a problem); the result is the same.
+    fast_path: bool = True
+    # Retry backoff for a failing write: starts here, doubles up to retry_max_ms.
+    retry_initial_ms: float = 100.0
+    retry_max_ms: float = 5000.0
+    # A batch that has kept failing this long is appended to the local spool
+    # (<data_dir>/spool) instead, and replayed in order once PostgreSQL is back.
+    spool_after_ms: float = 5000.0
+    # Bound on the spool's size on disk; when full, batches stay in memory and
+    # back-pressure (saturation) holds publishers.
+    spool_max_bytes: int = 1_073_741_824
+    # Undecodable/unconvertible messages land here (never stops the pipeline).
+    dead_letter_table: str = "dead_letters"
+
+
+class PresenceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Device presence: one row per client id, updated on connect/disconnect."""
+
+    enabled: bool = True
+    table: str = "device_presence"
+    # Presence changes are merged in memory (last state per client wins) and
+    # upserted in one statement this often.
+    flush_interval_ms: float = 200.0
+    # Also refresh last_seen from the messages a client publishes to ingest routes.
+    touch_on_publish: bool = True
+    # At startup, mark rows still "online" from a previous run offline
+    # (disconnect_reason "server_restart"). Turn off when several ingestd
+    # processes share one presence table.
+    reset_on_start: bool = True
+
+
+class PersistenceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Retained messages and persistent sessions kept in PostgreSQL across restarts."""
+
+    enabled: bool = True
+    # Write-behind period for retained/session changes (what a crash can lose at most).
+    flush_interval_ms: float = 100.0
+    # Journal persistent sessions' QoS 1/2 deliveries until they complete, so a crash
+    # does not lose them. It writes only what is still undelivered after a flush
+    # interval (a slow or offline subscriber); off: they are saved at a graceful stop only.
+    session_journal: bool = True
+    # Acknowledge a QoS 1/2 PUBLISH that reaches a persistent session only once the
+    # journal holding its delivery is committed (as ack = "after-commit" does for
+    # ingest routes): a crash then loses no acknowledged message, at the cost of up
+    # to flush_interval_ms more publish->ack latency for such messages. Needs
+    # session_journal. Off: acknowledged once queued in memory (written behind).
+    ack_after_journal: bool = False
+
+
+class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """One column of a route's table and where its value comes from.
+
+    ``source`` grammar (see docs/ingest.md): ``topic``, ``topic.<placeholder>``,
+    ``topic[<index>]``, ``payload``, ``payload.<path>``, ``received_at``,
+    ``client_id``, ``username``, ``qos``, ``retain``, ``user_property.<name>``,
+    ``lookup.<lookup name>.<column>``. A constant is written ``value = ...``
+    with no source.
+    """
+
+    source: str | None = None
+    type: str | None = None
+    # Unit of numeric timestamps (timestamptz columns): seconds, ms, us, ns.
+    unit: Literal["s", "ms", "us", "ns"] | None = None
+    # Constant value (no source).
+    value: Any = None
+    # A message without a value for this column is a dead letter instead of a NULL.
+    required: bool = False
+
+
+class IndexSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """An index ingestd creates with the table (``CREATE INDEX IF NOT EXISTS``)."""
+
+    columns: list[str]
+    unique: bool = False
+    method: Literal["btree", "brin", "hash", "gin"] = "btree"
+    name: str | None = None
+
+
+class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One topic template mapped to one table."""
+
+    name: str
+    # Topic template: MQTT levels, "{name}" captures one level, "{name#}" one or more.
+    topic: str
+    table: str
+    # "append": one row per message. "latest": one row per key, upserted.
+    kind: Literal["append", "latest"] = "append"
+    # Key columns of a "latest" table (its primary key).
+    key: list[str] = msgspec.field(default_factory=list)
+    # Per-route override of ingest.ack.
+    ack: AckMode | None = None
+    # Subscription filters to use instead of the one derived from the template
+    # (needed to narrow a template that has a multi-level placeholder).
+    filter: list[str] | None = None
+    columns: dict[str, str | ColumnSpec]
+    indexes: list[list[str] | IndexSpec] = msgspec.field(default_factory=list)
+
+
+class LookupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A mapping table read into memory and consulted by ``lookup.<name>.<column>`` sources.
+
+    ``key`` maps the lookup table's key columns to sources evaluated in the
+    context of the route using the lookup (e.g. ``topic.socket_suffix``);
+    ``columns`` lists the value columns and their types.
+    """
+
+    name: str
+    table: str
+    key: dict[str, str | ColumnSpec]
+    columns: dict[str, str]
+    # Whole-table reload period (seconds).
+    refresh_s: float = 60.0
+    # On a miss, reload at most this often (seconds) before giving up on the row;
+    # 0 reloads on every miss.
+    miss_refresh_s: float = 5.0
+    # What a row whose key is not in the table becomes.
+    on_miss: Literal["dead-letter", "null", "skip"] = "dead-letter"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration of one ingestd process."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    presence: PresenceConfig = msgspec.field(default_factory=PresenceConfig)
+    persistence: PersistenceConfig = msgspec.field(default_factory=PersistenceConfig)
+    lookups: list[LookupConfig] = msgspec.field(default_factory=list)
+    routes: list[RouteConfig] = msgspec.field(default_factory=list)
+
+
+# Sections that take INGESTD_<SECTION>__<KEY> environment overrides.
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "server": ServerConfig,
+    "http": HttpConfig,
+    "mqtt": MqttConfig,
+    "database": DatabaseConfig,
+    "ingest": IngestConfig,
+    "presence": PresenceConfig,
+    "persistence": PersistenceConfig,
+}
+
+ENV_PREFIX = "INGESTD_"
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

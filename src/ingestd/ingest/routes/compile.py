@@ -1,0 +1,260 @@
+"""Whole-config compilation: lookups, routes and their tables (compile_config, compile_route)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from ingestd.errors import ConfigError
+from ingestd.ingest.lookups import LookupCache
+from ingestd.ingest.pgtypes import canonical_type
+from ingestd.ingest.routes.kinds import Required
+from ingestd.ingest.routes.model import Column, CompiledConfig, IndexDef, Route, TableSpec
+from ingestd.ingest.routes.sources import _normalize_column, _RouteBuilder
+from ingestd.ingest.routes.templates import _template_checker, parse_template, validate_filter
+
+if TYPE_CHECKING:
+    from ingestd.config import Config, IndexSpec, LookupConfig, RouteConfig
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
+
+
+def _check_ident(name: str, key: str, what: str) -> None:
+    if not _IDENT.match(name):
+        raise ConfigError(
+            f"{what} {name!r} must be a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 chars)",
+            key=key,
+        )
+
+
+def _index_defs(
+    specs: list[list[str] | IndexSpec], key: str, columns: dict[str, str]
+) -> list[IndexDef]:
+    out = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, list):
+            d = IndexDef(tuple(spec))
+        else:
+            d = IndexDef(tuple(spec.columns), spec.unique, spec.method, spec.name)
+            if spec.name is not None:
+                _check_ident(spec.name, f"{key}[{i}].name", "index name")
+        if not d.columns:
+            raise ConfigError("an index needs at least one column", key=f"{key}[{i}]")
+        for c in d.columns:
+            if c not in columns:
+                raise ConfigError(
+                    f"index column {c!r} is not a column of the route", key=f"{key}[{i}]"
+                )
+        out.append(d)
+    return out
+
+
+def _merge_table(tables: dict[str, TableSpec], spec: TableSpec, key: str) -> None:
+    """Add a table definition; a table defined twice must agree (kind, key, column types)."""
+    old = tables.get(spec.name)
+    if old is None:
+        tables[spec.name] = spec
+        return
+    if old.kind != spec.kind:
+        raise ConfigError(
+            f"table {spec.name!r} is {spec.kind!r} here but {old.kind!r} at {old.origin}", key=key
+        )
+    if old.key != spec.key:
+        raise ConfigError(
+            f"table {spec.name!r} has key {list(spec.key)} here but {list(old.key)} at {old.origin}",
+            key=key,
+        )
+    for c, t in spec.columns.items():
+        ot = old.columns.get(c)
+        if ot is None:
+            old.columns[c] = t
+        elif ot != t:
+            raise ConfigError(
+                f"column {spec.name}.{c} is {t} here but {ot} at {old.origin}",
+                key=f"{key}.columns.{c}",
+            )
+    have = {(i.columns, i.unique, i.method) for i in old.indexes}
+    for i in spec.indexes:
+        if (i.columns, i.unique, i.method) not in have:
+            old.indexes.append(i)
+
+
+def compile_config(cfg: Config, path: str | None = None) -> CompiledConfig:
+    """Compile lookups, routes and tables; raises ConfigError with the key path of any mistake.
+
+    This is the validation of routes, lookups and tables (``load_config`` checks
+    structure and types only). ``path``: the file ``cfg`` was read from, named
+    in the error.
+    """
+    try:
+        return _compile_config(cfg)
+    except ConfigError as e:
+        if path is None or e.path is not None:
+            raise
+        raise ConfigError(e.reason, path=path, key=e.key) from None
+
+
+def _compile_config(cfg: Config) -> CompiledConfig:
+    lookups: dict[str, LookupCache] = {}
+    tables: dict[str, TableSpec] = {}
+    for li, lc in enumerate(cfg.lookups):
+        lookups_key = f"lookups[{li}]"
+        lk = _compile_lookup(lc, lookups_key)
+        if lk.name in lookups:
+            raise ConfigError(f"duplicate lookup name {lk.name!r}", key=f"{lookups_key}.name")
+        lookups[lk.name] = lk
+        cols = dict(zip(lk.key_columns, lk.key_types, strict=True))
+        cols.update(zip(lk.value_columns, lk.value_types, strict=True))
+        _merge_table(
+            tables,
+            TableSpec(lk.table, "lookup", lk.key_columns, cols, [], lookups_key),
+            lookups_key,
+        )
+    routes: list[Route] = []
+    names: set[str] = set()
+    for ri, rc in enumerate(cfg.routes):
+        rkey = f"routes[{ri}]"
+        route = compile_route(ri, rc, cfg.ingest.ack, lookups, rkey)
+        if route.name in names:
+            raise ConfigError(f"duplicate route name {route.name!r}", key=f"{rkey}.name")
+        names.add(route.name)
+        cols = {c.name: c.pgtype for c in route.columns}
+        spec = TableSpec(
+            route.table,
+            route.kind,
+            route.key,
+            cols,
+            _index_defs(rc.indexes, f"{rkey}.indexes", cols),
+            rkey,
+        )
+        _merge_table(tables, spec, rkey)
+        routes.append(route)
+    reserved = {cfg.ingest.dead_letter_table: "ingest.dead_letter_table"}
+    if cfg.presence.enabled:
+        reserved[cfg.presence.table] = "presence.table"
+    for tname, what in reserved.items():
+        if not _TABLE.match(tname):
+            raise ConfigError(f"invalid table name {tname!r}", key=what)
+        if tname in tables:
+            raise ConfigError(f"table {tname!r} is also used by {tables[tname].origin}", key=what)
+    if cfg.presence.enabled and cfg.presence.table == cfg.ingest.dead_letter_table:
+        raise ConfigError("presence and dead letters need different tables", key="presence.table")
+    return CompiledConfig(routes, tables, lookups)
+
+
+def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:
+    _check_ident(lc.name, f"{key}.name", "lookup name")
+    if not _TABLE.match(lc.table):
+        raise ConfigError(f"invalid table name {lc.table!r}", key=f"{key}.table")
+    if not lc.key:
+        raise ConfigError("a lookup needs at least one key column", key=f"{key}.key")
+    if not lc.columns:
+        raise ConfigError("a lookup needs at least one value column", key=f"{key}.columns")
+    key_types = []
+    for col, spec in lc.key.items():
+        _check_ident(col, f"{key}.key.{col}", "column")
+        _src, typ, _u, _c, _r = _normalize_column(spec, f"{key}.key.{col}")
+        t = canonical_type(typ) if typ else "text"
+        if t is None:
+            raise ConfigError(f"unknown column type {typ!r}", key=f"{key}.key.{col}")
+        key_types.append(t)
+    value_types = []
+    for col, typ in lc.columns.items():
+        _check_ident(col, f"{key}.columns.{col}", "column")
+        if col in lc.key:
+            raise ConfigError(
+                f"{col!r} is both a key and a value column", key=f"{key}.columns.{col}"
+            )
+        t = canonical_type(typ)
+        if t is None:
+            raise ConfigError(f"unknown column type {typ!r}", key=f"{key}.columns.{col}")
+        value_types.append(t)
+    if not lc.refresh_s > 0:
+        raise ConfigError("must be > 0", key=f"{key}.refresh_s")
+    # 0 is allowed: reload on every miss (small mapping tables that change often).
+    if not lc.miss_refresh_s >= 0:
+        raise ConfigError("must be >= 0", key=f"{key}.miss_refresh_s")
+    return LookupCache(
+        name=lc.name,
+        table=lc.table,
+        key_columns=tuple(lc.key),
+        key_types=tuple(key_types),
+        value_columns=tuple(lc.columns),
+        value_types=tuple(value_types),
+        refresh_s=lc.refresh_s,
+        miss_refresh_s=lc.miss_refresh_s,
+        on_miss=lc.on_miss,
+        key_specs=dict(lc.key),
+    )
+
+
+def compile_route(
+    index: int, rc: RouteConfig, default_ack: str, lookups: dict[str, LookupCache], key: str
+) -> Route:
+    """Compile one route. ``key`` is its config path (``routes[2]``) for error messages."""
+    if not _ROUTE_NAME.match(rc.name):
+        raise ConfigError(f"route name {rc.name!r} must match [A-Za-z0-9_.-]+", key=f"{key}.name")
+    tpl = parse_template(rc.topic, f"{key}.topic")
+    if not _TABLE.match(rc.table):
+        raise ConfigError(f"invalid table name {rc.table!r}", key=f"{key}.table")
+    filters = [tpl.filter]
+    custom = rc.filter is not None
+    if rc.filter is not None:
+        if not rc.filter:
+            raise ConfigError("filter list is empty", key=f"{key}.filter")
+        for i, f in enumerate(rc.filter):
+            why = validate_filter(f)
+            if why:
+                raise ConfigError(f"invalid MQTT filter {f!r}: {why}", key=f"{key}.filter[{i}]")
+        filters = list(rc.filter)
+    else:
+        why = validate_filter(tpl.filter)
+        if why:  # pragma: no cover - templates are validated above
+            raise ConfigError(f"invalid MQTT filter {tpl.filter!r}: {why}", key=f"{key}.topic")
+    if not rc.columns:
+        raise ConfigError("a route needs at least one column", key=f"{key}.columns")
+    b = _RouteBuilder(key, tpl, lookups)
+    columns: list[Column] = []
+    for idx, (cname, spec) in enumerate(rc.columns.items()):
+        ckey = f"{key}.columns.{cname}"
+        _check_ident(cname, ckey, "column")
+        pgtype, read, required = b.column(idx, cname, spec, ckey)
+        src = spec if isinstance(spec, str) else (spec.source or "const")
+        columns.append(Column(cname, pgtype, src, read, required))
+    b.finish(columns)
+    key_cols: tuple[str, ...] = tuple(rc.key)
+    if rc.kind == "latest":
+        if not key_cols:
+            raise ConfigError("a 'latest' route needs key columns", key=f"{key}.key")
+        names = {c.name for c in columns}
+        for k in key_cols:
+            if k not in names:
+                raise ConfigError(
+                    f"key column {k!r} is not a column of the route", key=f"{key}.key"
+                )
+        if len(set(key_cols)) != len(key_cols):
+            raise ConfigError("duplicate key column", key=f"{key}.key")
+        for c in columns:
+            if c.name in key_cols:
+                c.required = True
+    elif key_cols:
+        raise ConfigError("only 'latest' routes have a key", key=f"{key}.key")
+    for c in columns:
+        if c.required:
+            c.read = Required(c.read, c.name)
+    return Route(
+        index=index,
+        name=rc.name,
+        template=rc.topic,
+        filters=filters,
+        table=rc.table,
+        kind=rc.kind,
+        key=key_cols,
+        ack=rc.ack or default_ack,
+        columns=columns,
+        decoder=b.decoder,
+        needs_levels=b.needs_levels,
+        check=_template_checker(tpl) if (custom or tpl.needs_check) else None,
+    )

@@ -1,0 +1,247 @@
+"""Column kinds: how a column reads its value, one class per kind.
+
+A route builds each row in three ways that must agree exactly
+(``tests/test_rows.py``, ``tests/test_ingest_routes.py``):
+
+* the **getter** ``getter(message, levels, payload_obj) -> value``: the
+  reference, used column by column on the error path (``Route.convert_slow``),
+  so it decides every RowError and names the failing column;
+* the **inline expression** the generated converter (:mod:`.codegen`) puts in
+  its one straight-line function instead of calling the getter;
+* the **RowBuilder operation** the compiled builder (``ext/ingestd/_rows.pyx``)
+  runs for a whole chunk of messages.
+
+Each kind below defines all three in one place: :meth:`ColumnRead.expr` and
+:meth:`ColumnRead.op` return None for a kind that has no inline form (the
+generated converter and the RowBuilder then call its getter, which is the
+base class, :class:`ColumnRead` itself). Adding a column kind is one class
+here (plus, only if the RowBuilder should run it natively, an ``OP_*`` in
+``_rows.pyx``/``.pxd``); :mod:`.sources` decides which kind a source spec is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ingestd._copy import fromtimestamp_utc
+from ingestd.ingest.routes.errors import RowError
+from ingestd.ingest.routes.values import UTC, _to_text, _type_name
+
+if TYPE_CHECKING:
+    from ingestd._message import Message
+    from ingestd.ingest.routes.model import Getter
+
+# An inline expression: the text (reading ``m`` message, ``lv`` topic levels,
+# ``o`` decoded payload; ``{name}`` placeholders) and the objects it names.
+Inline = tuple[str, dict[str, Any]]
+
+
+class ColumnRead:
+    """A column read through a Python getter only (no inline form).
+
+    ``getter`` is the getter itself, kept as given: the generated converter
+    and the RowBuilder call this very function per row.
+    """
+
+    __slots__ = ("getter",)
+
+    # The RowBuilder refuses a None from this column (see Required).
+    required = False
+
+    def __init__(self, getter: Getter) -> None:
+        self.getter = getter
+
+    def expr(self) -> Inline | None:
+        """The generated converter's inline expression, or None: it calls ``getter``."""
+        return None
+
+    def op(self) -> tuple[Any, ...] | None:
+        """The RowBuilder operation ``(kind, arg...)`` (kinds: ``KINDS`` in _rows.pyx),
+        or None: it calls ``getter``."""
+        return None
+
+
+class Constant(ColumnRead):
+    """A constant value (``value = ...`` in the config, or a constant lookup key)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        super().__init__(lambda m, lv, o: value)
+
+    def expr(self) -> Inline:
+        return "{v}", {"v": self.value}
+
+    def op(self) -> tuple[Any, ...]:
+        return ("const", self.value)
+
+
+class TopicName(ColumnRead):
+    """The whole topic as text. MQTT topic names cannot contain U+0000
+    [MQTT-4.7.3-2]: no check needed."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(lambda m, lv, o: m.topic)
+
+    def expr(self) -> Inline:
+        return "m.topic", {}
+
+    def op(self) -> tuple[Any, ...]:
+        return ("topic",)
+
+
+class ReceivedAt(ColumnRead):
+    """When the broker received the message, as a timestamptz."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        fromts = fromtimestamp_utc
+        super().__init__(lambda m, lv, o: fromts(m.received_at, UTC))
+
+    def expr(self) -> Inline:
+        return "_fromts(m.received_at, _UTC)", {}
+
+    def op(self) -> tuple[Any, ...]:
+        return ("received_ts",)
+
+
+class TopicLevel(ColumnRead):
+    """One topic level at a fixed position (a placeholder of the template),
+    as text (a level is a str without NUL already) or through ``conv``."""
+
+    __slots__ = ("conv", "pos")
+
+    def __init__(self, pos: int, conv: Callable[[str], Any] | None) -> None:
+        self.pos = pos
+        self.conv = conv
+        p = pos
+        if conv is None:
+            super().__init__(lambda msg, lv, o: lv[p])  # type: ignore[index]
+        else:
+            f = conv
+            super().__init__(lambda msg, lv, o: f(lv[p]))  # type: ignore[index]
+
+    def expr(self) -> Inline:
+        if self.conv is None:
+            return f"lv[{self.pos}]", {}
+        return f"{{conv}}(lv[{self.pos}])", {"conv": self.conv}
+
+    def op(self) -> tuple[Any, ...]:
+        if self.conv is None:
+            return ("level", self.pos)
+        return ("level_conv", self.pos, self.conv)
+
+
+class PayloadField(ColumnRead):
+    """A payload path: ``obj.f1.f2`` (fields of the route's decoded Struct), then
+    ``[k][0]...`` (decoded JSON walked in Python), then ``conv`` (None: the value
+    as msgspec decoded it). A path of one Struct field has inline forms."""
+
+    __slots__ = ("attrs", "conv", "rest")
+
+    def __init__(
+        self, attrs: list[str], rest: list[str | int], conv: Callable[[Any], Any] | None
+    ) -> None:
+        self.attrs = attrs_t = tuple(attrs)
+        self.rest = rest_t = tuple(rest)
+        self.conv = conv
+
+        def get(obj: Any) -> Any:
+            v = obj
+            for a in attrs_t:
+                v = getattr(v, a)
+                if v is None:
+                    return None
+            for step in rest_t:
+                # Missing or null: NULL. Something other than the array or object the path
+                # steps into: an error, as msgspec reports it for the typed part of a path
+                # (docs/ingest.md), so a column does not depend on what other columns read.
+                if type(step) is int:
+                    if type(v) is not list:
+                        raise RowError(f"expected an array at [{step}], got {_type_name(v)}")
+                    try:
+                        v = v[step]
+                    except IndexError:
+                        return None
+                else:
+                    if type(v) is not dict:
+                        raise RowError(f"expected an object at {step!r}, got {_type_name(v)}")
+                    v = v.get(step)
+                if v is None:
+                    return None
+            return v if conv is None else conv(v)
+
+        super().__init__(lambda m, lv, o: get(o))
+
+    def _simple(self) -> bool:
+        return len(self.attrs) == 1 and not self.rest
+
+    def expr(self) -> Inline | None:
+        if not self._simple():
+            return None
+        if self.conv is None:
+            return f"o.{self.attrs[0]}", {}
+        inline = getattr(self.conv, "inline", "{conv}(_v)")
+        return f"(None if (_v := o.{self.attrs[0]}) is None else ({inline}))", {"conv": self.conv}
+
+    def op(self) -> tuple[Any, ...] | None:
+        if not self._simple():
+            return None
+        name, conv = self.attrs[0], self.conv
+        if conv is None:
+            return ("attr", name)
+        if conv is _to_text:
+            return ("attr_text", name, conv)
+        div = getattr(conv, "ts_div", None)
+        if div is not None:
+            return ("attr_ts", name, conv, None if div == 1 else div)
+        return ("attr_conv", name, conv)
+
+
+class Required(ColumnRead):
+    """Any read whose None is an error: ``column <name>: no value (required)``."""
+
+    __slots__ = ("inner", "name")
+
+    required = True
+
+    def __init__(self, inner: ColumnRead, name: str) -> None:
+        self.inner = inner
+        self.name = name
+        g = inner.getter
+
+        def get(m: Message, lv: Any, o: Any) -> Any:
+            v = g(m, lv, o)
+            if v is None:
+                raise RowError(f"column {name}: no value (required)")
+            return v
+
+        super().__init__(get)
+
+    def expr(self) -> Inline | None:
+        inner = self.inner.expr()
+        if inner is None:
+            return None
+        # Outer reference to the inner expression: rename its placeholders.
+        expr, env = inner
+        env2 = {f"r_{k}": v for k, v in env.items()}
+        for k in env:
+            expr = expr.replace("{" + k + "}", "{r_" + k + "}")
+        return (
+            f"(_w if (_w := {expr}) is not None else {{missing}}({self.name!r}))",
+            {**env2, "missing": _missing},
+        )
+
+    def op(self) -> tuple[Any, ...] | None:
+        # The RowBuilder checks `required` itself (it raises; Route.convert then
+        # produces the RowError through this getter).
+        return self.inner.op()
+
+
+def _missing(name: str) -> Any:
+    raise RowError(f"column {name}: no value (required)")
