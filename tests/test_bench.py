@@ -357,7 +357,7 @@ def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None
     from ingestd._codec import PINGRESP, Decoder, Publish, encode_ack
 
     from ingestd.bench.client import BenchClient
-    from ingestd.protocol import PacketType
+    from ingestd.mqtt.constants import PacketType
 
     decoder = Decoder(server_side=False)  # it decodes PUBLISH without a CONNECT first
     decoder.protocol_version = 4

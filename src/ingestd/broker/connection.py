@@ -58,7 +58,7 @@ from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
 from ingestd.errors import ProtocolError
-from ingestd.protocol import ConnackV3, PacketType, Prop, Reason, connack_v3_code
+from ingestd.mqtt.constants import ConnackV3, PacketType, Prop, Reason, connack_v3_code
 
 if TYPE_CHECKING:
     from ingestd.broker.server import Broker

@@ -40,7 +40,7 @@ from ingestd.broker.message import Message
 from ingestd.broker.retained import RetainedStore
 from ingestd.broker.session import NEVER_EXPIRES, DeliveryJournal, Session, SubOptions
 from ingestd.config import Config
-from ingestd.protocol import Reason
+from ingestd.mqtt.constants import Reason
 
 if TYPE_CHECKING:
     from ingestd.broker.connection import MQTTConnection

@@ -53,7 +53,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from ingestd.broker.message import Message
-from ingestd.protocol import Prop
+from ingestd.mqtt.constants import Prop
 
 if TYPE_CHECKING:
     from asyncio import TimerHandle

@@ -1,7 +1,8 @@
-"""MQTT protocol constants shared by the Python layers.
+"""MQTT protocol constants: the one Python source of protocol numbers.
 
-The compiled codec (``ext/_codec.pyx``) declares the same numbers as C enums;
-``tests/test_codec_constants.py`` checks that both agree.
+Imports nothing of ingestd. The compiled code (``ext/ingestd/_codec.pxd``,
+``_inbound.pyx``) declares the same numbers as C enums;
+``tests/test_codec_constants.py`` checks that every copy agrees with this module.
 """
 
 from __future__ import annotations
