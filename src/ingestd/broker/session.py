@@ -58,10 +58,33 @@ from ingestd.mqtt.constants import Prop
 if TYPE_CHECKING:
     from asyncio import TimerHandle
 
-    from ingestd.broker.connection import MQTTConnection
     from ingestd.broker.hooks import BrokerStats
 
 NEVER_EXPIRES = 0xFFFFFFFF
+
+
+class Outbound(Protocol):
+    """Where a session's deliveries go while its client is connected (the
+    client's :class:`ingestd.broker.channel.Channel`)."""
+
+    def send_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        packet_id: int,
+        dup: bool,
+    ) -> bool:
+        """Encode and queue one PUBLISH; False if it was dropped (QoS 0 over the
+        outbound bound, or larger than the client's Maximum Packet Size)."""
+        ...
+
+    def send_pubrel(self, packet_id: int) -> None: ...
+
+    def writable(self) -> bool:
+        """False while the client's outbound bytes are over their bound."""
+        ...
 
 
 class DeliveryJournal(Protocol):
@@ -160,7 +183,8 @@ class Session:
     ) -> None:
         self.client_id = client_id
         self.stats = stats
-        self.connection: MQTTConnection | None = None
+        # The connected client's outbound side (None: offline).
+        self.connection: Outbound | None = None
         self.subscriptions: dict[str, SubOptions] = {}
         # Plain dicts keep insertion (send) order; OrderedDict would cost more per session.
         self.inflight: dict[int, Delivery] = {}
@@ -254,7 +278,7 @@ class Session:
         self.next_packet_id = pid + 1 if pid < 65_535 else 1
         return pid
 
-    def _send_new(self, conn: MQTTConnection, d: Delivery) -> None:
+    def _send_new(self, conn: Outbound, d: Delivery) -> None:
         pid = self._alloc_packet_id()
         d.packet_id = pid
         d.state = Delivery.PUBLISH_SENT
