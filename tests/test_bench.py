@@ -646,7 +646,7 @@ def ingest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[An
         )
         srv = ServerThread(cfg, database=True).start()
         try:
-            assert srv.call(lambda: srv.app.broker._sinks)  # the route is in the trie
+            assert srv.call(lambda: srv.app.broker.router.sinks)  # the route is in the trie
             yield srv, dsn
         finally:
             srv.stop()
