@@ -19,7 +19,7 @@
 # connection's alias map and removed from the properties, a Message Expiry
 # Interval becomes the Message's expires_at; an alias _on_publish would
 # refuse leaves the packet to it. Everything else, and the packet that breaks a
-# run, goes through MQTTConnection._on_publish as before. The result is the
+# run, goes through Channel._on_publish as before. The result is the
 # same as the per-message path: the same Messages reach the same batchers in
 # the same order (per table), the same acks leave in arrival order.
 

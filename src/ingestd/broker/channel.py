@@ -34,6 +34,11 @@ Fast path: a run of PUBLISH packets whose topics only ingest routes take (QoS
 instead of ``_on_publish`` per packet (see ext/ingestd/_inbound.pyx for the
 exact conditions); the first packet that does not qualify, and everything
 after it that does not, goes through ``_on_publish``.
+
+Length: this file is over 600 lines because it is one state machine: every
+packet handler reads and changes the same per-client state (state, session,
+aliases, will, inbound acks), and keeping the transitions side by side is
+what makes them reviewable against the specification.
 """
 
 from __future__ import annotations
