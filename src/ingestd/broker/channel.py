@@ -7,8 +7,9 @@ transport (``feed``) go to a sans-IO :class:`ingestd._codec.Decoder`; each
 decoded packet is dispatched to an ``_on_<packet>`` method. Replies leave
 through the channel's :class:`Port` (the transport: TCP/TLS
 ``ingestd.transport.tcp.StreamConnection``, or the WebSocket framing around
-it), so a test drives a Channel with bytes and a recording port alone. The first packet must be
-CONNECT (the decoder enforces it) and must arrive within ``connect_timeout``.
+it), so a test drives a Channel with bytes and a recording port alone
+(``tests/test_channel.py``). The first packet must be CONNECT (the decoder
+enforces it) and must arrive within ``connect_timeout``.
 
 Any :class:`ProtocolError` (from the decoder or a session rule) closes this
 connection only: a v5 client first gets DISCONNECT (CONNACK before the session
@@ -90,7 +91,7 @@ _P_REASON_STRING = int(Prop.REASON_STRING)
 
 class Port(Protocol):
     """What a Channel writes through: its transport (implemented by
-    ``ingestd.transport.tcp.StreamConnection``; a list in tests)."""
+    ``ingestd.transport.tcp.StreamConnection``; a recording fake in tests)."""
 
     peer: str  # "host:port" of the client, for log lines
 
