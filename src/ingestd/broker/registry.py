@@ -89,7 +89,7 @@ class SessionRegistry:
             old: Channel = session.connection  # type: ignore[assignment]
             log.info("client %r taken over by %s (was %s)", client_id, conn.peer, old.peer)
             # Detach now, synchronously, keeping the session for the new connection.
-            old._close("taken_over", Reason.SESSION_TAKEN_OVER, "session taken over")
+            old.disconnect("taken_over", Reason.SESSION_TAKEN_OVER, "session taken over")
             session = self.sessions.get(client_id)
         if session is not None:
             if clean_start:
