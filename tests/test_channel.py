@@ -21,6 +21,8 @@ from ingestd.config import Config
 CONNECT_V4 = bytes.fromhex("10 0e 0004 4d515454 04 02 003c 0002 6331")
 # The same at level 5 with an empty property section (0x00) before the payload.
 CONNECT_V5 = bytes.fromhex("10 0f 0004 4d515454 05 02 003c 00 0002 6331")
+# CONNECT 3.1.1, flags 0x06 (will, clean session), client "w1", will "a/b" = "bye" at QoS 0.
+WILL_CONNECT_V4 = bytes.fromhex("10 18 0004 4d515454 04 06 003c 0002 7731 0003 612f62 0003 627965")
 # CONNECT at protocol level 6: no such version.
 CONNECT_V6 = bytes.fromhex("10 0e 0004 4d515454 06 02 003c 0002 6331")
 
@@ -267,3 +269,49 @@ def test_qos0_delivery_is_dropped_while_the_port_is_full(broker: Broker) -> None
     pub.feed(PUBLISH_Q0)
     assert sub_port.sent == []
     assert broker.stats.dropped == {"qos0_queue_full": 1}
+
+
+def test_no_connect_in_time_closes(broker: Broker) -> None:
+    ch, port = channel(broker)
+    ch._connect_timeout()  # what the connect_timeout timer calls
+    assert ch.state == CLOSED
+    assert port.closed_with == b""
+
+
+def test_keepalive_exceeded_gets_disconnect_0x8d_in_v5(broker: Broker) -> None:
+    ch, port = connected(broker, CONNECT_V5)
+    ch.last_rx -= 60 * 1.5  # silent for one and a half keepalive periods
+    ch._keepalive_check()  # what the keepalive timer calls
+    last = port.closed_with
+    assert ch.state == CLOSED and last is not None
+    assert last[0] == 0xE0 and last[2] == 0x8D
+
+
+def test_takeover_closes_the_old_channel_with_0x8e(broker: Broker) -> None:
+    old, old_port = connected(broker, CONNECT_V5)
+    new, new_port = channel(broker)
+    new.feed(CONNECT_V5)
+    assert new_port.sent == [CONNACK_V5]
+    last = old_port.closed_with
+    assert old.state == CLOSED and last is not None
+    assert last[0] == 0xE0 and last[2] == 0x8E  # Session taken over
+    assert broker.sessions["c1"].connection is new
+
+
+def test_lost_connection_publishes_the_will(broker: Broker) -> None:
+    sub, sub_port = connected(broker)
+    sub.feed(SUBSCRIBE_V4)
+    sub_port.take()
+    dev, _ = connected(broker, WILL_CONNECT_V4)
+    dev.connection_lost()  # no DISCONNECT: the will goes out
+    assert sub_port.take() == [bytes.fromhex("30 08 0003 612f62 627965")]
+
+
+def test_normal_disconnect_discards_the_will(broker: Broker) -> None:
+    sub, sub_port = connected(broker)
+    sub.feed(SUBSCRIBE_V4)
+    sub_port.take()
+    dev, _ = connected(broker, WILL_CONNECT_V4)
+    dev.feed(DISCONNECT)
+    dev.connection_lost()
+    assert sub_port.sent == []
