@@ -66,7 +66,14 @@ from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
 from ingestd.errors import ProtocolError
-from ingestd.mqtt.constants import ConnackV3, PacketType, Prop, Reason, connack_v3_code
+from ingestd.mqtt.constants import (
+    SUBACK_V3_FAILURE,
+    ConnackV3,
+    PacketType,
+    Prop,
+    Reason,
+    connack_v3_code,
+)
 
 if TYPE_CHECKING:
     from ingestd.broker.server import Broker
@@ -87,6 +94,8 @@ _P_TOPIC_ALIAS = int(Prop.TOPIC_ALIAS)
 _P_MESSAGE_EXPIRY = int(Prop.MESSAGE_EXPIRY_INTERVAL)
 _P_SUB_ID = int(Prop.SUBSCRIPTION_IDENTIFIER)
 _P_REASON_STRING = int(Prop.REASON_STRING)
+# Reason codes from 0x80 up are failures [MQTT-2.4].
+_FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
 
 
 class Port(Protocol):
@@ -342,7 +351,9 @@ class Channel:
     def _dispatch_control(self, ptype: int, packet: Any) -> None:
         if self.state == AWAIT_CONNECT:
             if ptype != PacketType.CONNECT:
-                raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]", 0x82)
+                raise ProtocolError(
+                    "first packet must be CONNECT [MQTT-3.1.0-1]", Reason.PROTOCOL_ERROR
+                )
             self._on_connect(packet)
         elif ptype == _PUBACK:
             assert self.session is not None
@@ -350,7 +361,7 @@ class Channel:
         elif ptype == _PUBREC:
             assert self.session is not None
             if self.session.on_pubrec(packet.packet_id, packet.reason_code):
-                if packet.reason_code < 0x80:
+                if packet.reason_code < _FIRST_FAILURE:
                     self.send_pubrel(packet.packet_id)
             elif self.version == 5:
                 self.send(
@@ -372,13 +383,16 @@ class Channel:
         elif ptype == PacketType.DISCONNECT:
             self._on_disconnect(packet)
         elif ptype == PacketType.CONNECT:
-            raise ProtocolError("a second CONNECT is a protocol error [MQTT-3.1.0-2]", 0x82)
+            raise ProtocolError(
+                "a second CONNECT is a protocol error [MQTT-3.1.0-2]", Reason.PROTOCOL_ERROR
+            )
         elif ptype == PacketType.AUTH:
             raise ProtocolError(
-                "AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]", 0x82
+                "AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]",
+                Reason.PROTOCOL_ERROR,
             )
         else:  # pragma: no cover - the decoder rejects server-to-client packets
-            raise ProtocolError(f"unexpected packet type {ptype}", 0x82)
+            raise ProtocolError(f"unexpected packet type {ptype}", Reason.PROTOCOL_ERROR)
 
     def _refuse_connect(self, reason_code: int, why: str) -> None:
         log.info("refusing CONNECT from %s (client %r): %s", self.peer, self.client_id, why)
@@ -502,7 +516,9 @@ class Channel:
 
     def _on_publish(self, p: Any) -> None:
         if self.state != CONNECTED:
-            raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]", 0x82)
+            raise ProtocolError(
+                "first packet must be CONNECT [MQTT-3.1.0-1]", Reason.PROTOCOL_ERROR
+            )
         topic = p.topic
         props = p.properties
         expires_at = None
@@ -614,7 +630,7 @@ class Channel:
         sub_id = ids[0] if ids else 0
         codes: list[int] = []
         retained: list[tuple[str, SubOptions]] = []
-        failure = Reason.TOPIC_FILTER_INVALID if self.version == 5 else 0x80
+        failure = Reason.TOPIC_FILTER_INVALID if self.version == 5 else SUBACK_V3_FAILURE
         for flt, qos, no_local, rap, rh in p.subscriptions:
             if not validate_topic_filter(flt):
                 codes.append(failure)
@@ -626,7 +642,7 @@ class Channel:
                     Reason.PROTOCOL_ERROR,
                 )
             if not self.broker.auth.may_subscribe(self.info, flt):
-                codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else 0x80)
+                codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else SUBACK_V3_FAILURE)
                 continue
             granted = min(qos, 2)
             opts = SubOptions(granted, no_local, rap, rh, sub_id)

@@ -53,7 +53,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from ingestd.broker.message import Message
-from ingestd.mqtt.constants import Prop
+from ingestd.mqtt.constants import Prop, Reason
 
 if TYPE_CHECKING:
     from asyncio import TimerHandle
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from ingestd.broker.hooks import BrokerStats
 
 NEVER_EXPIRES = 0xFFFFFFFF
+# Reason codes from 0x80 up are failures [MQTT-2.4].
+_FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
 
 
 class Outbound(Protocol):
@@ -334,7 +336,7 @@ class Session:
         d = self.inflight.get(packet_id)
         if d is None or d.qos != 2 or d.state != Delivery.PUBLISH_SENT:
             return d is not None and d.state == Delivery.PUBREL_SENT
-        if reason_code >= 0x80:
+        if reason_code >= _FIRST_FAILURE:
             # The receiver refused it: the flow ends here [MQTT-4.3.3].
             del self.inflight[packet_id]
             self._done(d)

@@ -122,6 +122,10 @@ class ConnackV3(IntEnum):
     NOT_AUTHORIZED = 5
 
 
+# MQTT 3.1.1 SUBACK return code for a refused subscription (section 3.9.3).
+SUBACK_V3_FAILURE = 0x80
+
+
 def connack_v3_code(reason: int) -> int:
     """Map an MQTT 5 CONNACK reason code to the closest MQTT 3.1.1 return code."""
     if reason == 0:
