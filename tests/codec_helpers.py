@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from ingestd._codec import Decoder, Pingreq, Pingresp
 
-from ingestd.protocol import PacketType as T
+from ingestd.mqtt.constants import PacketType as T
 
 # -- hand encoding of MQTT fields -------------------------------------------
 

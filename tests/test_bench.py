@@ -357,7 +357,7 @@ def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None
     from ingestd._codec import PINGRESP, Decoder, Publish, encode_ack
 
     from ingestd.bench.client import BenchClient
-    from ingestd.protocol import PacketType
+    from ingestd.mqtt.constants import PacketType
 
     decoder = Decoder(server_side=False)  # it decodes PUBLISH without a CONNECT first
     decoder.protocol_version = 4
@@ -646,7 +646,7 @@ def ingest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[An
         )
         srv = ServerThread(cfg, database=True).start()
         try:
-            assert srv.call(lambda: srv.app.broker._sinks)  # the route is in the trie
+            assert srv.call(lambda: srv.app.broker.router.sinks)  # the route is in the trie
             yield srv, dsn
         finally:
             srv.stop()

@@ -38,7 +38,7 @@ def test_stalled_subscriber_is_bounded_and_others_keep_flowing(server_factory):
         conn = b.sessions["stalled"].connection
         sess = b.sessions["stalled"]
         return (
-            conn.transport.get_write_buffer_size() + conn._out_bytes,
+            conn.port.get_write_buffer_size(),  # not yet flushed + the transport's buffer
             len(sess.queue or ()),
             len(sess.inflight),
             dict(b.stats.dropped),

@@ -29,7 +29,7 @@ from ingestd._codec import (
 )
 
 from codec_helpers import BIN, BYTE, PAIR, PROPERTIES, STR, U16, U32, VALUE_RANGES, VBI, WILL
-from ingestd.protocol import PacketType as T
+from ingestd.mqtt.constants import PacketType as T
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

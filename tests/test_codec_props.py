@@ -30,8 +30,8 @@ from codec_helpers import (
     server_decoder,
     u16,
 )
-from ingestd.protocol import PacketType as T
-from ingestd.protocol import Prop
+from ingestd.mqtt.constants import PacketType as T
+from ingestd.mqtt.constants import Prop
 
 
 def carrier(ctx: int, section: bytes):

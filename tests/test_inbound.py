@@ -1,7 +1,7 @@
 """ingestd._inbound: the ack queue and the fast path, against a per-message model.
 
 The fast path must be indistinguishable from handling each PUBLISH one by one
-(MQTTConnection._on_publish -> Broker.publish -> RouteSink.deliver): the same
+(Channel._on_publish -> Router.publish -> RouteSink.deliver): the same
 messages reach the same batchers in the same order, acks leave in arrival order
 and wait for the same futures. Here the broker side is a real SubscriptionTrie
 and the batchers are recorders; the end-to-end tests are in
@@ -249,7 +249,7 @@ def test_fast_path_equals_per_message_handling(specs, chunks):
             Publish(t, pl, q, rt, False, (k % 65535) + 1 if q else 0, dict(pr))
             for k, (t, q, rt, pr, pl) in enumerate(specs)
         ]
-        # The slow path: what MQTTConnection._on_publish + Broker.publish would do.
+        # The slow path: what Channel._on_publish + Router.publish would do.
         slow: list[int] = []
 
         def handle_slow(p: Publish) -> None:

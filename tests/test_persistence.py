@@ -199,7 +199,7 @@ def test_journal_changes_in_one_flush(pg_dsn):
 
     from ingestd.broker.message import Message
     from ingestd.broker.session import Delivery
-    from ingestd.broker_store import PgBrokerStore
+    from ingestd.broker.store import PgBrokerStore
 
     def delivery(payload: bytes) -> Delivery:
         return Delivery(Message("t/x", payload, 1), 1, False, None)
@@ -335,7 +335,7 @@ def test_durable_future_resolves_after_the_commit_and_survives_a_failed_flush(pg
 
     from ingestd.broker.message import Message
     from ingestd.broker.session import Delivery
-    from ingestd.broker_store import PgBrokerStore
+    from ingestd.broker.store import PgBrokerStore
 
     class BrokenPool:
         def acquire(self):

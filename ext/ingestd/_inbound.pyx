@@ -19,7 +19,7 @@
 # connection's alias map and removed from the properties, a Message Expiry
 # Interval becomes the Message's expires_at; an alias _on_publish would
 # refuse leaves the packet to it. Everything else, and the packet that breaks a
-# run, goes through MQTTConnection._on_publish as before. The result is the
+# run, goes through Channel._on_publish as before. The result is the
 # same as the per-message path: the same Messages reach the same batchers in
 # the same order (per table), the same acks leave in arrival order.
 
@@ -28,7 +28,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.string cimport memmove
 
-from ingestd._codec cimport Publish
+from ingestd._codec cimport (
+    PROP_MESSAGE_EXPIRY_INTERVAL as _P_MESSAGE_EXPIRY,
+    PROP_TOPIC_ALIAS as _P_TOPIC_ALIAS,
+    PT_PUBACK as _PUBACK,
+    Publish,
+)
 from ingestd._message cimport Message, new_message
 from ingestd._trie cimport SubscriptionTrie
 
@@ -40,9 +45,6 @@ cdef object _now = time.time
 cdef object _monotonic = time.monotonic
 
 cdef enum:
-    _PUBACK = 4
-    _P_MESSAGE_EXPIRY = 0x02
-    _P_TOPIC_ALIAS = 0x23
     # Topics one connection keeps the classification of (cleared when full):
     # a device publishes to a handful of topics over and over.
     CACHE_MAX = 256
@@ -50,6 +52,7 @@ cdef enum:
     _COMPACT_AT = 1024
 
 # An ack entry: packet id (16 bits) | packet type << 16 | qos << 20.
+# (The cdef classes' fields and cdef methods are declared in _inbound.pxd.)
 cdef inline unsigned int _code(int ptype, int pid, int qos) noexcept:
     return <unsigned int>pid | (<unsigned int>ptype << 16) | (<unsigned int>qos << 20)
 
@@ -72,14 +75,6 @@ cdef class BatchRun:
     durable)`` is the batcher's: it takes the run and returns the batch future
     when ``durable`` (else None).
     """
-
-    cdef object _add_run
-    cdef bint _keep_routes        # the table has several routes: keep each message's
-    cdef list _msgs
-    cdef list _routes
-    cdef bint _durable            # a message of the run must be durable before its ack
-    cdef bint _touched            # in the current run's list of runs to hand over
-    cdef object _fut              # what the last hand-over returned
 
     def __cinit__(self, add_run, bint keep_routes):
         self._add_run = add_run
@@ -105,13 +100,6 @@ cdef class IngestTarget:
     """What a topic reaches when only ingest routes subscribe to it: per route, the
     batch run of its table, the route and whether its acks wait for durability."""
 
-    cdef tuple _runs              # BatchRun per route
-    cdef tuple _routes
-    cdef tuple _durable           # bools
-    cdef Py_ssize_t _n_durable
-    cdef BatchRun _only_durable   # the one durable route's run, when _n_durable == 1
-    cdef object _gathered         # gather of the durable runs' futures, this run
-    cdef Py_ssize_t _stamp        # the run _gathered belongs to
 
     def __cinit__(self, entries):
         """``entries``: (BatchRun, route, durable) per matching route."""
@@ -149,37 +137,6 @@ cdef class Inbound:
     future) holds back the acks behind it. ``ready`` is called (as a done
     callback) when such a future completes; it then calls :meth:`release`.
     """
-
-    cdef object _ready            # conn._ack_ready: the futures' done callback
-    cdef object _send             # conn.send
-    cdef list _futs               # per ack entry: its future or None
-    cdef unsigned int* _codes     # per ack entry: _code(ptype, pid, qos)
-    cdef Py_ssize_t _cap
-    cdef Py_ssize_t _head         # first entry not yet released
-    cdef object _watch            # the future ``ready`` is already registered on
-    cdef public int pending_qos1  # QoS 1 PUBLISHes not yet acknowledged
-    cdef readonly unsigned long long taken  # PUBLISHes the fast path has handled
-
-    # fast path (enabled by attach, once the connection is CONNECTED)
-    cdef bint _enabled
-    cdef int _version
-    cdef int _receive_maximum
-    cdef int _alias_max           # our Topic Alias Maximum
-    cdef dict _aliases            # the connection's inbound alias -> topic (shared)
-    cdef SubscriptionTrie _trie
-    cdef Py_ssize_t _generation
-    cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
-    cdef dict _cache              # topic -> IngestTarget or None (created on first use)
-    cdef str _client_id
-    cdef object _username
-    cdef set _qos2                # the session's inbound_qos2
-    cdef object _stats            # the broker's BrokerStats
-    cdef Py_ssize_t _stamp
-    # Scratch lists of a run, created with the first fast PUBLISH (a connection
-    # that never sends one, e.g. an idle device, carries none of them):
-    cdef list _run_targets        # per message of the current run: its IngestTarget
-    cdef list _run_pids           # per message of the current run: packet id (0: QoS 0)
-    cdef list _touched            # BatchRuns with messages in the current run
 
     def __cinit__(self, ready, send):
         self._ready = ready

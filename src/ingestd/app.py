@@ -16,11 +16,12 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from ingestd.broker.connection import MQTTConnection
+from ingestd.broker.channel import Channel
 from ingestd.broker.server import Broker
 from ingestd.config import Config
 from ingestd.errors import ConfigError
 from ingestd.transport.addr import parse_hostport
+from ingestd.transport.tcp import StreamConnection
 
 log = logging.getLogger("ingestd")
 
@@ -52,6 +53,19 @@ def listen_error(kind: str, host: str, port: int, exc: OSError) -> OSError:
     how = f"{flag} or {key}" if flag else key
     reason = exc.strerror or str(exc)
     return OSError(exc.errno, f"cannot listen for {what} on {where}: {reason} (set by {how})")
+
+
+def _channel_factory(broker: Broker, transport_name: str) -> Any:
+    """What a transport calls with itself (the port) once its socket is up."""
+    return lambda port: Channel(broker, port, transport_name)
+
+
+def _stream(broker: Broker, transport_name: str) -> StreamConnection:
+    """A TCP/TLS listener's protocol: one socket feeding one broker Channel."""
+    new_channel = _channel_factory(broker, transport_name)
+    return StreamConnection(
+        new_channel, broker.config.mqtt.max_outbound_bytes, broker.stats, transport_name
+    )
 
 
 class App:
@@ -96,7 +110,7 @@ class App:
             broker.set_ingest(engine)
             if cfg.persistence.enabled:
                 # Retained messages and sessions come back before any client can connect.
-                from ingestd.broker_store import PgBrokerStore
+                from ingestd.broker.store import PgBrokerStore
 
                 assert engine.database is not None  # started by engine.start()
                 store = PgBrokerStore(
@@ -111,17 +125,24 @@ class App:
                 # Stopped before the engine (extras stop in reverse), while the pool is open.
                 self.extras.append(store)
         await self._start_http(broker)
+        m = cfg.mqtt
         for addr in cfg.server.listen:
-            await self._listen("mqtt", addr, lambda: MQTTConnection(broker, "tcp"))
+            await self._listen("mqtt", addr, lambda: _stream(broker, "tcp"))
         if cfg.server.tls_listen:
             ctx = self._tls_context()
             for addr in cfg.server.tls_listen:
-                await self._listen("mqtts", addr, lambda: MQTTConnection(broker, "tls"), ssl=ctx)
+                await self._listen("mqtts", addr, lambda: _stream(broker, "tls"), ssl=ctx)
         if cfg.server.ws_listen:
             from ingestd.transport.websocket import WebSocketProtocol
 
+            def ws() -> WebSocketProtocol:
+                new_channel = _channel_factory(broker, "ws")
+                return WebSocketProtocol(
+                    new_channel, m.max_packet_size, m.max_outbound_bytes, broker.stats, "ws"
+                )
+
             for addr in cfg.server.ws_listen:
-                await self._listen("ws", addr, lambda: WebSocketProtocol(broker, "ws"))
+                await self._listen("ws", addr, ws)
         # Everything built at start-up lives as long as the process: keep it out of the
         # collector's scans, and collect the young generation less often (every message
         # allocates a few objects). Measured: ~8% more msgs per broker CPU-second in

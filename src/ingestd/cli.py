@@ -300,7 +300,7 @@ def db_shell(
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
 def passwd(username: str, password: str) -> None:
     """Print a password-file line for USERNAME (append it to mqtt.password_file)."""
-    from ingestd.auth import hash_password
+    from ingestd.broker.passwords import hash_password
 
     click.echo(f"{username}:{hash_password(password)}")
 

@@ -42,7 +42,7 @@ from ingestd._codec import (
     encode_publish,
 )
 from ingestd.bench.accounting import HEADER, HEADER_SIZE, LatencySampler, SeqTracker
-from ingestd.protocol import PacketType, Prop
+from ingestd.mqtt.constants import PacketType, Prop
 
 _PUBACK = int(PacketType.PUBACK)
 _PUBREC = int(PacketType.PUBREC)

@@ -1,1 +1,1 @@
-"""The MQTT broker: connections, sessions, routing, retained messages."""
+"""The MQTT broker: channels, sessions, registry, routing, auth, retained messages, store."""

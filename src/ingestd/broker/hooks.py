@@ -1,6 +1,6 @@
 """The seams between the broker and what plugs into it (ingest, metrics, persistence).
 
-The broker owns the sockets, sessions and the subscription trie. Ingest
+The broker owns the client channels, sessions and the subscription trie. Ingest
 routes are subscribers in that same trie: the broker calls
 :meth:`MessageSink.deliver` for every message whose topic matches a sink's
 filter, once per sink per message.

@@ -53,15 +53,40 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from ingestd.broker.message import Message
-from ingestd.protocol import Prop
+from ingestd.mqtt.constants import Prop, Reason
 
 if TYPE_CHECKING:
     from asyncio import TimerHandle
 
-    from ingestd.broker.connection import MQTTConnection
     from ingestd.broker.hooks import BrokerStats
 
 NEVER_EXPIRES = 0xFFFFFFFF
+# Reason codes from 0x80 up are failures [MQTT-2.4].
+_FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
+
+
+class Outbound(Protocol):
+    """Where a session's deliveries go while its client is connected (the
+    client's :class:`ingestd.broker.channel.Channel`)."""
+
+    def send_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        packet_id: int,
+        dup: bool,
+    ) -> bool:
+        """Encode and queue one PUBLISH; False if it was dropped (QoS 0 over the
+        outbound bound, or larger than the client's Maximum Packet Size)."""
+        ...
+
+    def send_pubrel(self, packet_id: int) -> None: ...
+
+    def writable(self) -> bool:
+        """False while the client's outbound bytes are over their bound."""
+        ...
 
 
 class DeliveryJournal(Protocol):
@@ -160,7 +185,8 @@ class Session:
     ) -> None:
         self.client_id = client_id
         self.stats = stats
-        self.connection: MQTTConnection | None = None
+        # The connected client's outbound side (None: offline).
+        self.connection: Outbound | None = None
         self.subscriptions: dict[str, SubOptions] = {}
         # Plain dicts keep insertion (send) order; OrderedDict would cost more per session.
         self.inflight: dict[int, Delivery] = {}
@@ -254,7 +280,7 @@ class Session:
         self.next_packet_id = pid + 1 if pid < 65_535 else 1
         return pid
 
-    def _send_new(self, conn: MQTTConnection, d: Delivery) -> None:
+    def _send_new(self, conn: Outbound, d: Delivery) -> None:
         pid = self._alloc_packet_id()
         d.packet_id = pid
         d.state = Delivery.PUBLISH_SENT
@@ -310,7 +336,7 @@ class Session:
         d = self.inflight.get(packet_id)
         if d is None or d.qos != 2 or d.state != Delivery.PUBLISH_SENT:
             return d is not None and d.state == Delivery.PUBREL_SENT
-        if reason_code >= 0x80:
+        if reason_code >= _FIRST_FAILURE:
             # The receiver refused it: the flow ends here [MQTT-4.3.3].
             del self.inflight[packet_id]
             self._done(d)

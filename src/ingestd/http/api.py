@@ -25,7 +25,7 @@ from aiohttp import web
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.message import Message
 from ingestd.http.app import TOKEN_INDEX, ApiError
-from ingestd.protocol import Prop
+from ingestd.mqtt.constants import Prop
 
 log = logging.getLogger("ingestd.http.api")
 

@@ -1,1 +1,1 @@
-"""Network transports feeding :class:`ingestd.broker.connection.MQTTConnection`."""
+"""Network transports: sockets only (TCP, TLS, WebSocket); bytes in, bytes out to a channel."""

@@ -2,10 +2,12 @@
 
 :class:`WebSocketProtocol` is what the listener creates. It answers the HTTP
 upgrade, then feeds the payload of every binary frame to an ordinary
-:class:`MQTTConnection`, exactly as TCP does: frames and MQTT packets need not
-line up [MQTT-6.0.0-2], so bytes go to the codec as they come. The connection
-writes through :class:`_FramingTransport`, which wraps each write in one
-binary frame. Text frames close the connection [MQTT-6.0.0-1].
+:class:`~ingestd.transport.tcp.StreamConnection` (and so to its channel),
+exactly as TCP does: frames and MQTT packets need not line up [MQTT-6.0.0-2],
+so bytes go to the codec as they come. The stream writes through
+:class:`_FramingTransport`, which wraps each write in one binary frame. Text
+frames close the connection [MQTT-6.0.0-1]. Like the TCP transport it knows
+nothing of MQTT beyond that: the channel comes from the factory it is given.
 
 Bounds: the handshake may be at most 8 KiB; a frame may be at most the
 broker's max_packet_size plus 64 KiB of slack, and is refused from its header.
@@ -17,9 +19,10 @@ import asyncio
 import base64
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from ingestd.broker.connection import MQTTConnection
+from ingestd.transport.tcp import ByteCounter, ChannelLike, StreamConnection
 
 log = logging.getLogger("ingestd.transport.ws")
 
@@ -52,7 +55,7 @@ def unmask(data: bytes | bytearray, mask: bytes) -> bytes:
 
 
 class _FramingTransport:
-    """The transport an MQTTConnection sees: writes become binary frames."""
+    """The transport a StreamConnection sees: writes become binary frames."""
 
     def __init__(self, outer: WebSocketProtocol, transport: asyncio.Transport) -> None:
         self._outer = outer
@@ -92,9 +95,16 @@ class _FramingTransport:
 class WebSocketProtocol(asyncio.Protocol):
     """Server side of one WebSocket connection carrying MQTT."""
 
-    def __init__(self, broker: Any, transport_name: str = "ws") -> None:
-        self.mqtt = MQTTConnection(broker, transport_name)
-        self.max_frame = broker.config.mqtt.max_packet_size + 65536
+    def __init__(
+        self,
+        new_channel: Callable[[StreamConnection], ChannelLike],
+        max_packet_size: int,
+        max_outbound_bytes: int,
+        stats: ByteCounter,
+        transport_name: str = "ws",
+    ) -> None:
+        self.stream = StreamConnection(new_channel, max_outbound_bytes, stats, transport_name)
+        self.max_frame = max_packet_size + 65536
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._open = False
@@ -165,7 +175,7 @@ class WebSocketProtocol(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write((response + "\r\n").encode())
         self._open = True
-        self.mqtt.connection_made(_FramingTransport(self, self.transport))  # type: ignore[arg-type]
+        self.stream.connection_made(_FramingTransport(self, self.transport))  # type: ignore[arg-type]
         return True
 
     def _frames(self) -> None:
@@ -198,7 +208,7 @@ class WebSocketProtocol(asyncio.Protocol):
             del buf[: pos + 4 + n]
             if opcode in (OP_BINARY, OP_CONT):
                 if payload:
-                    self.mqtt.data_received(payload)
+                    self.stream.data_received(payload)
             elif opcode == OP_PING:
                 assert self.transport is not None
                 self.transport.write(frame(OP_PONG, payload))
@@ -216,7 +226,7 @@ class WebSocketProtocol(asyncio.Protocol):
         return None
 
     def _protocol_close(self, code: int, why: str) -> None:
-        log.info("closing websocket %s: %s", self.mqtt.peer, why)
+        log.info("closing websocket %s: %s", self.stream.peer, why)
         self._closed = True
         assert self.transport is not None
         self.transport.write(frame(OP_CLOSE, code.to_bytes(2, "big") + why.encode()[:120]))
@@ -224,10 +234,10 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._open:
-            self.mqtt.connection_lost(exc)
+            self.stream.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.mqtt.pause_writing()
+        self.stream.pause_writing()
 
     def resume_writing(self) -> None:
-        self.mqtt.resume_writing()
+        self.stream.resume_writing()

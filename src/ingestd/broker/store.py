@@ -41,7 +41,7 @@ import msgspec
 from ingestd.broker.hooks import StoredSession
 from ingestd.broker.message import Message
 from ingestd.broker.session import Delivery
-from ingestd.protocol import Prop
+from ingestd.mqtt.constants import Prop
 
 log = logging.getLogger("ingestd.store")
 

@@ -1,7 +1,8 @@
-"""MQTT protocol constants shared by the Python layers.
+"""MQTT protocol constants: the one Python source of protocol numbers.
 
-The compiled codec (``ext/_codec.pyx``) declares the same numbers as C enums;
-``tests/test_codec_constants.py`` checks that both agree.
+Imports nothing of ingestd. The compiled code (``ext/ingestd/_codec.pxd``,
+``_inbound.pyx``) declares the same numbers as C enums;
+``tests/test_codec_constants.py`` checks that every copy agrees with this module.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ class ConnackV3(IntEnum):
     SERVER_UNAVAILABLE = 3
     BAD_USER_NAME_OR_PASSWORD = 4
     NOT_AUTHORIZED = 5
+
+
+# MQTT 3.1.1 SUBACK return code for a refused subscription (section 3.9.3).
+SUBACK_V3_FAILURE = 0x80
 
 
 def connack_v3_code(reason: int) -> int:

@@ -1,23 +1,27 @@
-"""MQTTConnection: one client's network connection, as an asyncio Protocol.
+"""Channel: one client's MQTT protocol state machine, with no socket.
 
 Theory of operation
 -------------------
 States: ``AWAIT_CONNECT`` -> ``CONNECTED`` -> ``CLOSED``. Bytes from the
-transport go to a sans-IO :class:`ingestd._codec.Decoder`; each decoded
-packet is dispatched to an ``_on_<packet>`` method. The first packet must be
-CONNECT (the decoder enforces it) and must arrive within ``connect_timeout``.
+transport (``feed``) go to a sans-IO :class:`ingestd._codec.Decoder`; each
+decoded packet is dispatched to an ``_on_<packet>`` method. Replies leave
+through the channel's :class:`Port` (the transport: TCP/TLS
+``ingestd.transport.tcp.StreamConnection``, or the WebSocket framing around
+it), so a test drives a Channel with bytes and a recording port alone
+(``tests/test_channel.py``). The first packet must be CONNECT (the decoder
+enforces it) and must arrive within ``connect_timeout``.
 
 Any :class:`ProtocolError` (from the decoder or a session rule) closes this
 connection only: a v5 client first gets DISCONNECT (CONNACK before the session
 exists) carrying the error's reason code; one log line names the peer, the
 client and the rule broken.
 
-Writes: every outbound packet is appended to ``_out`` and written once per
-event-loop turn (``_flush``), so a burst of deliveries costs one ``write``.
-The transport's buffer is bounded by ``max_outbound_bytes``: above it
-``pause_writing`` marks the connection unwritable, QoS 0 deliveries are then
-dropped (counted) and QoS 1/2 wait in the session queue until
-``resume_writing`` pumps it.
+Writes: every outbound packet goes to ``port.send`` (the transport coalesces
+them into one ``write`` per event-loop turn). While ``port.writable()`` is
+False (outbound bytes over ``max_outbound_bytes``) QoS 0 deliveries are
+dropped (counted) and QoS 1/2 wait in the session queue until the transport's
+``resume_writing`` calls :meth:`Channel.resume_writing`, which pumps it. The
+channel is the session's :class:`ingestd.broker.session.Outbound`.
 
 Acknowledgements of inbound QoS 1/2 PUBLISH go through ``inbound``
 (:class:`ingestd._inbound.Inbound`, compiled) in arrival order: an ack whose
@@ -31,15 +35,19 @@ Fast path: a run of PUBLISH packets whose topics only ingest routes take (QoS
 instead of ``_on_publish`` per packet (see ext/ingestd/_inbound.pyx for the
 exact conditions); the first packet that does not qualify, and everything
 after it that does not, goes through ``_on_publish``.
+
+Length: this file is over 600 lines because it is one state machine: every
+packet handler reads and changes the same per-client state (state, session,
+aliases, will, inbound acks), and keeping the transitions side by side is
+what makes them reviewable against the specification.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ingestd._codec import (
     PINGRESP,
@@ -58,15 +66,19 @@ from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
 from ingestd.errors import ProtocolError
-from ingestd.protocol import ConnackV3, PacketType, Prop, Reason, connack_v3_code
+from ingestd.mqtt.constants import (
+    SUBACK_V3_FAILURE,
+    ConnackV3,
+    PacketType,
+    Prop,
+    Reason,
+    connack_v3_code,
+)
 
 if TYPE_CHECKING:
     from ingestd.broker.server import Broker
 
 log = logging.getLogger("ingestd.broker")
-
-# Writes are coalesced per event-loop turn, but never more than this many bytes.
-_EAGER_FLUSH_BYTES = 65_536
 
 AWAIT_CONNECT = 0
 CONNECTED = 1
@@ -81,35 +93,62 @@ _PUBCOMP = int(PacketType.PUBCOMP)
 _P_TOPIC_ALIAS = int(Prop.TOPIC_ALIAS)
 _P_MESSAGE_EXPIRY = int(Prop.MESSAGE_EXPIRY_INTERVAL)
 _P_SUB_ID = int(Prop.SUBSCRIPTION_IDENTIFIER)
+_P_REASON_STRING = int(Prop.REASON_STRING)
+# Reason codes from 0x80 up are failures [MQTT-2.4].
+_FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
 
 
-class MQTTConnection(asyncio.Protocol):
-    """One client connection (TCP, TLS or WebSocket: the transport feeds bytes the same way)."""
+class Port(Protocol):
+    """What a Channel writes through: its transport (implemented by
+    ``ingestd.transport.tcp.StreamConnection``; a recording fake in tests)."""
 
-    def __init__(self, broker: Broker, transport_name: str = "tcp") -> None:
+    peer: str  # "host:port" of the client, for log lines
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client (coalesced per event-loop turn)."""
+
+    def write_now(self, data: bytes) -> None:
+        """Write bytes ahead of anything queued (the CONNACK that refuses a client)."""
+
+    def writable(self) -> bool:
+        """False while the client's outbound bytes are over ``max_outbound_bytes``."""
+        ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self, last: bytes = b"") -> None:
+        """Write what is queued, then ``last``, and close the connection (idempotent)."""
+
+
+class Channel:
+    """One client's MQTT session protocol (TCP, TLS or WebSocket feed it the same way)."""
+
+    def __init__(self, broker: Broker, port: Port, transport_name: str = "tcp") -> None:
         self.broker = broker
         self.cfg = broker.config.mqtt
         self.stats = broker.stats
         self.loop = broker.loop
         self.transport_name = transport_name
         self.decoder = Decoder(server_side=True, max_packet_size=self.cfg.max_packet_size)
-        self.transport: Any = None  # asyncio/uvloop transport, or the WebSocket framing one
+        self.port = port
+        # The port's methods, bound once: the hot path calls them directly.
+        self.send = port.send
+        self.writable = port.writable
         self.state = AWAIT_CONNECT
         self.version = 0
         self.client_id = ""
         self.username: str | None = None
-        self.peer = "?"
+        self.peer = port.peer
         self.session: Session | None = None
         self.will: WillSpec | None = None
         self.info: ClientInfo | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
-        self._out: list[bytes] = []
-        self._out_bytes = 0
-        self._flush_scheduled = False
-        self._write_paused = False
         self._read_paused = False
+        self._publish = broker.router.publish
         # Inbound QoS 1/2 acks in arrival order, and the ingest fast path. A durability
         # future is watched once (the messages of one ingest batch share it), so one
         # callback per batch and connection releases them all.
@@ -118,27 +157,18 @@ class MQTTConnection(asyncio.Protocol):
         self._outbound_aliases: dict[str, int] = {}
         self._client_alias_max = 0
         self._client_max_packet = 0  # 0: no limit beyond the protocol's
-
-    # -- asyncio.Protocol -------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            host = peer[0]
-            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        if hasattr(transport, "set_write_buffer_limits"):
-            transport.set_write_buffer_limits(high=self.cfg.max_outbound_bytes)
         self.broker.connection_opened(self)
         self._timer = self.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
 
-    def data_received(self, data: bytes) -> None:
+    @property
+    def transport(self) -> Any:
+        """The port, under the name metrics read (``transport.get_write_buffer_size()``)."""
+        return self.port
+
+    # -- from the transport -----------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client: decode, then the fast path or one handler per packet."""
         if self.state == CLOSED:
             return
         self.last_rx = time.monotonic()
@@ -169,76 +199,34 @@ class MQTTConnection(asyncio.Protocol):
         ):
             self.pause_reading()
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self) -> None:
+        """The transport is gone (closed by either side)."""
         self._close("connection_lost")
-        self.transport = None
         self.broker.connection_gone(self)
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
     def resume_writing(self) -> None:
-        self._write_paused = False
+        """The transport drained below its bound: move queued deliveries out."""
         if self.session is not None and self.session.connection is self:
             self.session.pump()
 
     # -- flow control ---------------------------------------------------
 
-    def writable(self) -> bool:
-        """True while the outbound bytes (ours not yet flushed + the transport's) are under the bound."""
-        if self._write_paused or self.transport is None:
-            return False
-        return (
-            self._out_bytes + self.transport.get_write_buffer_size() < self.cfg.max_outbound_bytes
-        )
-
     def pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and self.state != CLOSED:
+        if not self._read_paused and self.state != CLOSED:
             self._read_paused = True
-            self.transport.pause_reading()
+            self.port.pause_reading()
             self.broker.reading_paused(self)
 
     def resume_reading(self) -> None:
         """Resume if nothing still holds this connection back."""
-        if not self._read_paused or self.state == CLOSED or self.transport is None:
+        if not self._read_paused or self.state == CLOSED:
             return
         if self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated():
             return
         self._read_paused = False
-        self.transport.resume_reading()
+        self.port.resume_reading()
 
-    # -- writing --------------------------------------------------------
-
-    def send(self, data: bytes) -> None:
-        self._out.append(data)
-        self._out_bytes += len(data)
-        if self._out_bytes >= _EAGER_FLUSH_BYTES:
-            # Enough to fill a segment train: hand it to the kernel now rather than let
-            # one loop turn's burst count against the connection's outbound bound.
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self._flush()
-
-    def _flush(self) -> None:
-        out = self._out
-        if not out:
-            return
-        self._out = []
-        n = self._out_bytes
-        self._out_bytes = 0
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        self.stats.bytes_sent += n
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+    # -- writing (the session's Outbound) ---------------------------------
 
     def send_publish(
         self,
@@ -304,19 +292,13 @@ class MQTTConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.inbound.clear()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            if reason_code is not None and self.version == 5 and was_connected:
-                props = {}
-                if reason_string:
-                    props[int(Prop.REASON_STRING)] = reason_string
-                self._out.append(encode(Disconnect(reason_code=reason_code, properties=props), 5))
-            if self._out:
-                self.stats.bytes_sent += self._out_bytes
-                transport.write(b"".join(self._out))
-            transport.close()
-        self._out = []
-        self._out_bytes = 0
+        last = b""
+        if reason_code is not None and self.version == 5 and was_connected:
+            props = {}
+            if reason_string:
+                props[_P_REASON_STRING] = reason_string
+            last = encode(Disconnect(reason_code=reason_code, properties=props), 5)
+        self.port.close(last)
         if was_connected:
             self.broker.connection_closed(self, reason)
 
@@ -329,15 +311,15 @@ class MQTTConnection(asyncio.Protocol):
             exc,
             exc.reason_code,
         )
-        if self.state == AWAIT_CONNECT and self.transport is not None:
+        if self.state == AWAIT_CONNECT:
             # Before a session exists the answer is a CONNACK [MQTT-3.2.2-?]; 3.1.1 clients
             # get one only for an unsupported protocol level (return code 1).
             if exc.reason_code == Reason.UNSUPPORTED_PROTOCOL_VERSION:
-                self.transport.write(
+                self.port.write_now(
                     encode(Connack(reason_code=ConnackV3.UNACCEPTABLE_PROTOCOL_VERSION), 4)
                 )
             elif self.decoder.protocol_version == 5:
-                self.transport.write(encode(Connack(reason_code=exc.reason_code), 5))
+                self.port.write_now(encode(Connack(reason_code=exc.reason_code), 5))
         self._close("protocol_error", exc.reason_code, str(exc))
 
     def _connect_timeout(self) -> None:
@@ -369,7 +351,9 @@ class MQTTConnection(asyncio.Protocol):
     def _dispatch_control(self, ptype: int, packet: Any) -> None:
         if self.state == AWAIT_CONNECT:
             if ptype != PacketType.CONNECT:
-                raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]", 0x82)
+                raise ProtocolError(
+                    "first packet must be CONNECT [MQTT-3.1.0-1]", Reason.PROTOCOL_ERROR
+                )
             self._on_connect(packet)
         elif ptype == _PUBACK:
             assert self.session is not None
@@ -377,7 +361,7 @@ class MQTTConnection(asyncio.Protocol):
         elif ptype == _PUBREC:
             assert self.session is not None
             if self.session.on_pubrec(packet.packet_id, packet.reason_code):
-                if packet.reason_code < 0x80:
+                if packet.reason_code < _FIRST_FAILURE:
                     self.send_pubrel(packet.packet_id)
             elif self.version == 5:
                 self.send(
@@ -399,22 +383,24 @@ class MQTTConnection(asyncio.Protocol):
         elif ptype == PacketType.DISCONNECT:
             self._on_disconnect(packet)
         elif ptype == PacketType.CONNECT:
-            raise ProtocolError("a second CONNECT is a protocol error [MQTT-3.1.0-2]", 0x82)
+            raise ProtocolError(
+                "a second CONNECT is a protocol error [MQTT-3.1.0-2]", Reason.PROTOCOL_ERROR
+            )
         elif ptype == PacketType.AUTH:
             raise ProtocolError(
-                "AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]", 0x82
+                "AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]",
+                Reason.PROTOCOL_ERROR,
             )
         else:  # pragma: no cover - the decoder rejects server-to-client packets
-            raise ProtocolError(f"unexpected packet type {ptype}", 0x82)
+            raise ProtocolError(f"unexpected packet type {ptype}", Reason.PROTOCOL_ERROR)
 
     def _refuse_connect(self, reason_code: int, why: str) -> None:
         log.info("refusing CONNECT from %s (client %r): %s", self.peer, self.client_id, why)
-        assert self.transport is not None
         if self.version == 5:
-            props = {int(Prop.REASON_STRING): why}
-            self.transport.write(encode(Connack(reason_code=reason_code, properties=props), 5))
+            props = {_P_REASON_STRING: why}
+            self.port.write_now(encode(Connack(reason_code=reason_code, properties=props), 5))
         else:
-            self.transport.write(encode(Connack(reason_code=connack_v3_code(reason_code)), 4))
+            self.port.write_now(encode(Connack(reason_code=connack_v3_code(reason_code)), 4))
         self._close("protocol_error")
 
     def _on_connect(self, p: Any) -> None:
@@ -439,8 +425,8 @@ class MQTTConnection(asyncio.Protocol):
                     Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id needs clean session"
                 )
                 return
-            assigned = self.client_id = self.broker.assign_client_id()
-        reason = self.broker.authenticate(p.username, p.password, self.peer)
+            assigned = self.client_id = self.broker.registry.assign_client_id()
+        reason = self.broker.auth.authenticate(p.username, p.password, self.peer)
         if reason:
             self._refuse_connect(reason, "bad user name or password")
             return
@@ -471,7 +457,7 @@ class MQTTConnection(asyncio.Protocol):
         self._client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, 0)
         self.decoder.max_packet_size = cfg.max_packet_size
 
-        session, present = self.broker.attach_session(self, self.client_id, p.clean_start)
+        session, present = self.broker.registry.attach(self, self.client_id, p.clean_start)
         self.session = session
         session.expiry_interval = expiry
         session.send_window = min(props.get(Prop.RECEIVE_MAXIMUM, 65_535), cfg.max_inflight)
@@ -519,7 +505,7 @@ class MQTTConnection(asyncio.Protocol):
             self.version,
             self.cfg.receive_maximum,
             self.broker.trie,
-            self.broker.ingest_target,
+            self.broker.router.ingest_target,
             self.client_id,
             self.username,
             session.inbound_qos2,
@@ -530,7 +516,9 @@ class MQTTConnection(asyncio.Protocol):
 
     def _on_publish(self, p: Any) -> None:
         if self.state != CONNECTED:
-            raise ProtocolError("first packet must be CONNECT [MQTT-3.1.0-1]", 0x82)
+            raise ProtocolError(
+                "first packet must be CONNECT [MQTT-3.1.0-1]", Reason.PROTOCOL_ERROR
+            )
         topic = p.topic
         props = p.properties
         expires_at = None
@@ -570,7 +558,7 @@ class MQTTConnection(asyncio.Protocol):
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )
         if qos == 0:
-            self.broker.publish(message, session)
+            self._publish(message, session)
             return
         pid = p.packet_id
         if qos == 2 and pid in session.inbound_qos2:
@@ -586,11 +574,11 @@ class MQTTConnection(asyncio.Protocol):
                 Reason.RECEIVE_MAXIMUM_EXCEEDED,
             )
         if qos == 1:
-            durable = self.broker.publish(message, session)
+            durable = self._publish(message, session)
             self._queue_ack(durable, _PUBACK, pid, 1)
         else:
             session.inbound_qos2.add(pid)
-            durable = self.broker.publish(message, session)
+            durable = self._publish(message, session)
             self._queue_ack(durable, _PUBREC, pid, 2)
 
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
@@ -642,7 +630,7 @@ class MQTTConnection(asyncio.Protocol):
         sub_id = ids[0] if ids else 0
         codes: list[int] = []
         retained: list[tuple[str, SubOptions]] = []
-        failure = Reason.TOPIC_FILTER_INVALID if self.version == 5 else 0x80
+        failure = Reason.TOPIC_FILTER_INVALID if self.version == 5 else SUBACK_V3_FAILURE
         for flt, qos, no_local, rap, rh in p.subscriptions:
             if not validate_topic_filter(flt):
                 codes.append(failure)
@@ -653,12 +641,12 @@ class MQTTConnection(asyncio.Protocol):
                     "No Local must not be set on a shared subscription [MQTT-3.8.3-4]",
                     Reason.PROTOCOL_ERROR,
                 )
-            if not self.broker.authorize_subscribe(self, flt):
-                codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else 0x80)
+            if not self.broker.auth.may_subscribe(self.info, flt):
+                codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else SUBACK_V3_FAILURE)
                 continue
             granted = min(qos, 2)
             opts = SubOptions(granted, no_local, rap, rh, sub_id)
-            existed = self.broker.subscribe(session, flt, opts)
+            existed = self.broker.registry.subscribe(session, flt, opts)
             codes.append(granted)
             if not shared and (rh == 0 or (rh == 1 and not existed)):
                 retained.append((flt, opts))
@@ -677,7 +665,7 @@ class MQTTConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         codes = [
-            0 if self.broker.unsubscribe(session, flt) else Reason.NO_SUBSCRIPTION_EXISTED
+            0 if self.broker.registry.unsubscribe(session, flt) else Reason.NO_SUBSCRIPTION_EXISTED
             for flt in p.topic_filters
         ]
         self.send(encode(Unsuback(packet_id=p.packet_id, reason_codes=codes), self.version))
