@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from ingestd.config import ColumnSpec
     from ingestd.ingest.lookups import LookupCache
 
-USER_PROPERTY = 0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY; the value is a list of (name, value)
+USER_PROPERTY = (
+    0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY; the value is a list of (name, value)
+)
 
 _SIMPLE_SOURCES = {
     "received_at": "timestamptz",
