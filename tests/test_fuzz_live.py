@@ -28,6 +28,7 @@ Every socket operation has a timeout, every loop a bound; no timing asserts.
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import socket
@@ -54,6 +55,7 @@ from ingestd._codec import (
 from ingestd._trie import validate_topic_name
 
 from codec_helpers import PROPERTIES, SAMPLE, WILL
+from conftest import make_config
 from ingestd.errors import ProtocolError
 from ingestd.protocol import PacketType as T
 from ingestd.protocol import Prop
@@ -476,6 +478,20 @@ def check_fuzzer(st: Stream, obs: Observed) -> str | None:
 # ------------------------------------------------------------------- helpers
 
 
+def unique_ids(streams: list[Stream]) -> list[Stream]:
+    """Drop a stream whose (mutated) client id another of the same wave already uses:
+    concurrent connections with one id take each other over, which is no fault."""
+    seen: set[str] = set()
+    out = []
+    for st in streams:
+        if not st.expect.in_connect and st.client_id:
+            if st.client_id in seen:
+                continue
+            seen.add(st.client_id)
+        out.append(st)
+    return out
+
+
 def install_exception_recorder(srv) -> list:
     """Everything the server loop's exception handler sees (an unhandled error in a
     protocol callback lands here), recorded instead of only logged."""
@@ -545,10 +561,7 @@ def test_fuzzers_do_not_disturb_other_sessions(server_factory, seed):
     sleeper.disconnect()
     errors_before = protocol_errors(srv)
 
-    waves = [[make_stream(seed * 1000 + i, wave) for i in range(N_FUZZERS)] for wave in (1, 2)]
-    for streams in waves:
-        ids = [st.client_id for st in streams if not st.expect.in_connect and st.client_id]
-        assert len(set(ids)) == len(ids), "two fuzzers share a client id: change the seed"
+    waves = [unique_ids([make_stream(seed * 1000 + i, wave) for i in range(N_FUZZERS)]) for wave in (1, 2)]  # fmt: skip
 
     stop = threading.Event()
     pubs = [Publisher(c, topics[v], stop, lo=20, hi=400) for v, c in good.items()]
@@ -754,3 +767,132 @@ def test_disconnect_respects_client_maximum_packet_size(server):
     d = Decoder(server_side=False, max_packet_size=20)
     replies = d.feed(data)  # raises 0x95 today: the DISCONNECT is 86 bytes
     assert isinstance(replies[-1], Disconnect) and replies[-1].reason_code == 0x90
+
+
+# ------------------------------------------------------------ over WebSocket
+
+WS_SEEDS = SEEDS if "INGESTD_FUZZ_SEEDS" in os.environ else SEEDS[:1]
+
+
+def ws_frame(rng: random.Random, opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame (RFC 6455 section 5.2), built by hand."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = rng.randbytes(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_stream(seed: int) -> bytes:
+    """An HTTP upgrade (sometimes mutated), then a fuzz stream cut into frames (sometimes
+    with a ping, a text frame, reserved bits or a huge announced length among them)."""
+    rng = random.Random(seed)
+    key = base64.b64encode(rng.randbytes(16)).decode()
+    hello = (
+        "GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+    ).encode()
+    if rng.random() < 0.2:
+        hello = mutate(rng, hello)
+    st = make_stream(seed)
+    mqtt = st.connect + st.rest
+    out = bytearray(hello)
+    pos = 0
+    while pos < len(mqtt):
+        k = rng.randint(1, 40)
+        out += ws_frame(rng, 0x2 if pos == 0 or rng.random() < 0.7 else 0x0, mqtt[pos : pos + k])
+        pos += k
+        r = rng.random()
+        if r < 0.1:
+            out += ws_frame(rng, 0x9, rng.randbytes(rng.randint(0, 10)))
+        elif r < 0.13:
+            out += ws_frame(rng, 0x1, b"text")
+        elif r < 0.15:
+            out += bytes([0xC2, 0x80 | 1]) + rng.randbytes(5)  # RSV1 set
+        elif r < 0.17:
+            out += bytes([0x82, 0x80 | 127]) + (2**62).to_bytes(8, "big")
+    if rng.random() < 0.5:
+        out += ws_frame(rng, 0x8, (1000).to_bytes(2, "big"))
+    return bytes(out)
+
+
+def ws_replies(data: bytes) -> tuple[bytes, list]:
+    """The broker's HTTP status line and the MQTT packets in its binary frames."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0]
+    if not status.startswith(b"HTTP/1.1 101"):
+        return status, []
+    mqtt = bytearray()
+    pos = 0
+    while pos + 2 <= len(rest):
+        b0, n = rest[pos], rest[pos + 1]
+        assert not n & 0x80, "a server frame must not be masked"
+        pos += 2
+        if n == 126:
+            n, pos = int.from_bytes(rest[pos : pos + 2], "big"), pos + 2
+        elif n == 127:
+            n, pos = int.from_bytes(rest[pos : pos + 8], "big"), pos + 8
+        assert pos + n <= len(rest), "truncated server frame"
+        if b0 & 0x0F == 0x2:
+            mqtt += rest[pos : pos + n]
+        pos += n
+    assert pos == len(rest), "bytes after the last frame"
+    return status, decode_replies(bytes(mqtt))
+
+
+@pytest.mark.parametrize("seed", WS_SEEDS, ids=[f"seed{s}" for s in WS_SEEDS])
+def test_websocket_fuzzers_do_not_disturb_other_sessions(server_factory, tmp_path, seed):
+    cfg = make_config(tmp_path)
+    cfg.server.ws_listen = ["127.0.0.1:0"]
+    srv = server_factory(cfg)
+    seen = install_exception_recorder(srv)
+    ws_port = srv.app.port("ws")
+    tag = uuid.uuid4().hex
+    good = Client(srv.port, client_id=f"good-ws-{tag}", version=5)
+    topic = f"good/{tag}/ws"
+    good.subscribe(topic, 1)
+    blobs = [ws_stream(seed * 1000 + i) for i in range(30)]
+
+    def run(blob: bytes) -> Observed:
+        obs = Observed()
+        with socket.create_connection(("127.0.0.1", ws_port), timeout=WAIT) as sock:
+            try:
+                sock.sendall(blob)
+                sock.shutdown(socket.SHUT_WR)
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            read_all(sock, obs)
+        return obs
+
+    stop = threading.Event()
+    pub = Publisher(good, topic, stop, lo=20, hi=400)
+    pub.start()
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        observed = list(pool.map(run, blobs))
+    stop.set()
+    pub.join(WAIT * 5)
+    assert not pub.is_alive() and pub.error is None, pub.error
+
+    statuses = []
+    for i, obs in enumerate(observed):
+        assert obs.closed and not obs.error, (seed * 1000 + i, obs.error)
+        status, _packets = ws_replies(obs.data)  # every MQTT byte sent decodes
+        statuses.append(status[:12])
+    assert b"HTTP/1.1 101" in statuses  # not vacuous: most upgrades succeed
+    assert wait_for(srv, lambda: len(srv.app.broker.connections) == 1)
+    got = good.expect(len(pub.sent))
+    assert [(m.topic, m.payload) for m in got] == [(topic, p) for p in pub.sent]
+    good.expect_nothing()
+    assert good.disconnects.empty()
+    assert srv._thread.is_alive()
+    fresh = Client(srv.port)
+    fresh.subscribe("after/ws", 1)
+    fresh.publish("after/ws", b"ok", 1)
+    assert fresh.expect()[0].payload == b"ok"
+    assert seen == [], seen
