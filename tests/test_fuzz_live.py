@@ -4,25 +4,33 @@
 sending a stream made from ``random.Random(seed)`` (seed in the test id):
 valid packets of every type with random properties, the same mutated (bit
 flips, overwrites, insertions, deletions, truncation), or random bytes after
-a valid CONNECT. Meanwhile a paho 3.1.1 client and a paho 5 client publish
-and receive QoS 1 on their own topics. An oracle (the codec's own decoder
-fed the same bytes, plus the few rules the broker adds: topic aliases, AUTH,
-Session Expiry in DISCONNECT, refused CONNECTs) predicts how each fuzzer's
-connection must end; the stream is cut right after the packet that ends it,
-so the prediction does not depend on how TCP segments the bytes.
+a valid CONNECT; then a second wave of 50 reconnecting with the same client
+ids (mostly Clean Start 0, resuming what wave 1 left). Meanwhile a paho 3.1.1
+client and a paho 5 client publish and receive QoS 1 on their own topics, and
+a persistent v5 session subscribed to both is offline. An oracle (the codec's
+own decoder fed the same bytes, plus the few rules the broker adds: topic
+aliases, AUTH, Session Expiry in DISCONNECT, refused CONNECTs) predicts how
+each fuzzer's connection must end. A fuzzer sends its CONNECT alone and waits
+for the CONNACK, and its stream is cut right after the packet that ends it,
+so the prediction does not depend on how TCP segments the bytes (see the
+xfails at the end for why that matters).
 
 Afterwards: the server thread is alive and serves a new client; each
 well-behaved client got exactly its messages, in order, nothing foreign, and
-its session is intact; every fuzzer was closed the way the oracle said (the
-reason code in DISCONNECT / CONNACK), everything the broker sent it decodes;
-``stats.protocol_errors`` grew by exactly the fuzzers closed for a protocol
-error; the loop's exception handler saw nothing.
+its session is intact; the offline session queued exactly both clients'
+messages; every fuzzer was closed the way the oracle said (the reason code in
+DISCONNECT / CONNACK), and everything the broker sent it decodes within the
+Maximum Packet Size it declared; ``stats.protocol_errors`` grew by exactly
+the fuzzers closed for a protocol error; the loop's exception handler saw
+nothing. The WebSocket test does the same through the ws listener, frames cut
+at random with pings, text frames and bad headers among them.
 
-``test_malformed_reason_code``: one malformed packet per case the
-specification gives a reason code that test_broker_malformed.py does not
-cover yet; the v5 client gets DISCONNECT (or CONNACK) with that code, and the
-counter grows by one.
+``test_malformed_reason_code`` / ``test_malformed_connect_reason_code``: one
+malformed packet per case the specification gives a reason code that
+test_broker_malformed.py does not cover; the v5 client gets DISCONNECT (or
+CONNACK) with that code, and the counter grows by one.
 
+A longer hunt: ``INGESTD_FUZZ_SEEDS=1-200`` (about 1 s per seed).
 Every socket operation has a timeout, every loop a bound; no timing asserts.
 """
 
