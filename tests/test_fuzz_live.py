@@ -500,6 +500,23 @@ def unique_ids(streams: list[Stream]) -> list[Stream]:
     return out
 
 
+@pytest.fixture
+def paho():
+    """Make paho clients (mqtt_clients.Client) that are stopped at the end of the test:
+    each holds a thread and sockets, which a long hunt would otherwise pile up."""
+    made: list[Client] = []
+
+    def make(*args, **kw) -> Client:
+        c = Client(*args, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.c.disconnect()
+        c.c.loop_stop()
+
+
 def install_exception_recorder(srv) -> list:
     """Everything the server loop's exception handler sees (an unhandled error in a
     protocol callback lands here), recorded instead of only logged."""
@@ -552,19 +569,19 @@ class Publisher(threading.Thread):
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
-def test_fuzzers_do_not_disturb_other_sessions(server_factory, seed):
+def test_fuzzers_do_not_disturb_other_sessions(server_factory, paho, seed):
     srv = server_factory()
     seen = install_exception_recorder(srv)
     tag = uuid.uuid4().hex
     good = {
-        v: Client(srv.port, client_id=f"good-v{v}-{tag}", version=v, session_expiry=300 if v == 5 else None)
+        v: paho(srv.port, client_id=f"good-v{v}-{tag}", version=v, session_expiry=300 if v == 5 else None)
         for v in (4, 5)
     }  # fmt: skip
     topics = {v: f"good/{tag}/v{v}" for v in good}
     for v, c in good.items():
         assert [getattr(rc, "value", rc) for rc in c.subscribe(topics[v], 1)] == [1]
     # An offline persistent session subscribed to both: it must queue every message.
-    sleeper = Client(srv.port, client_id=f"sleeper-{tag}", version=5, session_expiry=300)
+    sleeper = paho(srv.port, client_id=f"sleeper-{tag}", version=5, session_expiry=300)
     assert [rc.value for rc in sleeper.subscribe(f"good/{tag}/+", 1)] == [1]
     sleeper.disconnect()
     errors_before = protocol_errors(srv)
@@ -628,7 +645,7 @@ def test_fuzzers_do_not_disturb_other_sessions(server_factory, seed):
 
     # The server is alive and serves a new client.
     assert srv._thread.is_alive()
-    fresh = Client(srv.port)
+    fresh = paho(srv.port)
     fresh.subscribe("after/fuzz", 1)
     fresh.publish("after/fuzz", b"ok", 1)
     assert fresh.expect()[0].payload == b"ok"
@@ -856,14 +873,14 @@ def ws_replies(data: bytes) -> tuple[bytes, list]:
 
 
 @pytest.mark.parametrize("seed", WS_SEEDS, ids=[f"seed{s}" for s in WS_SEEDS])
-def test_websocket_fuzzers_do_not_disturb_other_sessions(server_factory, tmp_path, seed):
+def test_websocket_fuzzers_do_not_disturb_other_sessions(server_factory, tmp_path, paho, seed):
     cfg = make_config(tmp_path)
     cfg.server.ws_listen = ["127.0.0.1:0"]
     srv = server_factory(cfg)
     seen = install_exception_recorder(srv)
     ws_port = srv.app.port("ws")
     tag = uuid.uuid4().hex
-    good = Client(srv.port, client_id=f"good-ws-{tag}", version=5)
+    good = paho(srv.port, client_id=f"good-ws-{tag}", version=5)
     topic = f"good/{tag}/ws"
     good.subscribe(topic, 1)
     blobs = [ws_stream(seed * 1000 + i) for i in range(30)]
@@ -900,7 +917,7 @@ def test_websocket_fuzzers_do_not_disturb_other_sessions(server_factory, tmp_pat
     good.expect_nothing()
     assert good.disconnects.empty()
     assert srv._thread.is_alive()
-    fresh = Client(srv.port)
+    fresh = paho(srv.port)
     fresh.subscribe("after/ws", 1)
     fresh.publish("after/ws", b"ok", 1)
     assert fresh.expect()[0].payload == b"ok"
@@ -939,9 +956,9 @@ def will_connect_v5(client_id: str, will_topic: str) -> bytes:
     return packet(0x10, body + b"\x00" + s(will_topic) + s(b"bye"))
 
 
-def test_will_published_when_a_malformed_packet_follows_the_connack(server):
+def test_will_published_when_a_malformed_packet_follows_the_connack(server, paho):
     """The control for the xfail below: the same bytes, the CONNECT read on its own."""
-    watcher = Client(server.port)
+    watcher = paho(server.port)
     watcher.subscribe("fz/will/+", 1)
     sock = connect_raw(server.port, will_connect_v5("wc-apart", "fz/will/apart"))
     obs = Observed()
@@ -961,11 +978,11 @@ def test_will_published_when_a_malformed_packet_follows_the_connack(server):
     "0x90 (the later packet's reason) instead of CONNACK 0 + DISCONNECT 0x90, and its will "
     "is never published [MQTT-3.1.2-8]; sent apart, both are right (test above)",
 )
-def test_will_published_when_connect_and_malformed_packet_arrive_together(server):
+def test_will_published_when_connect_and_malformed_packet_arrive_together(server, paho):
     # Met while building the live fuzz's oracle: how a pipelined stream ended depended on
     # TCP segmentation (so the fuzzers wait for CONNACK). One 45-byte sendall on loopback
     # is one read.
-    watcher = Client(server.port)
+    watcher = paho(server.port)
     watcher.subscribe("fz/will/+", 1)
     sock = connect_raw(server.port, will_connect_v5("wc-together", "fz/will/together") + pub("a/+"))
     replies = decode_replies(recv_all(sock))
@@ -981,8 +998,8 @@ def test_will_published_when_connect_and_malformed_packet_arrive_together(server
     "raises for the whole feed): a QoS 0 PUBLISH pipelined before it is never routed, "
     "though it is when the malformed packet comes in a later read",
 )
-def test_publish_before_malformed_packet_in_one_read_is_routed(server):
-    watcher = Client(server.port)
+def test_publish_before_malformed_packet_in_one_read_is_routed(server, paho):
+    watcher = paho(server.port)
     watcher.subscribe("fz/pipelined", 0)
     sock = connect_raw(server.port, connect_v5("pipe"))
     obs = Observed()
