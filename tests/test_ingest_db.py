@@ -62,6 +62,9 @@ def test_unreachable_dsn_is_a_database_error_without_the_password() -> None:
 
 def test_redact_dsn() -> None:
     assert redact_dsn("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    # The embedded server's DSN has an empty password: printed as is, still usable.
+    embedded = "postgresql://postgres:@/postgres?host=/data/pg"
+    assert redact_dsn(embedded) == embedded
     assert (
         redact_dsn("postgresql://u@h/db?password=pw&x=1") == "postgresql://u@h/db?password=***&x=1"
     )

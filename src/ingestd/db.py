@@ -41,8 +41,12 @@ log = logging.getLogger("ingestd.db")
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ``***`` (for logs and errors)."""
-    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    """The DSN with its password replaced by ``***`` (for logs and errors).
+
+    An empty password (the embedded server's ``postgres:@``) is left as it is:
+    there is nothing to hide, and the DSN stays usable as printed.
+    """
+    dsn = re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", dsn)
     return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
 
 

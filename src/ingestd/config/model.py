@@ -110,6 +110,11 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # false: every PUBLISH goes through the per-message path (to compare, or to
     # rule the fast path out when chasing a problem); the result is the same.
     fast_path: bool = True
+    # With no [[routes]] configured, every non-$ PUBLISH lands in the table
+    # `messages` (topic, client_id, username, qos, retain, received_at, payload as
+    # jsonb when it is JSON, payload_raw as bytea when it is not). Configuring any
+    # route replaces it; false turns it off.
+    default_route: bool = True
     # Retry backoff for a failing write: starts here, doubles up to retry_max_ms.
     retry_initial_ms: float = 100.0
     retry_max_ms: float = 5000.0

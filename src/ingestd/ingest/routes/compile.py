@@ -114,8 +114,12 @@ def _compile_config(cfg: Config) -> CompiledConfig:
         )
     routes: list[Route] = []
     names: set[str] = set()
-    for ri, rc in enumerate(cfg.routes):
-        rkey = f"routes[{ri}]"
+    route_configs = list(cfg.routes)
+    default = not route_configs and cfg.ingest.default_route
+    if default:
+        route_configs = [default_route_config()]
+    for ri, rc in enumerate(route_configs):
+        rkey = "ingest.default_route" if default else f"routes[{ri}]"
         route = compile_route(ri, rc, cfg.ingest.ack, lookups, rkey)
         if route.name in names:
             raise ConfigError(f"duplicate route name {route.name!r}", key=f"{rkey}.name")
@@ -142,6 +146,34 @@ def _compile_config(cfg: Config) -> CompiledConfig:
     if cfg.presence.enabled and cfg.presence.table == cfg.ingest.dead_letter_table:
         raise ConfigError("presence and dead letters need different tables", key="presence.table")
     return CompiledConfig(routes, tables, lookups)
+
+
+DEFAULT_TABLE = "messages"
+
+
+def default_route_config() -> RouteConfig:
+    """The route that stands in for none (``ingest.default_route``): every non-``$``
+    message, whatever its payload, into ``messages``. Binary and non-JSON payloads
+    keep their bytes (``payload_raw``) instead of becoming dead letters."""
+    from ingestd.config import RouteConfig
+
+    return RouteConfig(
+        name="messages",
+        topic="{topic#}",
+        table=DEFAULT_TABLE,
+        kind="append",
+        columns={
+            "topic": "topic",
+            "client_id": "client_id",
+            "username": "username",
+            "qos": "qos",
+            "retain": "retain",
+            "received_at": "received_at",
+            "payload": "payload_json",
+            "payload_raw": "payload_raw",
+        },
+        indexes=[["received_at"], ["topic", "received_at"]],
+    )
 
 
 def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:

@@ -174,6 +174,15 @@ class _RouteBuilder:
             self.uses_payload_paths = True
             self.pending_payload.append((idx, path, pgtype, unit))
             return pgtype, ColumnRead(_unbound), required
+        if source in ("payload_json", "payload_raw"):
+            want = "jsonb" if source == "payload_json" else "bytea"
+            if pgtype not in (None, want):
+                raise ConfigError(f"{source} is a {want} column", key=key)
+            return (
+                want,
+                ColumnRead(_json_or_null if want == "jsonb" else _raw_unless_json),
+                required,
+            )
         if source.startswith("user_property."):
             prop = source[len("user_property.") :]
             if not prop:
@@ -194,7 +203,7 @@ class _RouteBuilder:
             return self._lookup(source, pgtype, key, required)
         raise ConfigError(
             f"unknown source {source!r} (expected topic, topic.<name>, topic[<i>], payload, "
-            "payload.<path>, received_at, client_id, username, qos, retain, "
+            "payload.<path>, payload_json, payload_raw, received_at, client_id, username, qos, retain, "
             "user_property.<name>, lookup.<lookup>.<column>, or a constant `value`)",
             key=key,
         )
@@ -450,6 +459,35 @@ class _RouteBuilder:
         self.decoder = msgspec.json.Decoder(root_type, strict=False)
         for idx, read in self.payload_reads.items():
             columns[idx].read = read
+
+
+_validate_json = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+def _json_text(payload: bytes) -> str | None:
+    """The payload as jsonb text when it is a JSON document jsonb can store, else None."""
+    if not payload:
+        return None
+    try:
+        _validate_json(payload)
+        text = payload.decode()
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    if "\\u0000" in text:
+        return None
+    return text
+
+
+def _json_or_null(m: Message, lv: Any, o: Any) -> Any:
+    """``payload_json``: the payload when it is JSON (``null`` stays NULL), else NULL."""
+    text = _json_text(m.payload)
+    return None if text is None or text.strip() == "null" else text
+
+
+def _raw_unless_json(m: Message, lv: Any, o: Any) -> Any:
+    """``payload_raw``: the payload's bytes when it is not JSON (``payload_json``'s pair)."""
+    p = m.payload
+    return p if p and _json_text(p) is None else None
 
 
 def _collect(node: _PayloadNode, prefix: list[str | int]) -> list[tuple[int, list[str | int]]]:
