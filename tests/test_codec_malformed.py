@@ -241,11 +241,16 @@ def test_error_is_sticky(cite, decoder, version, data, reason):
         )
 
 
-def test_packets_before_the_error_in_the_same_feed_are_not_returned():
-    # feed() either returns packets or raises: a malformed packet fails the whole feed.
+def test_packets_before_the_error_in_the_same_feed_ride_on_the_exception():
+    # feed() either returns packets or raises; when it raises, the complete packets
+    # before the malformed one are on the exception, in order, and nothing after it.
     d = server_decoder(5)
-    with pytest.raises(ProtocolError):
-        d.feed(h("c0 00") + publish("a/+"))
+    with pytest.raises(ProtocolError) as exc:
+        d.feed(h("c0 00") + h("c0 00") + publish("a/+") + h("c0 00"))
+    assert [p.packet_type for p in exc.value.packets] == [12, 12]
+    with pytest.raises(ProtocolError) as again:
+        d.feed(h("c0 00"))
+    assert again.value.packets == []  # a later feed of a failed decoder returns nothing
 
 
 # -------------------------------------------------------- packet too large

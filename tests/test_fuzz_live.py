@@ -12,8 +12,8 @@ own decoder fed the same bytes, plus the few rules the broker adds: topic
 aliases, AUTH, Session Expiry in DISCONNECT, refused CONNECTs) predicts how
 each fuzzer's connection must end. A fuzzer sends its CONNECT alone and waits
 for the CONNACK, and its stream is cut right after the packet that ends it,
-so the prediction does not depend on how TCP segments the bytes (see the
-xfails at the end for why that matters).
+so the prediction does not depend on how TCP segments the bytes (the
+regressions at the end pin that it no longer does).
 
 Afterwards: the server thread is alive and serves a new client; each
 well-behaved client got exactly its messages, in order, nothing foreign, and
@@ -123,7 +123,8 @@ def rand_connect(
             properties=rand_props(rng, WILL, version),
         )
     # No Authentication Method (refused, covered on its own); a Maximum Packet Size that
-    # leaves room for a DISCONNECT with its Reason String (see the xfail at the end).
+    # leaves room for a DISCONNECT with its Reason String (the regressions at the end
+    # check that a smaller one drops the Reason String instead).
     props = rand_props(rng, T.CONNECT, version, skip=(0x15, 0x16, 0x27))
     if version == 5 and rng.random() < 0.3:
         props[0x27] = rng.choice([512, 4096, 65536])
@@ -782,12 +783,6 @@ def test_malformed_connect_reason_code(server, name, data, reason):
 # --------------------------------------------------------------- regressions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ProtocolError,  # the client decoder's 0x95: the packet is over the declared size
-    reason="DISCONNECT carries its Reason String even when that makes it larger than the "
-    "Maximum Packet Size the client declared [MQTT-3.1.2-24] [MQTT-3.14.2-3]",
-)
 def test_disconnect_respects_client_maximum_packet_size(server):
     # v5 CONNECT with Maximum Packet Size 20, then a PUBLISH with a wildcard in its topic.
     sock = connect_raw(server.port, connect_v5("mps", props=b"\x27" + (20).to_bytes(4, "big")))
@@ -796,7 +791,7 @@ def test_disconnect_respects_client_maximum_packet_size(server):
     sock.sendall(pub("a/+"))
     data = obs.data + recv_all(sock)
     d = Decoder(server_side=False, max_packet_size=20)
-    replies = d.feed(data)  # raises 0x95 today: the DISCONNECT is 86 bytes
+    replies = d.feed(data)  # fixed: the Reason String is dropped rather than pass 20 bytes
     assert isinstance(replies[-1], Disconnect) and replies[-1].reason_code == 0x90
 
 
@@ -929,18 +924,12 @@ def test_websocket_fuzzers_do_not_disturb_other_sessions(server_factory, tmp_pat
     assert seen == [], seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ProtocolError,
-    reason="a refused CONNACK carries its Reason String even when that makes it larger than "
-    "the Maximum Packet Size the client declared [MQTT-3.1.2-24] [MQTT-3.2.2-19]",
-)
 def test_refused_connack_respects_client_maximum_packet_size(server):
     # v5 CONNECT with Maximum Packet Size 16 and an Authentication Method (refused, 0x8C).
     props = b"\x27" + (16).to_bytes(4, "big") + b"\x15" + s("SCRAM")
     data = recv_all(connect_raw(server.port, connect_v5("am", props=props)))
     d = Decoder(server_side=False, max_packet_size=16)
-    replies = d.feed(data)  # raises 0x95 today: the CONNACK is 48 bytes
+    replies = d.feed(data)  # fixed: the Reason String is dropped rather than pass 16 bytes
     assert len(replies) == 1 and replies[0].reason_code == 0x8C
 
 
@@ -962,7 +951,7 @@ def will_connect_v5(client_id: str, will_topic: str) -> bytes:
 
 
 def test_will_published_when_a_malformed_packet_follows_the_connack(server, paho):
-    """The control for the xfail below: the same bytes, the CONNECT read on its own."""
+    """The control for the test below: the same bytes, the CONNECT read on its own."""
     watcher = paho(server.port)
     watcher.subscribe("fz/will/+", 1)
     sock = connect_raw(server.port, will_connect_v5("wc-apart", "fz/will/apart"))
@@ -975,14 +964,6 @@ def test_will_published_when_a_malformed_packet_follows_the_connack(server, paho
     assert [(m.topic, m.payload) for m in watcher.expect()] == [("fz/will/apart", b"bye")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a valid CONNECT and a malformed packet read in one data_received: the decoder "
-    "raises for the whole feed, so the CONNECT is never handled: the client gets CONNACK "
-    "0x90 (the later packet's reason) instead of CONNACK 0 + DISCONNECT 0x90, and its will "
-    "is never published [MQTT-3.1.2-8]; sent apart, both are right (test above)",
-)
 def test_will_published_when_connect_and_malformed_packet_arrive_together(server, paho):
     # Met while building the live fuzz's oracle: how a pipelined stream ended depended on
     # TCP segmentation (so the fuzzers wait for CONNACK). One 45-byte sendall on loopback
@@ -996,13 +977,6 @@ def test_will_published_when_connect_and_malformed_packet_arrive_together(server
     assert arrived(watcher) == [("fz/will/together", b"bye")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="packets decoded before a malformed one in the same read are dropped (the decoder "
-    "raises for the whole feed): a QoS 0 PUBLISH pipelined before it is never routed, "
-    "though it is when the malformed packet comes in a later read",
-)
 def test_publish_before_malformed_packet_in_one_read_is_routed(server, paho):
     watcher = paho(server.port)
     watcher.subscribe("fz/pipelined", 0)

@@ -709,6 +709,9 @@ cdef class Decoder:
         except ProtocolError as exc:
             self._error = (str(exc), exc.reason_code)
             self._buf = bytearray()
+            # The complete packets before the malformed one, in order: the caller
+            # handles them before closing, so how TCP split the bytes changes nothing.
+            exc.packets = out
             raise
         finally:
             PyBuffer_Release(&view)

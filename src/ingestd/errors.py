@@ -8,6 +8,8 @@ the connection, and their message cites the normative statement they enforce
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class IngestdError(Exception):
     """Base class of every error ingestd raises deliberately."""
@@ -25,6 +27,9 @@ class ProtocolError(IngestdError):
     def __init__(self, message: str, reason_code: int = 0x81) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+        # Raised by Decoder.feed: the complete packets that came before the
+        # malformed one in the same feed (handled first, then the error).
+        self.packets: list[Any] = []
 
     def __reduce__(self) -> tuple[type, tuple[str, int]]:
         return (type(self), (str(self), self.reason_code))

@@ -175,29 +175,48 @@ class Channel:
         self.stats.bytes_received += len(data)
         try:
             packets = self.decoder.feed(data)
-            take = self.inbound.take
-            i = 0
-            n = len(packets)
-            while i < n:
-                i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
-                if i == n:
-                    break
-                packet = packets[i]
-                i += 1
-                ptype = packet.packet_type
-                if ptype == _PUBLISH:
-                    self._on_publish(packet)
-                else:
-                    self._dispatch_control(ptype, packet)
+        except ProtocolError as exc:
+            # The packets before the malformed one count as if they had come in an
+            # earlier read (a CONNECT is answered, a PUBLISH routed), then we close.
+            if exc.packets:
+                try:
+                    self._handle(exc.packets)
+                except ProtocolError as earlier:
+                    exc = earlier
                 if self.state == CLOSED:
                     return
+            self._protocol_error(exc)
+            return
+        try:
+            self._handle(packets)
         except ProtocolError as exc:
             self._protocol_error(exc)
+            return
+        if self.state == CLOSED:
             return
         if not self._read_paused and (
             self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated()
         ):
             self.pause_reading()
+
+    def _handle(self, packets: list[Any]) -> None:
+        """The fast path for runs of ingest-only PUBLISHes, else one handler per packet."""
+        take = self.inbound.take
+        i = 0
+        n = len(packets)
+        while i < n:
+            i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
+            if i == n:
+                break
+            packet = packets[i]
+            i += 1
+            ptype = packet.packet_type
+            if ptype == _PUBLISH:
+                self._on_publish(packet)
+            else:
+                self._dispatch_control(ptype, packet)
+            if self.state == CLOSED:
+                return
 
     def connection_lost(self) -> None:
         """The transport is gone (closed by either side)."""
@@ -298,6 +317,9 @@ class Channel:
             if reason_string:
                 props[_P_REASON_STRING] = reason_string
             last = encode(Disconnect(reason_code=reason_code, properties=props), 5)
+            if props and self._client_max_packet and len(last) > self._client_max_packet:
+                # [MQTT-3.14.2-3] no Reason String that would pass the client's maximum.
+                last = encode(Disconnect(reason_code=reason_code), 5)
         self.port.close(last)
         if was_connected:
             self.broker.connection_closed(self, reason)
@@ -398,7 +420,11 @@ class Channel:
         log.info("refusing CONNECT from %s (client %r): %s", self.peer, self.client_id, why)
         if self.version == 5:
             props = {_P_REASON_STRING: why}
-            self.port.write_now(encode(Connack(reason_code=reason_code, properties=props), 5))
+            data = encode(Connack(reason_code=reason_code, properties=props), 5)
+            if self._client_max_packet and len(data) > self._client_max_packet:
+                # [MQTT-3.2.2-19] no Reason String that would pass the client's maximum.
+                data = encode(Connack(reason_code=reason_code), 5)
+            self.port.write_now(data)
         else:
             self.port.write_now(encode(Connack(reason_code=connack_v3_code(reason_code)), 4))
         self._close("protocol_error")
@@ -412,6 +438,8 @@ class Channel:
         props = p.properties
         self.client_id = p.client_id
         self.username = p.username
+        # Known before any refusal: a refusing CONNACK must fit it too.
+        self._client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, 0)
         if Prop.AUTHENTICATION_METHOD in props:
             self._refuse_connect(
                 Reason.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported"
@@ -454,7 +482,6 @@ class Channel:
             keepalive = server_keepalive = cfg.max_keepalive
         self.keepalive = keepalive
         self._client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
-        self._client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, 0)
         self.decoder.max_packet_size = cfg.max_packet_size
 
         session, present = self.broker.registry.attach(self, self.client_id, p.clean_start)
