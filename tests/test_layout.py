@@ -26,7 +26,7 @@ EXT = ROOT / "ext" / "ingestd"
 # Layers, lowest first. A module may import modules of its own layer or lower.
 # Compiled modules (ingestd._codec, ...) are the floor; they are not parsed here.
 LAYERS: list[tuple[str, ...]] = [
-    ("ingestd", "ingestd.errors", "ingestd.mqtt", "ingestd.build_info"),
+    ("ingestd", "ingestd.errors", "ingestd.mqtt", "ingestd.build_info", "ingestd.logs"),
     ("ingestd.config", "ingestd.transport.addr"),
     ("ingestd.db", "ingestd.metrics"),
     ("ingestd.transport", "ingestd.broker", "ingestd.ingest"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +66,11 @@ def version() -> None:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level."
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="Log lines as text (default) or one JSON object per line.",
+)
 def serve(
     listen: tuple[str, ...],
     config_path: str | None,
@@ -76,6 +80,7 @@ def serve(
     dsn: str | None,
     no_db: bool,
     log_level: str | None,
+    log_format: str | None,
 ) -> None:
     """Run the broker and ingestion engine until SIGTERM or SIGINT."""
     from ingestd.config import load_config
@@ -94,6 +99,8 @@ def serve(
         overrides["server"]["data_dir"] = data_dir
     if log_level:
         overrides["server"]["log_level"] = log_level
+    if log_format:
+        overrides["server"]["log_format"] = log_format
     try:
         cfg: Config = load_config(config_path, overrides=overrides)
         # Routes, lookups and tables are validated by compiling them.
@@ -103,12 +110,9 @@ def serve(
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)
-    logging.basicConfig(
-        level=cfg.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pgserver logs every initdb/pg_ctl command line at INFO; ingestd.db says what matters.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    from ingestd import logs
+
+    logs.configure(cfg.server.log_level, cfg.server.log_format)
     from ingestd.app import App
 
     try:

@@ -181,6 +181,7 @@ class SessionRegistry:
         """Add or replace a subscription; True if it already existed."""
         existed = topic_filter in session.subscriptions
         session.subscriptions[topic_filter] = opts
+        log.debug("client %r subscribed to %r (qos %d)", session.client_id, topic_filter, opts.qos)
         self.trie.subscribe(topic_filter, session, opts)
         self._save(session)
         return existed
@@ -188,6 +189,7 @@ class SessionRegistry:
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
+        log.debug("client %r unsubscribed from %r", session.client_id, topic_filter)
         self.trie.unsubscribe(topic_filter, session)
         self._save(session)
         return True

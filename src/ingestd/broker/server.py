@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingestd.broker")
 
+_PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
+
 
 class Broker:
     """The MQTT broker shared by every listener: its parts and the seams to plugins."""
@@ -139,6 +141,27 @@ class Broker:
 
     def client_connected(self, conn: Channel) -> None:
         v = conn.version if conn.info is None else conn.info.protocol_version
+        if self.config.server.log_connections:
+            info = conn.info
+            log.info(
+                "client connected: id=%r user=%r peer=%s protocol=%s clean_start=%s"
+                " keepalive=%d transport=%s",
+                conn.client_id,
+                conn.username,
+                conn.peer,
+                _PROTOCOL_NAMES.get(v, v),
+                info.clean_start if info is not None else None,
+                conn.keepalive,
+                conn.transport_name,
+                extra={
+                    "event": "connect",
+                    "client_id": conn.client_id,
+                    "username": conn.username,
+                    "peer": conn.peer,
+                    "protocol": _PROTOCOL_NAMES.get(v, v),
+                    "keepalive": conn.keepalive,
+                },
+            )
         self.stats.connections_total[v] = self.stats.connections_total.get(v, 0) + 1
         self.stats.connections_current[v] = self.stats.connections_current.get(v, 0) + 1
         for listener in self.listeners:
@@ -154,6 +177,21 @@ class Broker:
             v = info.protocol_version
             self.stats.connections_current[v] = self.stats.connections_current.get(v, 1) - 1
         will_published = self.registry.connection_closed(conn, reason)
+        if info is not None and self.config.server.log_connections:
+            log.info(
+                "client disconnected: id=%r peer=%s reason=%s will_published=%s",
+                info.client_id,
+                info.peer,
+                reason,
+                will_published,
+                extra={
+                    "event": "disconnect",
+                    "client_id": info.client_id,
+                    "peer": info.peer,
+                    "reason": reason,
+                    "will_published": will_published,
+                },
+            )
         if info is not None:
             for listener in self.listeners:
                 try:

@@ -23,6 +23,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http_listen: str | None = "127.0.0.1:8080"
     data_dir: str = "./ingestd-data"
     log_level: str = "info"
+    # "text", or "json": one JSON object per line (ts, level, logger, msg, fields).
+    log_format: Literal["text", "json"] = "text"
+    # One info line per client connect and disconnect (Mosquitto's connection_messages);
+    # subscribes and unsubscribes are logged at debug.
+    log_connections: bool = True
     # Seconds granted to flush and close sessions on SIGTERM/SIGINT.
     shutdown_timeout: float = 10.0
 
