@@ -356,6 +356,9 @@ def test_dead_letters_through_the_broker_keep_the_connection(pg_dsn: str, tmp_pa
         assert "$.v" in dls[1]["error"]
         assert all(r["received_at"] is not None for r in dls)
         assert srv.call(lambda: srv.app.ingest.stats.dead_letters) == 2  # type: ignore[union-attr]
+        # Counted by route and reason (the labels of ingestd_ingest_dead_letters_total).
+        counts = srv.call(lambda: dict(srv.app.ingest.dead_log.counts))  # type: ignore[union-attr]
+        assert counts == {("readings", "invalid_json"): 1, ("readings", "conversion"): 1}
         pub.disconnect()
     finally:
         srv.stop()

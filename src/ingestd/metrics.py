@@ -45,7 +45,8 @@ attribute                 type                                       metric
 ``batch_rows``            :class:`Histogram` (rows per COPY)          ``ingestd_ingest_batch_rows``
 ``copy_seconds``          :class:`Histogram` (seconds per COPY)       ``ingestd_ingest_copy_seconds``
 ``pending_rows``          ``int``                                    ``ingestd_ingest_pending_rows``
-``dead_letters``          ``int``                                    ``ingestd_ingest_dead_letters_total``
+``dead_letters``          ``int`` (when there is no ``dead_log``)     ``ingestd_ingest_dead_letters_total``
+``dead_log.counts``       ``dict[(route, reason), int]``             ``ingestd_ingest_dead_letters_total{route,reason}``
 ``spool_bytes``           ``int``                                    ``ingestd_ingest_spool_bytes``
 ``write_errors``          ``int`` (failed write attempts)             ``ingestd_database_errors_total``
 ``messages_received``     ``int``                                    ``ingestd_ingest_messages_total``
@@ -459,12 +460,24 @@ class IngestdCollector(Collector):
             "Bytes waiting in the local spool for PostgreSQL",
             value=_get(src, "spool_bytes", 0),
         )
-        for name, attr, doc in (
-            (
+        dead_log = getattr(engine, "dead_log", None)
+        counts = getattr(dead_log, "counts", None)
+        if isinstance(counts, dict):
+            dead = CounterMetricFamily(
                 "ingestd_ingest_dead_letters",
-                "dead_letters",
+                "Messages written to the dead-letter table, by route and reason",
+                labels=["route", "reason"],
+            )
+            for (route, reason), n in sorted(counts.items()):
+                dead.add_metric([route, reason], n)
+            yield dead
+        else:
+            yield CounterMetricFamily(
+                "ingestd_ingest_dead_letters",
                 "Messages written to the dead-letter table",
-            ),
+                value=_get(src, "dead_letters", 0),
+            )
+        for name, attr, doc in (
             (
                 "ingestd_database_errors",
                 "write_errors",

@@ -36,6 +36,7 @@ from ingestd.db import Database
 from ingestd.errors import DatabaseError
 from ingestd.ingest.batching import PendingRows, TableBatcher
 from ingestd.ingest.conversion import convert_entries
+from ingestd.ingest.deadletter import DeadLetterLog
 from ingestd.ingest.lookups import LookupLoader
 from ingestd.ingest.presence import Presence
 from ingestd.ingest.routes import CompiledConfig, Route, compile_config
@@ -126,6 +127,8 @@ class IngestEngine:
         self.database = database
         self._owns_database = database is None
         self.stats = IngestStats()
+        # Dead letters by (route, reason), and their rate-limited log lines.
+        self.dead_log = DeadLetterLog()
         ing = config.ingest
         # Rows the batchers took and no batch has committed or spooled yet.
         self.pending = PendingRows(ing.max_pending_rows)
@@ -171,6 +174,7 @@ class IngestEngine:
             await ensure_schema(pool, cfg, self.compiled)
             self._copy_sem = asyncio.Semaphore(cfg.ingest.max_concurrent_copies)
             self.writer = Writer(pool, cfg.ingest.dead_letter_table)
+            self.writer.on_dead = self.dead_log.note
             await self.lookups.load_all(pool)
             if self.presence is not None and cfg.presence.reset_on_start:
                 n = await self.presence.reset(pool)
@@ -358,6 +362,7 @@ class IngestEngine:
         while True:
             if self._spool_active:
                 if await self._to_spool(groups, rows):
+                    self._note_dead(groups)
                     return True
                 if self._stopping:
                     return self._lost(rows)
@@ -375,6 +380,7 @@ class IngestEngine:
                     self.stats.rows_committed += data_rows - dead
                     self.stats.dead_letters += dead
                     self.stats.bisections = self.writer.bisections
+                    self._note_dead(groups)
                     return True
                 except asyncio.CancelledError:
                     raise
@@ -386,12 +392,20 @@ class IngestEngine:
                     self._warn(f"ingest: write failed ({type(e).__name__}: {e}); retrying")
                     if self._stopping or now - first_failure >= self._spool_after:
                         if await self._to_spool(groups, rows):
+                            self._note_dead(groups)
                             return True
                         if self._stopping:
                             return self._lost(rows)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), delay)
             delay = min(delay * 2, self._retry_max)
+
+    def _note_dead(self, groups: list[Group]) -> None:
+        """The batch's conversion dead letters are committed (or spooled): count and log them."""
+        table = self.config.ingest.dead_letter_table
+        for g in groups:
+            if g.table == table:
+                self.dead_log.note(g.records)
 
     def _warn(self, text: str) -> None:
         """Log a write problem at most every WARN_EVERY_S (an outage fails every batch)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import decimal
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -127,6 +127,8 @@ class Writer:
         self._sql: dict[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], str] = {}
         self._encoders: dict[tuple[str, ...], CopyEncoder | None] = {}
         self.bisections = 0
+        # Told the dead-letter rows bisection isolated, once they are committed.
+        self.on_dead: Callable[[list[tuple[Any, ...]]], None] | None = None
 
     def _copy_encoder(self, types: tuple[str, ...]) -> CopyEncoder | None:
         """The binary COPY encoder for these column types, or None (e.g. numeric): asyncpg's path."""
@@ -188,6 +190,8 @@ class Writer:
                 except DATA_ERRORS as e:  # pragma: no cover - dead letters are sanitized
                     log.error("dropping %d dead letters PostgreSQL rejected: %s", len(bad), e)
                     return 0
+        if bad and self.on_dead is not None:
+            self.on_dead(bad)  # committed: the transaction above is closed
         return len(bad)
 
     async def _bisect(
