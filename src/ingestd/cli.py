@@ -53,6 +53,12 @@ def version() -> None:
     help="MQTT over WebSocket listener; repeatable.",
 )
 @click.option(
+    "--wss-listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="MQTT over secure WebSocket (wss) listener; repeatable. Needs server.tls_certfile/keyfile.",
+)
+@click.option(
     "--http-listen",
     metavar="HOST:PORT",
     help="HTTP listener (/metrics, /healthz, /readyz); '' disables. Default 127.0.0.1:8080.",
@@ -76,6 +82,7 @@ def serve(
     config_path: str | None,
     data_dir: str | None,
     ws_listen: tuple[str, ...],
+    wss_listen: tuple[str, ...],
     http_listen: str | None,
     dsn: str | None,
     no_db: bool,
@@ -89,6 +96,8 @@ def serve(
     overrides: dict[str, dict[str, object]] = {"server": {}, "database": {}}
     if ws_listen:
         overrides["server"]["ws_listen"] = list(ws_listen)
+    if wss_listen:
+        overrides["server"]["wss_listen"] = list(wss_listen)
     if http_listen is not None:
         overrides["server"]["http_listen"] = http_listen
     if dsn:

@@ -19,6 +19,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_cafile: str | None = None  # client certificates are required when set
     # MQTT over WebSocket listeners (subprotocol "mqtt", any path).
     ws_listen: list[str] = msgspec.field(default_factory=list)
+    # MQTT over secure WebSocket (wss); the same tls_certfile / tls_keyfile / tls_cafile.
+    wss_listen: list[str] = msgspec.field(default_factory=list)
     # Prometheus /metrics, /healthz, /readyz.
     http_listen: str | None = "127.0.0.1:8080"
     data_dir: str = "./ingestd-data"

@@ -41,7 +41,7 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 def validate_config(cfg: Config) -> None:
     """Checks beyond types: addresses, bounds, and the routes (compiled to find errors)."""
     s = cfg.server
-    for field_name in ("listen", "tls_listen", "ws_listen"):
+    for field_name in ("listen", "tls_listen", "ws_listen", "wss_listen"):
         for i, addr in enumerate(getattr(s, field_name)):
             try:
                 parse_listen(addr)
@@ -52,10 +52,11 @@ def validate_config(cfg: Config) -> None:
             parse_listen(s.http_listen)
         except ValueError as e:
             raise ConfigError(str(e), key="server.http_listen") from None
-    if s.tls_listen and not (s.tls_certfile and s.tls_keyfile):
-        raise ConfigError(
-            "TLS listeners need tls_certfile and tls_keyfile", key="server.tls_listen"
-        )
+    for field_name in ("tls_listen", "wss_listen"):
+        if getattr(s, field_name) and not (s.tls_certfile and s.tls_keyfile):
+            raise ConfigError(
+                "TLS listeners need tls_certfile and tls_keyfile", key=f"server.{field_name}"
+            )
     if s.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"must be one of {', '.join(_LOG_LEVELS)}", key="server.log_level")
     _positive(s.shutdown_timeout, "server.shutdown_timeout", allow_zero=True)
