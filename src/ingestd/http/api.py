@@ -34,6 +34,7 @@ from ingestd.http.bodies import (
     render_payload,
     render_properties,
 )
+from ingestd.http.deadletters import DeadLetterRoutes
 
 log = logging.getLogger("ingestd.http.api")
 
@@ -71,6 +72,7 @@ class Api:
         self.request_timeout = 10.0
         # Why the API refuses every request (see check_exposure), or None.
         self.disabled: str | None = None
+        self.dead = DeadLetterRoutes(ingest)
 
     def check_exposure(self, host: str) -> None:
         """An open API on a listener reachable beyond this machine stays off.
@@ -98,6 +100,8 @@ class Api:
             ("DELETE", "/api/retained/{topic:.+}", self.delete_retained),
             ("GET", "/api/sessions", self.list_sessions),
             ("DELETE", "/api/sessions/{client_id:.+}", self.delete_session),
+            ("GET", "/api/dead-letters", self.dead.list),
+            ("POST", "/api/dead-letters/replay", self.replay_dead_letters),
             ("GET", "/api/openapi.json", self.openapi),
         ]
 
@@ -296,6 +300,13 @@ class Api:
         conn.disconnect("administrative", 0x98, "administrative action")
         log.info("audit: disconnect client_id=%r %s", client_id, self._who(request))
         return web.json_response({"ok": True, "client_id": client_id, "disconnected": True})
+
+    # -- dead letters ------------------------------------------------------------
+
+    async def replay_dead_letters(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        self._check_open()
+        return await self.dead.replay(request, body, self._who(request))
 
     # -- GET /api/openapi.json ---------------------------------------------------
 

@@ -235,6 +235,93 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
+    "/api/dead-letters": {
+        "get": {
+            "summary": "The newest dead letters (messages that did not fit their route)",
+            "parameters": [
+                {"name": "route", "in": "query", "schema": _STR},
+                {
+                    "name": "since",
+                    "in": "query",
+                    "schema": {"type": "string", "format": "date-time"},
+                },
+                {
+                    "name": "until",
+                    "in": "query",
+                    "schema": {"type": "string", "format": "date-time"},
+                },
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "dead_letters": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "received_at": {"type": "string", "format": "date-time"},
+                                        "route": _STR,
+                                        "topic": _STR,
+                                        "client_id": _STR,
+                                        "error": _STR,
+                                        "payload": _STR,
+                                        "payload_encoding": {"enum": ["plain", "base64"]},
+                                    },
+                                },
+                            }
+                        },
+                    }
+                ),
+                "400": _error("A malformed filter"),
+                "503": _error("No database (--no-db)"),
+                **_COMMON_ERRORS,
+            },
+        }
+    },
+    "/api/dead-letters/replay": {
+        "post": {
+            "summary": "Feed the oldest matching dead letters to their routes again, then delete them",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "route": _STR,
+                                "since": {"type": "string", "format": "date-time"},
+                                "until": {"type": "string", "format": "date-time"},
+                                "limit": {"type": "integer", "minimum": 1, "default": 1000},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "ok": {"type": "boolean"},
+                            "replayed": {"type": "integer"},
+                            "by_route": {
+                                "type": "object",
+                                "additionalProperties": {"type": "integer"},
+                            },
+                            "unknown_routes": {"type": "array", "items": _STR},
+                        },
+                    }
+                ),
+                "504": _error("Not committed in time; nothing deleted"),
+                **_BODY_ERRORS,
+                **_COMMON_ERRORS,
+            },
+        }
+    },
     "/api/openapi.json": {
         "get": {
             "summary": "This document",

@@ -229,6 +229,26 @@ class IngestEngine:
         """(MQTT topic filter, sink) pairs for the broker's subscription trie."""
         return list(self._sinks)
 
+    def replay(self, route_name: str, messages: list[Message]) -> asyncio.Future[Any] | None:
+        """Feed ``messages`` to one route again (dead-letter replay), bypassing the broker.
+
+        Every message is made durable whatever the route's ack mode: the returned
+        future completes when all of them are committed or spooled (a message
+        that still does not fit becomes a dead letter again). None: nothing to do.
+        Raises KeyError for an unknown route.
+        """
+        sink = next((s for _f, s in self._sinks if s.route.name == route_name), None)
+        if sink is None:
+            raise KeyError(route_name)
+        futures: list[asyncio.Future[Any]] = []
+        for m in messages:
+            fut = sink.batcher.add(sink.route, m, True)
+            if fut is not None and (not futures or futures[-1] is not fut):
+                futures.append(fut)
+        if not futures:
+            return None
+        return futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+
     async def flush(self) -> None:
         """Flush every batch now and wait until each is committed or spooled (tests, shutdown)."""
         while True:

@@ -100,6 +100,12 @@ class LookupLoader:
         self._reloads[lk.name] = task
         await asyncio.shield(task)
 
+    async def reload_all(self) -> None:
+        """Reload every lookup now, whatever its rate limits (before a dead-letter replay:
+        the mapping row that was missing is usually why the replay was asked for)."""
+        for lk in self._lookups:
+            await self._reload_logged(lk)
+
     async def _reload_logged(self, lk: LookupCache) -> None:
         try:
             await self._load(lk)
