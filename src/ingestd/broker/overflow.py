@@ -43,6 +43,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ log = logging.getLogger("ingestd.broker.overflow")
 
 WRITE_BUFFER_BYTES = 64 * 1024
 SEGMENT_BYTES = 1024 * 1024
+LOG_INTERVAL = 10.0  # seconds between two 'overflow full' warnings
 _LEN = struct.Struct("<I")
 _P_USER_PROPERTY = 0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY: a list of pairs
 
@@ -79,13 +81,35 @@ class OverflowStore:
         self.segment_bytes = segment_bytes
         self.write_buffer_bytes = write_buffer_bytes
         self.used_bytes = 0  # records appended and not yet taken, over all queues
+        self.used_messages = 0  # how many records that is
+        self.peak_bytes = 0  # the most used_bytes has been since start
+        self.peak_messages = 0
         self.queues = 0  # queues holding at least one record
+        self.refused = 0  # appends refused by the budget (logged, rate-limited)
+        self._refused_logged = 0
+        self._last_refusal_log = float("-inf")
         self._next_id = 0
 
     def start(self) -> None:
         """Remove files a previous process left (they are never valid after a restart)."""
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def refusal(self, client_id: str) -> None:
+        """Count an append the budget refused; log at most once per LOG_INTERVAL."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= LOG_INTERVAL:
+            log.warning(
+                "session overflow full (%d of %d bytes in use): %d QoS 1/2 deliveries dropped"
+                " as overflow_full since the last report, latest for %r",
+                self.used_bytes,
+                self.max_bytes,
+                self.refused - self._refused_logged,
+                client_id,
+            )
+            self._refused_logged = self.refused
+            self._last_refusal_log = now
 
     def queue(self) -> OverflowQueue:
         """A new, empty queue (its directory is made on first append)."""
@@ -161,6 +185,11 @@ class OverflowQueue:
         if not self.count:
             store.queues += 1
         store.used_bytes += size
+        store.used_messages += 1
+        if store.used_bytes > store.peak_bytes:
+            store.peak_bytes = store.used_bytes
+        if store.used_messages > store.peak_messages:
+            store.peak_messages = store.used_messages
         self.bytes += size
         self.count += 1
         buf = self._buf
@@ -200,8 +229,11 @@ class OverflowQueue:
             self.count -= 1
             self.bytes -= size
             self.store.used_bytes -= size
+            self.store.used_messages -= 1
             out.append(_delivery(rec))
         if not self.count:
+            if out:
+                self.store.queues -= 1
             self._reset()
         return out
 
@@ -245,6 +277,7 @@ class OverflowQueue:
         """Forget everything queued (the session ended) and remove its files."""
         if self.count:
             self.store.used_bytes -= self.bytes
+            self.store.used_messages -= self.count
             self.store.queues -= 1
         self.count = 0
         self.bytes = 0
