@@ -424,8 +424,9 @@ def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None
 
 
 def test_loss_is_counted_exactly_when_the_broker_drops(server_factory: Any) -> None:
-    """Tiny session queues make the broker drop QoS 1 deliveries; our loss equals its count."""
-    srv = server_factory(max_queued_messages=2, max_inflight=2)
+    """Tiny session queues (no overflow) make the broker drop QoS 1 deliveries; our loss
+    equals its count."""
+    srv = server_factory(max_queued_messages=2, max_inflight=2, overflow_max_bytes=0)
     res = run(
         plan_for(srv.port, qos=1, messages=1000, processes=2, inflight=256, drain_timeout=2.0)
     )
