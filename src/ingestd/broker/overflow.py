@@ -59,7 +59,8 @@ LOG_INTERVAL = 10.0  # seconds between two 'overflow full' warnings
 _LEN = struct.Struct("<I")
 _P_USER_PROPERTY = 0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY: a list of pairs
 
-_encode = msgspec.msgpack.Encoder().encode
+_encode_into = msgspec.msgpack.Encoder().encode_into
+_NO_LEN = bytes(_LEN.size)
 _decode = msgspec.msgpack.Decoder().decode
 
 # One taken delivery: (message, qos, retain, subscription ids, journal seq).
@@ -126,6 +127,7 @@ class OverflowQueue:
         "_read_pos",
         "_read_seg",
         "_seg_bytes",
+        "_view",
         "_write_seg",
         "bytes",
         "count",
@@ -143,6 +145,7 @@ class OverflowQueue:
         self._seg_bytes = 0  # bytes already written to _write_seg
         self._read_seg = 0  # the segment being read (always < _write_seg while reading)
         self._read: bytes = b""  # its content, loaded whole
+        self._view = memoryview(self._read)  # records are decoded from it without a copy
         self._read_pos = 0
 
     def __len__(self) -> int:
@@ -161,7 +164,10 @@ class OverflowQueue:
     ) -> bool:
         """Add one delivery at the tail; False (nothing written) if the budget is spent."""
         m = message
-        body = _encode(
+        buf = self._buf
+        start = len(buf)
+        buf += _NO_LEN  # the length, filled in below
+        _encode_into(
             (
                 m.topic,
                 m.payload,
@@ -176,12 +182,16 @@ class OverflowQueue:
                 m.username,
                 m.received_at,
                 seq,
-            )
+            ),
+            buf,
+            -1,  # appended in place: no intermediate bytes
         )
-        size = _LEN.size + len(body)
+        size = len(buf) - start
         store = self.store
         if store.used_bytes + size > store.max_bytes:
+            del buf[start:]
             return False
+        _LEN.pack_into(buf, start, size - _LEN.size)
         if not self.count:
             store.queues += 1
         store.used_bytes += size
@@ -192,9 +202,6 @@ class OverflowQueue:
             store.peak_messages = store.used_messages
         self.bytes += size
         self.count += 1
-        buf = self._buf
-        buf += _LEN.pack(len(body))
-        buf += body
         if len(buf) >= store.write_buffer_bytes:
             self._flush()
         return True
@@ -223,7 +230,7 @@ class OverflowQueue:
             pos = self._read_pos
             (n,) = _LEN.unpack_from(data, pos)
             start = pos + _LEN.size
-            rec: Any = _decode(data[start : start + n])
+            rec: Any = _decode(self._view[start : start + n])
             self._read_pos = start + n
             size = _LEN.size + n
             self.count -= 1
@@ -244,6 +251,7 @@ class OverflowQueue:
             _unlink(self._path(self._read_seg))
             self._read_seg += 1
             self._read = b""
+            self._view = memoryview(self._read)
             self._read_pos = 0
         if self._read_seg == self._write_seg:
             # Reading the tail: write out what is buffered and seal it, so a segment being
@@ -257,6 +265,7 @@ class OverflowQueue:
         try:
             with open(self._path(self._read_seg), "rb") as f:
                 self._read = f.read()
+            self._view = memoryview(self._read)
         except FileNotFoundError:  # pragma: no cover - removed under us
             log.error("overflow segment %s vanished; %d deliveries lost", self.dir, self.count)
             self.discard()
@@ -270,6 +279,7 @@ class OverflowQueue:
             shutil.rmtree(self.dir, ignore_errors=True)
         self._buf = bytearray()
         self._read = b""
+        self._view = memoryview(self._read)
         self._read_pos = 0
         self._read_seg = self._write_seg = self._seg_bytes = 0
 

@@ -250,14 +250,14 @@ class Session:
             if not conn.send_publish(message, 0, retain, sub_ids, 0, False):
                 self.stats.drop("qos0_queue_full")
             return False
+        if self.overflow:  # not empty: later deliveries wait behind it, in order
+            return self._to_overflow(message, qos, retain, sub_ids, seq)
         d = Delivery(message, qos, retain, sub_ids)
         if seq:
             d.seq = seq
-        overflow = self.overflow
         if (
             conn is not None
             and not self.queue
-            and not overflow
             and len(self.inflight) < self.send_window
             and conn.writable()
         ):
@@ -269,33 +269,53 @@ class Session:
         if queue is None:
             queue = self.queue = deque()
         if (
-            overflow  # not empty: later deliveries queue behind it, in order
-            or len(queue) >= self.max_queued_messages
+            len(queue) >= self.max_queued_messages
             or self.queued_bytes + size > self.max_queued_bytes
         ):
-            return self._to_overflow(d)
+            return self._to_overflow(message, qos, retain, sub_ids, seq)
         journaled = self._accepted(d)
         queue.append(d)
         self.queued_bytes += size
         return journaled
 
-    def _to_overflow(self, d: Delivery) -> bool:
-        """The memory queue is full (or the overflow is not empty): ``d`` goes to disk,
-        or is dropped and counted if there is no overflow or its budget is spent."""
+    def _to_overflow(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        seq: int,
+    ) -> bool:
+        """The memory queue is full (or the overflow is not empty): the delivery goes to
+        disk, or is dropped and counted if there is no overflow or its budget is spent.
+        No :class:`Delivery` is built unless the journal needs one (the hot path of a
+        subscriber far behind its publishers)."""
         store = self.overflow_store
-        if store is None:
+        journaled = False
+        d: Delivery | None = None
+        if store is not None:
+            overflow = self.overflow
+            if overflow is None:
+                overflow = self.overflow = store.queue()
+            if not seq and self.expiry_interval and self.journal is not None:
+                # Journaled wherever it waits; its key goes into the record.
+                d = Delivery(message, qos, retain, sub_ids)
+                self.journal.put(self.client_id, d)
+                seq = d.seq
+                journaled = True
+            if overflow.append(message, qos, retain, sub_ids, seq):
+                return journaled
+            self.stats.drop("overflow_full")
+            store.refusal(self.client_id)
+        else:
             self.stats.drop("session_queue_full")
-            self._done(d)  # a restored delivery that no longer fits leaves the journal
-            return False
-        overflow = self.overflow
-        if overflow is None:
-            overflow = self.overflow = store.queue()
-        journaled = self._accepted(d)  # journaled wherever it waits (seq is in the record)
-        if overflow.append(d.message, d.qos, d.retain, d.sub_ids, d.seq):
-            return journaled
-        self.stats.drop("overflow_full")
-        store.refusal(self.client_id)
-        self._done(d)  # put and done cancel out in the journal's write-behind
+        if seq and self.journal is not None:
+            # A restored delivery that no longer fits, or one just put (the put and its
+            # done cancel out in the journal's write-behind), leaves the journal.
+            if d is None:
+                d = Delivery(message, qos, retain, sub_ids)
+                d.seq = seq
+            self.journal.done(self.client_id, d)
         return False
 
     def _refill(self) -> deque[Delivery]:
