@@ -56,7 +56,7 @@ log = logging.getLogger("ingestd.broker.overflow")
 WRITE_BUFFER_BYTES = 64 * 1024
 SEGMENT_BYTES = 1024 * 1024
 LOG_INTERVAL = 10.0  # seconds between two 'overflow full' warnings
-_LEN = struct.Struct("<I")
+_LEN = struct.Struct("<I")  # 4 bytes (take() relies on it)
 _P_USER_PROPERTY = 0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY: a list of pairs
 
 _encode_into = msgspec.msgpack.Encoder().encode_into
@@ -223,24 +223,45 @@ class OverflowQueue:
     def take(self, limit: int) -> list[Taken]:
         """Remove and return up to ``limit`` deliveries from the head, oldest first."""
         out: list[Taken] = []
+        add = out.append
+        unpack_from = _LEN.unpack_from
+        decode = _decode
+        store = self.store
         while len(out) < limit and self.count:
             if self._read_pos >= len(self._read) and not self._load_next():
                 break
+            # The records of the segment being read, in one tight loop; counts once after.
             data = self._read
-            pos = self._read_pos
-            (n,) = _LEN.unpack_from(data, pos)
-            start = pos + _LEN.size
-            rec: Any = _decode(self._view[start : start + n])
-            self._read_pos = start + n
-            size = _LEN.size + n
-            self.count -= 1
-            self.bytes -= size
-            self.store.used_bytes -= size
-            self.store.used_messages -= 1
-            out.append(_delivery(rec))
+            view = self._view
+            first = pos = self._read_pos
+            end = len(data)
+            want = min(limit - len(out), self.count)
+            k = 0
+            while k < want and pos < end:
+                (n,) = unpack_from(data, pos)
+                start = pos + 4
+                pos = start + n
+                rec: Any = decode(view[start:pos])
+                if rec[6] is None:  # no properties: nothing to convert back
+                    add(
+                        (
+                            Message(rec[0], rec[1], rec[2], rec[3], {}, rec[9], rec[10],
+                                    rec[11], rec[8]),
+                            rec[4], rec[5], rec[7], rec[12],
+                        )
+                    )  # fmt: skip
+                else:
+                    add(_delivery(rec))
+                k += 1
+            self._read_pos = pos
+            freed = pos - first
+            self.count -= k
+            self.bytes -= freed
+            store.used_bytes -= freed
+            store.used_messages -= k
         if not self.count:
             if out:
-                self.store.queues -= 1
+                store.queues -= 1
             self._reset()
         return out
 
