@@ -424,8 +424,9 @@ def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None
 
 
 def test_loss_is_counted_exactly_when_the_broker_drops(server_factory: Any) -> None:
-    """Tiny session queues make the broker drop QoS 1 deliveries; our loss equals its count."""
-    srv = server_factory(max_queued_messages=2, max_inflight=2)
+    """Tiny session queues (no overflow) make the broker drop QoS 1 deliveries; our loss
+    equals its count."""
+    srv = server_factory(max_queued_messages=2, max_inflight=2, overflow_max_bytes=0)
     res = run(
         plan_for(srv.port, qos=1, messages=1000, processes=2, inflight=256, drain_timeout=2.0)
     )
@@ -434,6 +435,25 @@ def test_loss_is_counted_exactly_when_the_broker_drops(server_factory: Any) -> N
     assert res.duplicates == 0
     assert res.lost == dropped.get("session_queue_full", 0)
     assert res.delivered + res.lost == res.expected == 10_000
+
+
+def test_stalled_subscriber_loses_nothing_through_the_session_overflow(
+    server_factory: Any,
+) -> None:
+    """--stall-subscriber: the subscriber stops reading mid-run; with small memory queues
+    the broker keeps the QoS 1 deliveries on disk and the subscriber gets every one."""
+    srv = server_factory(max_queued_messages=100, max_outbound_bytes=16384)
+    # 2 KB payloads: the 20 MB sent after the stall begins are far more than the kernel's
+    # socket buffers and the 16 KB outbound bound hold, so the overflow is used.
+    plan = plan_for(
+        srv.port, qos=1, messages=2000, payload_size=2000, stall_subscriber=1.0, drain_timeout=2.0
+    )
+    res = run(plan)
+    assert_exact(res, 20_000)
+    assert res.duration_s >= 1.0  # the stall happened
+    peak = srv.call(lambda: srv.app.broker.overflow.peak_messages)
+    assert peak > 0
+    assert srv.call(lambda: dict(srv.app.broker.stats.dropped)) == {}
 
 
 def test_latency_scenario_with_a_rate(server: Any) -> None:

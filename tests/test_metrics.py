@@ -7,6 +7,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -190,11 +191,22 @@ def test_broker_metrics_from_fake_broker() -> None:
     assert value(m, "ingestd_sessions", state="offline") == 1
     assert value(m, "ingestd_inflight_messages") == 3 + 1 + 2
     assert value(m, "ingestd_queued_messages") == 3
+    assert value(m, "ingestd_session_overflow_bytes") == 0  # a broker without overflow
     assert value(m, "ingestd_retained_messages") == 4
     assert value(m, "ingestd_subscriptions") == 17
     # No engine, no lag monitor: their families are absent.
     assert "ingestd_ingest_pending_rows" not in m
     assert "ingestd_event_loop_lag_seconds" not in m
+
+
+def test_session_overflow_gauges() -> None:
+    b: Any = fake_broker()
+    b.overflow = SimpleNamespace(used_bytes=4096, used_messages=30, peak_bytes=8192)
+    registry, _ = build_registry(b, process_metrics=False)
+    m = scrape(registry)
+    assert value(m, "ingestd_session_overflow_bytes") == 4096
+    assert value(m, "ingestd_session_overflow_messages") == 30
+    assert value(m, "ingestd_session_overflow_peak_bytes") == 8192
 
 
 def test_ingest_metrics_from_fake_engine() -> None:

@@ -28,6 +28,8 @@ Broker (``ingestd.broker.server.Broker``):
 * ``broker.sessions`` — online when ``session.connection is not None``;
   ``len(session.inflight)`` summed as in-flight deliveries, ``len(session.queue)``
   summed as queued deliveries;
+* ``broker.overflow`` — ``OverflowStore`` or None: ``used_bytes``,
+  ``used_messages``, ``peak_bytes`` (the session overflow on disk);
 * ``broker.connections`` — per connection
   ``conn.transport.get_write_buffer_size() + conn._out_bytes`` (outbound bytes
   not yet on the wire: sum and max);
@@ -404,6 +406,23 @@ class IngestdCollector(Collector):
             "ingestd_queued_messages",
             "Outbound QoS 1/2 deliveries waiting for an inflight slot or an offline client",
             value=queued,
+        )
+        overflow = getattr(broker, "overflow", None)
+        yield GaugeMetricFamily(
+            "ingestd_session_overflow_bytes",
+            "Bytes of QoS 1/2 deliveries waiting on disk past their session's memory queue"
+            " (all sessions; bounded by mqtt.overflow_max_bytes)",
+            value=0 if overflow is None else overflow.used_bytes,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_session_overflow_messages",
+            "QoS 1/2 deliveries waiting on disk past their session's memory queue (all sessions)",
+            value=0 if overflow is None else overflow.used_messages,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_session_overflow_peak_bytes",
+            "The most ingestd_session_overflow_bytes has been since start",
+            value=0 if overflow is None else overflow.peak_bytes,
         )
         yield GaugeMetricFamily(
             "ingestd_retained_messages", "Retained messages stored", value=len(broker.retained)

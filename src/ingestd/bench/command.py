@@ -172,6 +172,16 @@ def parse_target(text: str) -> tuple[str, int]:
     help="Subscribers keep a persistent session (clean session 0 / session expiry 1 h),"
     " removed again after the run.",
 )
+@click.option(
+    "--stall-subscriber",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Each subscriber stops reading its socket for SECONDS once it has half of the"
+    " messages, then resumes (a consumer that falls behind mid-run; needs --messages)."
+    " The drain timeout counts from the end of the stall.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option(
     "--progress/--no-progress",
@@ -205,6 +215,7 @@ def bench(
     reference_batch: int,
     drain_timeout: float,
     persistent_sessions: bool,
+    stall_subscriber: float,
     batch: int,
     as_json: bool,
     progress: bool | None,
@@ -232,6 +243,8 @@ def bench(
         raise click.UsageError("at least one publisher is needed")
     if scenario == "ingest" and n_sub:
         raise click.UsageError("the ingest scenario has no subscribers")
+    if stall_subscriber and (messages is None or not n_sub):
+        raise click.UsageError("--stall-subscriber needs --messages and subscribers")
     if reference and (scenario != "ingest" or not dsn):
         raise click.UsageError("--reference needs --scenario ingest and --dsn")
     procs = processes or default_processes()
@@ -261,6 +274,7 @@ def bench(
             drain_timeout=drain_timeout,
             batch=batch,
             persistent_subscribers=persistent_sessions,
+            stall_subscriber=stall_subscriber,
         )
 
     show = stderr_progress(bool(progress)) if progress is not False else None

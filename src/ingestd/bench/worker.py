@@ -75,6 +75,9 @@ class Plan:
     client_prefix: str = "bench"
     connect_timeout: float = 30.0
     latency_cap: int = 1_000_000
+    # Seconds each subscriber stops reading its socket once it has half of the messages
+    # (then it resumes): a consumer that falls behind mid-run (0: never).
+    stall_subscriber: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def _split(self) -> tuple[int, int]:
@@ -176,6 +179,7 @@ class _Worker:
         self.errors: list[str] = []
         self.peak_util = 0.0
         self._cpu_mark = (time.monotonic(), time.process_time())
+        self._stalled_until_ns = 0  # when the last --stall-subscriber pause ends
 
     async def recv(self) -> tuple[str, Any]:
         msg = await asyncio.get_running_loop().run_in_executor(None, self.conn.recv)
@@ -281,6 +285,11 @@ class _Worker:
             return
         self._cpu_mark = (time.monotonic(), time.process_time())
         progress = asyncio.get_running_loop().create_task(self._progress_loop())
+        stall = None
+        if p.stall_subscriber and self.subs and p.messages:
+            stall = asyncio.get_running_loop().create_task(
+                self._stall_subscribers(p.publishers * p.messages // 2, p.stall_subscriber)
+            )
         t0 = time.monotonic_ns()
         cpu0 = time.process_time()
         rate = p.publisher_rate()
@@ -332,6 +341,8 @@ class _Worker:
         expected = int(info.get("expected", 0)) if kind == "drain" else 0
         await self._drain(expected)
         progress.cancel()
+        if stall is not None:
+            stall.cancel()
         self._update_progress()
         cpu = time.process_time() - cpu0
         self.send("result", self._result(cpu))
@@ -345,6 +356,26 @@ class _Worker:
                 with contextlib.suppress(Exception):
                     await (await self._open(s.client_id)).disconnect()
 
+    async def _stall_subscribers(self, after: int, seconds: float) -> None:
+        """Each subscriber stops reading its socket once it has ``after`` distinct
+        messages, for ``seconds``, then reads again (a consumer that falls behind)."""
+
+        async def one(s: Any) -> None:
+            while s.tracker.unique < after:
+                await asyncio.sleep(0.005)
+            if s.transport is None:
+                return
+            s.transport.pause_reading()
+            until = time.monotonic_ns() + int(seconds * 1e9)
+            self._stalled_until_ns = max(self._stalled_until_ns, until)
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                if s.transport is not None:
+                    s.transport.resume_reading()
+
+        await asyncio.gather(*(one(s) for s in self.subs))
+
     async def _drain(self, expected: int) -> None:
         """Wait until every subscriber has ``expected`` distinct messages or stops receiving."""
         timeout_ns = int(self.plan.drain_timeout * 1e9)
@@ -352,7 +383,8 @@ class _Worker:
         while self.subs:
             if all(s.tracker.unique >= expected for s in self.subs):
                 return
-            last = max([start, *(s.last_rx_ns for s in self.subs)])
+            # A stalled subscriber receives nothing on purpose: its timeout starts at the end.
+            last = max([start, self._stalled_until_ns, *(s.last_rx_ns for s in self.subs)])
             if time.monotonic_ns() - last > timeout_ns:
                 return
             if all(s.transport is None for s in self.subs):

@@ -43,6 +43,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,12 @@ log = logging.getLogger("ingestd.broker.overflow")
 
 WRITE_BUFFER_BYTES = 64 * 1024
 SEGMENT_BYTES = 1024 * 1024
-_LEN = struct.Struct("<I")
+LOG_INTERVAL = 10.0  # seconds between two 'overflow full' warnings
+_LEN = struct.Struct("<I")  # 4 bytes (take() relies on it)
 _P_USER_PROPERTY = 0x26  # ingestd.mqtt.constants.Prop.USER_PROPERTY: a list of pairs
 
-_encode = msgspec.msgpack.Encoder().encode
+_encode_into = msgspec.msgpack.Encoder().encode_into
+_NO_LEN = bytes(_LEN.size)
 _decode = msgspec.msgpack.Decoder().decode
 
 # One taken delivery: (message, qos, retain, subscription ids, journal seq).
@@ -79,13 +82,35 @@ class OverflowStore:
         self.segment_bytes = segment_bytes
         self.write_buffer_bytes = write_buffer_bytes
         self.used_bytes = 0  # records appended and not yet taken, over all queues
+        self.used_messages = 0  # how many records that is
+        self.peak_bytes = 0  # the most used_bytes has been since start
+        self.peak_messages = 0
         self.queues = 0  # queues holding at least one record
+        self.refused = 0  # appends refused by the budget (logged, rate-limited)
+        self._refused_logged = 0
+        self._last_refusal_log = float("-inf")
         self._next_id = 0
 
     def start(self) -> None:
         """Remove files a previous process left (they are never valid after a restart)."""
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def refusal(self, client_id: str) -> None:
+        """Count an append the budget refused; log at most once per LOG_INTERVAL."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= LOG_INTERVAL:
+            log.warning(
+                "session overflow full (%d of %d bytes in use): %d QoS 1/2 deliveries dropped"
+                " as overflow_full since the last report, latest for %r",
+                self.used_bytes,
+                self.max_bytes,
+                self.refused - self._refused_logged,
+                client_id,
+            )
+            self._refused_logged = self.refused
+            self._last_refusal_log = now
 
     def queue(self) -> OverflowQueue:
         """A new, empty queue (its directory is made on first append)."""
@@ -102,6 +127,7 @@ class OverflowQueue:
         "_read_pos",
         "_read_seg",
         "_seg_bytes",
+        "_view",
         "_write_seg",
         "bytes",
         "count",
@@ -119,6 +145,7 @@ class OverflowQueue:
         self._seg_bytes = 0  # bytes already written to _write_seg
         self._read_seg = 0  # the segment being read (always < _write_seg while reading)
         self._read: bytes = b""  # its content, loaded whole
+        self._view = memoryview(self._read)  # records are decoded from it without a copy
         self._read_pos = 0
 
     def __len__(self) -> int:
@@ -137,7 +164,10 @@ class OverflowQueue:
     ) -> bool:
         """Add one delivery at the tail; False (nothing written) if the budget is spent."""
         m = message
-        body = _encode(
+        buf = self._buf
+        start = len(buf)
+        buf += _NO_LEN  # the length, filled in below
+        _encode_into(
             (
                 m.topic,
                 m.payload,
@@ -152,20 +182,26 @@ class OverflowQueue:
                 m.username,
                 m.received_at,
                 seq,
-            )
+            ),
+            buf,
+            -1,  # appended in place: no intermediate bytes
         )
-        size = _LEN.size + len(body)
+        size = len(buf) - start
         store = self.store
         if store.used_bytes + size > store.max_bytes:
+            del buf[start:]
             return False
+        _LEN.pack_into(buf, start, size - _LEN.size)
         if not self.count:
             store.queues += 1
         store.used_bytes += size
+        store.used_messages += 1
+        if store.used_bytes > store.peak_bytes:
+            store.peak_bytes = store.used_bytes
+        if store.used_messages > store.peak_messages:
+            store.peak_messages = store.used_messages
         self.bytes += size
         self.count += 1
-        buf = self._buf
-        buf += _LEN.pack(len(body))
-        buf += body
         if len(buf) >= store.write_buffer_bytes:
             self._flush()
         return True
@@ -187,21 +223,45 @@ class OverflowQueue:
     def take(self, limit: int) -> list[Taken]:
         """Remove and return up to ``limit`` deliveries from the head, oldest first."""
         out: list[Taken] = []
+        add = out.append
+        unpack_from = _LEN.unpack_from
+        decode = _decode
+        store = self.store
         while len(out) < limit and self.count:
             if self._read_pos >= len(self._read) and not self._load_next():
                 break
+            # The records of the segment being read, in one tight loop; counts once after.
             data = self._read
-            pos = self._read_pos
-            (n,) = _LEN.unpack_from(data, pos)
-            start = pos + _LEN.size
-            rec: Any = _decode(data[start : start + n])
-            self._read_pos = start + n
-            size = _LEN.size + n
-            self.count -= 1
-            self.bytes -= size
-            self.store.used_bytes -= size
-            out.append(_delivery(rec))
+            view = self._view
+            first = pos = self._read_pos
+            end = len(data)
+            want = min(limit - len(out), self.count)
+            k = 0
+            while k < want and pos < end:
+                (n,) = unpack_from(data, pos)
+                start = pos + 4
+                pos = start + n
+                rec: Any = decode(view[start:pos])
+                if rec[6] is None:  # no properties: nothing to convert back
+                    add(
+                        (
+                            Message(rec[0], rec[1], rec[2], rec[3], {}, rec[9], rec[10],
+                                    rec[11], rec[8]),
+                            rec[4], rec[5], rec[7], rec[12],
+                        )
+                    )  # fmt: skip
+                else:
+                    add(_delivery(rec))
+                k += 1
+            self._read_pos = pos
+            freed = pos - first
+            self.count -= k
+            self.bytes -= freed
+            store.used_bytes -= freed
+            store.used_messages -= k
         if not self.count:
+            if out:
+                store.queues -= 1
             self._reset()
         return out
 
@@ -212,6 +272,7 @@ class OverflowQueue:
             _unlink(self._path(self._read_seg))
             self._read_seg += 1
             self._read = b""
+            self._view = memoryview(self._read)
             self._read_pos = 0
         if self._read_seg == self._write_seg:
             # Reading the tail: write out what is buffered and seal it, so a segment being
@@ -225,6 +286,7 @@ class OverflowQueue:
         try:
             with open(self._path(self._read_seg), "rb") as f:
                 self._read = f.read()
+            self._view = memoryview(self._read)
         except FileNotFoundError:  # pragma: no cover - removed under us
             log.error("overflow segment %s vanished; %d deliveries lost", self.dir, self.count)
             self.discard()
@@ -238,6 +300,7 @@ class OverflowQueue:
             shutil.rmtree(self.dir, ignore_errors=True)
         self._buf = bytearray()
         self._read = b""
+        self._view = memoryview(self._read)
         self._read_pos = 0
         self._read_seg = self._write_seg = self._seg_bytes = 0
 
@@ -245,6 +308,7 @@ class OverflowQueue:
         """Forget everything queued (the session ended) and remove its files."""
         if self.count:
             self.store.used_bytes -= self.bytes
+            self.store.used_messages -= self.count
             self.store.queues -= 1
         self.count = 0
         self.bytes = 0

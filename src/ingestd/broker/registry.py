@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.hooks import BrokerStats, BrokerStore, StoredSession
 from ingestd.broker.message import Message
+from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.router import Router
 from ingestd.broker.session import NEVER_EXPIRES, DeliveryJournal, Session, SubOptions
 from ingestd.config import MqttConfig
@@ -67,6 +68,8 @@ class SessionRegistry:
         # Set by the Broker (see Broker.store / journal).
         self.store: BrokerStore | None = None
         self.journal: DeliveryJournal | None = None
+        # Where sessions put QoS 1/2 deliveries past their memory queue (None: off).
+        self.overflow: OverflowStore | None = None
 
     def assign_client_id(self) -> str:
         """A client id for a CONNECT with an empty one (unique in this process)."""
@@ -75,7 +78,9 @@ class SessionRegistry:
 
     def _new_session(self, client_id: str) -> Session:
         m = self.config
-        session = Session(client_id, self.stats, m.max_queued_messages, m.max_queued_bytes)
+        session = Session(
+            client_id, self.stats, m.max_queued_messages, m.max_queued_bytes, self.overflow
+        )
         session.journal = self.journal
         self.sessions[client_id] = session
         return session
@@ -203,9 +208,11 @@ class SessionRegistry:
 
     def snapshot(self, session: Session, with_pending: bool = False) -> StoredSession:
         """The session as stored. ``with_pending``: its undelivered messages too (only
-        where no journal keeps them: the journal is the store's own copy)."""
+        where no journal keeps them: the journal is the store's own copy), the overflow's
+        included (read back into memory: only at a graceful stop)."""
         pending: list[tuple[str, bytes, int, bool, dict, list[int] | None]] = []
         if with_pending:
+            session.take_overflow()  # a graceful stop: the disk queue is read back whole
             for d in list(session.inflight.values()) + list(session.queue or ()):
                 m = d.message
                 pending.append((m.topic, m.payload, d.qos, d.retain, m.properties, d.sub_ids))

@@ -9,6 +9,8 @@ it is:
 * ``router`` — :class:`Router`: the one :class:`SubscriptionTrie` (``trie``;
   network sessions and ingest sinks side by side) and message routing;
 * ``retained`` — the :class:`RetainedStore`;
+* ``overflow`` — the :class:`OverflowStore` (None when ``mqtt.overflow_max_bytes``
+  is 0): every session's deliveries past its memory queue, on disk, one budget;
 * ``auth`` — :class:`Auth`: who may connect, subscribe and publish;
 * ``connections`` — every open :class:`Channel` (also before CONNECT);
 * ingest backpressure: while the ingest engine is saturated every channel
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,7 @@ from ingestd.broker.hooks import (
     StoredSession,
 )
 from ingestd.broker.message import Message
+from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.registry import SessionRegistry
 from ingestd.broker.retained import RetainedStore
 from ingestd.broker.router import Router
@@ -62,6 +66,15 @@ class Broker:
         self.retained = RetainedStore(config.mqtt.max_retained_messages)
         self.router = Router(self.trie, self.retained, self.stats)
         self.registry = SessionRegistry(config.mqtt, self.loop, self.stats, self.router)
+        # One disk budget for every session's deliveries past its memory queue; files a
+        # previous process left are removed now (they are never valid after a restart).
+        self.overflow: OverflowStore | None = None
+        m = config.mqtt
+        if m.overflow_max_bytes > 0:
+            directory = m.overflow_dir or os.path.join(config.server.data_dir, "overflow")
+            self.overflow = OverflowStore(directory, m.overflow_max_bytes)
+            self.overflow.start()
+        self.registry.overflow = self.overflow
         self.auth = Auth(config.mqtt)
         self.connections: set[Channel] = set()
         self.listeners: list[BrokerListener] = []

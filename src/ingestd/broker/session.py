@@ -15,15 +15,23 @@ or a later CONNECT with Clean Start discards it. It holds:
   Maximum capped by our ``max_inflight``).
 * ``queue`` — QoS 1/2 deliveries not yet sent: waiting for a free inflight
   slot, for the socket to drain, or for the client to come back. Bounded in
-  messages and bytes; past the bound new deliveries are dropped and counted.
+  memory by ``max_queued_messages`` / ``max_queued_bytes``.
+* ``overflow`` — the deliveries past that bound, on disk
+  (:class:`ingestd.broker.overflow.OverflowQueue`, made on first use; the
+  broker's :class:`OverflowStore` holds the disk budget). Once it holds
+  anything, every new QoS 1/2 delivery goes there too, so order is kept;
+  ``pump`` refills ``queue`` from its head when ``queue`` runs empty. Past
+  the disk budget a delivery is dropped and counted (``overflow_full``);
+  without a store (``mqtt.overflow_max_bytes = 0``) one past the memory
+  bound is dropped and counted (``session_queue_full``).
 * ``inbound_qos2`` — packet ids of QoS 2 PUBLISHes received and PUBREC'd
   whose PUBREL has not arrived. A re-sent PUBLISH with such an id is not
   routed again (exactly once).
 
 Transitions of an outbound delivery::
 
-    deliver() ──(window full / offline / socket busy)──► queue
-        │                                                  │ pump()
+    deliver() ──(window full / offline / socket busy)──► queue ──(full)──► overflow
+        │                                                  │ pump()   ◄─(refill)─┘
         ▼                                                  ▼
     QoS 0: written (or dropped if the socket is over its bound)
     QoS 1: inflight[PUBLISH] ──PUBACK──► done
@@ -35,8 +43,9 @@ queue is pumped.
 
 Durability: while a session is persistent (``expiry_interval != 0``) and the
 broker has a store, each QoS 1/2 delivery is put in the store's journal when
-it is accepted (queued or sent) and taken out when it completes (PUBACK,
-PUBCOMP, a refusing PUBREC) or is dropped (expired, too large). The journal is
+it is accepted (sent, queued, or in the overflow) and taken out when it
+completes (PUBACK, PUBCOMP, a refusing PUBREC) or is dropped (expired, too
+large, past the overflow budget). The journal is
 written behind, so after a crash the deliveries accepted more than one
 ``persistence.flush_interval_ms`` earlier come back queued, in order; ones
 that had completed within that time may come back too (at least once).
@@ -59,10 +68,14 @@ if TYPE_CHECKING:
     from asyncio import TimerHandle
 
     from ingestd.broker.hooks import BrokerStats
+    from ingestd.broker.overflow import OverflowQueue, OverflowStore
 
 NEVER_EXPIRES = 0xFFFFFFFF
 # Reason codes from 0x80 up are failures [MQTT-2.4].
 _FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
+# Records taken from the overflow per call while refilling the memory queue: the
+# memory queue's byte bound may be passed by at most this many deliveries.
+REFILL_BATCH = 64
 
 
 class Outbound(Protocol):
@@ -167,6 +180,8 @@ class Session:
         "max_queued_bytes",
         "max_queued_messages",
         "next_packet_id",
+        "overflow",
+        "overflow_store",
         "queue",
         "queued_bytes",
         "send_window",
@@ -182,6 +197,7 @@ class Session:
         stats: BrokerStats,
         max_queued_messages: int,
         max_queued_bytes: int,
+        overflow_store: OverflowStore | None = None,
     ) -> None:
         self.client_id = client_id
         self.stats = stats
@@ -195,6 +211,10 @@ class Session:
         self.queued_bytes = 0
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
+        # Where deliveries past the memory bound go (None: nowhere, they are dropped);
+        # this session's queue in it is made on first use.
+        self.overflow_store = overflow_store
+        self.overflow: OverflowQueue | None = None
         self.inbound_qos2: set[int] = set()
         self.next_packet_id = 1
         self.send_window = 65_535
@@ -231,6 +251,8 @@ class Session:
             if not conn.send_publish(message, 0, retain, sub_ids, 0, False):
                 self.stats.drop("qos0_queue_full")
             return False
+        if self.overflow:  # not empty: later deliveries wait behind it, in order
+            return self._to_overflow(message, qos, retain, sub_ids, seq)
         d = Delivery(message, qos, retain, sub_ids)
         if seq:
             d.seq = seq
@@ -251,13 +273,86 @@ class Session:
             len(queue) >= self.max_queued_messages
             or self.queued_bytes + size > self.max_queued_bytes
         ):
-            self.stats.drop("session_queue_full")
-            self._done(d)  # a restored delivery that no longer fits leaves the journal
-            return False
+            return self._to_overflow(message, qos, retain, sub_ids, seq)
         journaled = self._accepted(d)
         queue.append(d)
         self.queued_bytes += size
         return journaled
+
+    def _to_overflow(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+        seq: int,
+    ) -> bool:
+        """The memory queue is full (or the overflow is not empty): the delivery goes to
+        disk, or is dropped and counted if there is no overflow or its budget is spent.
+        No :class:`Delivery` is built unless the journal needs one (the hot path of a
+        subscriber far behind its publishers)."""
+        store = self.overflow_store
+        journaled = False
+        d: Delivery | None = None
+        if store is not None:
+            overflow = self.overflow
+            if overflow is None:
+                overflow = self.overflow = store.queue()
+            if not seq and self.expiry_interval and self.journal is not None:
+                # Journaled wherever it waits; its key goes into the record.
+                d = Delivery(message, qos, retain, sub_ids)
+                self.journal.put(self.client_id, d)
+                seq = d.seq
+                journaled = True
+            if overflow.append(message, qos, retain, sub_ids, seq):
+                return journaled
+            self.stats.drop("overflow_full")
+            store.refusal(self.client_id)
+        else:
+            self.stats.drop("session_queue_full")
+        if seq and self.journal is not None:
+            # A restored delivery that no longer fits, or one just put (the put and its
+            # done cancel out in the journal's write-behind), leaves the journal.
+            if d is None:
+                d = Delivery(message, qos, retain, sub_ids)
+                d.seq = seq
+            self.journal.done(self.client_id, d)
+        return False
+
+    def _refill(self) -> deque[Delivery]:
+        """Move deliveries from the overflow's head into the (empty) memory queue, up to
+        its bounds (bytes: passed by at most REFILL_BATCH deliveries)."""
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        overflow = self.overflow
+        assert overflow is not None
+        limit = self.max_queued_messages
+        while overflow.count and len(queue) < limit and self.queued_bytes < self.max_queued_bytes:
+            taken = overflow.take(min(REFILL_BATCH, limit - len(queue)))
+            if not taken:  # pragma: no cover - a segment lost under us (logged by take)
+                break
+            for message, qos, retain, sub_ids, seq in taken:
+                d = Delivery(message, qos, retain, sub_ids)
+                d.seq = seq
+                queue.append(d)
+                self.queued_bytes += len(message.payload) + len(message.topic)
+        return queue
+
+    def take_overflow(self) -> None:
+        """Move the whole overflow into the memory queue, past its bounds (a graceful
+        stop saving pending deliveries reads them from there)."""
+        overflow = self.overflow
+        if not overflow:
+            return
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        for message, qos, retain, sub_ids, seq in overflow.take(overflow.count):
+            d = Delivery(message, qos, retain, sub_ids)
+            d.seq = seq
+            queue.append(d)
+            self.queued_bytes += len(message.payload) + len(message.topic)
 
     def _accepted(self, d: Delivery) -> bool:
         """Journal a new QoS 1/2 delivery of a persistent session (restored ones already are)."""
@@ -297,7 +392,11 @@ class Session:
             return
         queue = self.queue
         now = time.monotonic()
-        while queue and len(self.inflight) < self.send_window and conn.writable():
+        while len(self.inflight) < self.send_window and conn.writable():
+            if not queue:
+                if not self.overflow:
+                    break
+                queue = self._refill()
             d = queue.popleft()
             self.queued_bytes -= len(d.message.payload) + len(d.message.topic)
             if d.message.expired(now):
@@ -359,6 +458,9 @@ class Session:
         self.inflight.clear()
         self.queue = None
         self.queued_bytes = 0
+        if self.overflow is not None:
+            self.overflow.discard()  # its files go now
+            self.overflow = None
         self.inbound_qos2.clear()
 
     def cancel_timers(self) -> None:
@@ -371,7 +473,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = "online" if self.connection is not None else "offline"
-        return f"<Session {self.client_id!r} {state} subs={len(self.subscriptions)} inflight={len(self.inflight)} queued={len(self.queue or ())}>"
+        return f"<Session {self.client_id!r} {state} subs={len(self.subscriptions)} inflight={len(self.inflight)} queued={len(self.queue or ())} overflow={len(self.overflow or ())}>"
 
 
 class WillSpec:

@@ -56,10 +56,17 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Per-connection outbound buffer bound (bytes written but not yet drained by the socket);
     # past it QoS 0 deliveries are dropped and counted, QoS 1/2 wait in the session queue.
     max_outbound_bytes: int = 1_048_576
-    # Per-session queue of QoS 1/2 messages waiting for a free inflight slot or for the
-    # client to come back; past it the oldest is dropped and counted.
+    # Per-session memory queue of QoS 1/2 messages waiting for a free inflight slot or for
+    # the client to come back; past it they overflow to disk (below).
     max_queued_messages: int = 10_000
     max_queued_bytes: int = 16_777_216
+    # Disk budget (bytes, all sessions together) for QoS 1/2 deliveries past a session's
+    # memory queue: they wait in order in segment files under overflow_dir. Past the budget
+    # a delivery is dropped, counted (overflow_full) and logged. 0 turns overflow off (the
+    # memory queue is then the last word: dropped as session_queue_full).
+    overflow_max_bytes: int = 1_073_741_824
+    # Where those files go (emptied at start-up); default <server.data_dir>/overflow.
+    overflow_dir: str | None = None
     # Ceiling on the Session Expiry Interval a v5 client may ask for (seconds).
     max_session_expiry: int = 7 * 24 * 3600
     # Session expiry for 3.1.1 clients with clean session 0 (seconds).
