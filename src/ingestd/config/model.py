@@ -174,7 +174,9 @@ class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_
     ``topic[<index>]``, ``payload``, ``payload.<path>``, ``received_at``,
     ``client_id``, ``username``, ``qos``, ``retain``, ``user_property.<name>``,
     ``lookup.<lookup name>.<column>``. A constant is written ``value = ...``
-    with no source.
+    with no source. ``fallback`` / ``fallback_value``: what the column takes
+    when ``source`` gives no value; ``keep_when_missing`` (``latest`` routes):
+    keep the stored value instead of writing NULL.
     """
 
     source: str | None = None
@@ -185,6 +187,13 @@ class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_
     value: Any = None
     # A message without a value for this column is a dead letter instead of a NULL.
     required: bool = False
+    # When ``source`` gives no value (missing or null): another source (not a
+    # payload path, e.g. ``received_at``), or a constant ``fallback_value``.
+    fallback: str | None = None
+    fallback_value: Any = None
+    # ``latest`` routes: a message with no value for this column keeps the
+    # stored one (``SET col = COALESCE(EXCLUDED.col, col)``) instead of NULLing it.
+    keep_when_missing: bool = False
 
 
 class IndexSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

@@ -48,6 +48,7 @@ def _new_group(route: Route) -> Group:
         tuple(c.pgtype for c in route.columns),
         route.key,
         [],
+        route.keep,
     )
 
 
