@@ -185,7 +185,13 @@ def _convert_range(
 
 
 def _dedup_latest(g: Group, origins: list[Message]) -> None:
-    """Keep the last record per key, in their original order."""
+    """Keep the last record per key, in their original order.
+
+    A ``keep_when_missing`` column of the kept record that is NULL takes the
+    value of the latest earlier record of its key that had one: what upserting
+    the records one by one would have left (status then LWT in one batch keeps
+    the status's energy).
+    """
     if len(g.records) < 2:
         return
     idx = [g.columns.index(k) for k in g.key]
@@ -195,5 +201,19 @@ def _dedup_latest(g: Group, origins: list[Message]) -> None:
     if len(last) == len(g.records):
         return
     keep = sorted(last.values())
-    g.records = [g.records[j] for j in keep]
+    if g.keep:
+        kidx = [g.columns.index(c) for c in g.keep]
+        merged: dict[tuple[Any, ...], list[Any]] = {}
+        for r in g.records:
+            k = tuple([r[i] for i in idx])
+            m = merged.get(k)
+            if m is None:
+                merged[k] = list(r)
+                continue
+            for ci, v in enumerate(r):
+                if v is not None or ci not in kidx:
+                    m[ci] = v
+        g.records = [tuple(merged[tuple([g.records[j][i] for i in idx])]) for j in keep]
+    else:
+        g.records = [g.records[j] for j in keep]
     origins[:] = [origins[j] for j in keep]
