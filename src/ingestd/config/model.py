@@ -239,9 +239,13 @@ class LookupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     columns: dict[str, str]
     # Whole-table reload period (seconds).
     refresh_s: float = 60.0
-    # On a miss, reload at most this often (seconds) before giving up on the row;
-    # 0 reloads on every miss.
-    miss_refresh_s: float = 5.0
+    # Reloads caused by misses happen at most this often (seconds); a batch with
+    # a miss waits for the next one rather than giving up. 0: no limit.
+    miss_refresh_s: float = 1.0
+    # A miss becomes on_miss only once the table was read at least this long
+    # after the message was received, so a mapping row added moments after the
+    # message is still found (the batch waits; 0: read after receipt suffices).
+    miss_wait_s: float = 2.0
     # What a row whose key is not in the table becomes.
     on_miss: Literal["dead-letter", "null", "skip"] = "dead-letter"
 

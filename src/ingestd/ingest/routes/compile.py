@@ -210,6 +210,11 @@ def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:
     # 0 is allowed: reload on every miss (small mapping tables that change often).
     if not lc.miss_refresh_s >= 0:
         raise ConfigError("must be >= 0", key=f"{key}.miss_refresh_s")
+    if not 0 <= lc.miss_wait_s <= 60:
+        raise ConfigError(
+            "must be between 0 and 60 (a batch with a miss waits this long)",
+            key=f"{key}.miss_wait_s",
+        )
     return LookupCache(
         name=lc.name,
         table=lc.table,
@@ -220,6 +225,7 @@ def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:
         refresh_s=lc.refresh_s,
         miss_refresh_s=lc.miss_refresh_s,
         on_miss=lc.on_miss,
+        miss_wait_s=lc.miss_wait_s,
         key_specs=dict(lc.key),
     )
 
