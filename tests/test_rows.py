@@ -319,3 +319,17 @@ def test_required_missing_and_bad_payload_raise(tmp_path: Path) -> None:
             route.convert_many([m])
         with pytest.raises(Exception):  # noqa: B017
             route._fast(m)
+
+
+def test_fallbacks_run_in_the_builder(tmp_path: Path) -> None:
+    """The solar-fleet ts (payload.ts else received_at) stays on the compiled path."""
+    from ingestd.ingest.routes.codegen import _row_ops
+
+    (telemetry, _status) = routes_of("config/solar-fleet.toml")
+    ops = dict(zip(telemetry.column_names, _row_ops(telemetry.columns), strict=True))
+    assert ops["ts"][0] == "attr_ts" and ops["ts"][5] == ("received_ts", None)
+    (kinds, _latest) = routes_of(KINDS, tmp_path)
+    ops = dict(zip(kinds.column_names, _row_ops(kinds.columns), strict=True))
+    assert ops["i_fb"][0] in ("attr", "attr_conv") and ops["i_fb"][5] == ("const", -1)
+    assert ops["t_fb"][0] == "attr_text" and ops["t_fb"][5][0] == "py"
+    assert ops["tms_fb"][1] is True  # required: checked after the fallback

@@ -245,6 +245,21 @@ class Fallback(ColumnRead):
         # fields) and the outer Required `_w`, so nesting never clobbers a value.
         return f"(_f if (_f := {e1}) is not None else {e2})", {**env1, **env2}
 
+    def op(self) -> tuple[Any, ...] | None:
+        # ("fallback", first's op, (FALLBACKS name in _rows.pyx, arg)): the builder
+        # runs the first read natively and the fallback only when it gives None.
+        first = self.first.op()
+        if first is None:
+            return None
+        second = self.second.op()
+        if second is not None and second[0] == "received_ts":
+            fb: tuple[str, Any] = ("received_ts", None)
+        elif second is not None and second[0] == "const":
+            fb = ("const", second[1])
+        else:
+            fb = ("py", self.second.getter)
+        return ("fallback", first, fb)
+
 
 class Required(ColumnRead):
     """Any read whose None is an error: ``column <name>: no value (required)``."""
