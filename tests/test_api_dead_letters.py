@@ -20,8 +20,9 @@ name = "socket"
 table = "dl_sockets"
 key = { socket = "topic.socket" }
 columns = { device_id = "text" }
-miss_refresh_s = 3600      # a miss does not reload again: only the replay will
-on_miss = "dead-letter"
+miss_wait_s = 0            # a row must be there when the message arrives...
+miss_refresh_s = 0         # (each miss reloads at once)
+on_miss = "dead-letter"    # ...else the message is a dead letter until replayed
 [[routes]]
 name = "power"
 topic = "pdu/{socket}/power"

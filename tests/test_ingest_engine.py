@@ -242,6 +242,62 @@ def test_latest_keeps_the_last_state(
     assert "(device_id)" in pk[0][0]
 
 
+KEEP = """
+[[routes]]
+name = "status"
+topic = "company/{company_id}/machine/{machine_id}/status"
+table = "machine_status"
+kind = "latest"
+key = ["company_id", "machine_id"]
+[routes.columns]
+company_id = "topic.company_id"
+machine_id = "topic.machine_id"
+status = { source = "payload.status", type = "text", keep_when_missing = true }
+energy = { source = "payload.energy", type = "double precision", keep_when_missing = true }
+note = "payload.note::text"
+"""
+
+
+@pytest.mark.parametrize("method", ["unnest", "temp-table", "executemany"])
+def test_keep_when_missing_keeps_the_stored_value(
+    pg_dsn: str, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writing, "UPSERT_METHOD", method)
+    cfg = config_from_toml(
+        KEEP, tmp_path, pg_dsn, ingest={"batch_rows": 1000, "flush_interval_ms": 10_000}
+    )
+    t = "company/c/machine/{}/status"
+
+    async def body(eng: IngestEngine) -> None:
+        # Same batch: status then LWT (deduplicated to one row per key, merged).
+        futs = publish(eng, t.format("m1"), '{"status": "Running", "energy": 1.5, "note": "n"}')
+        futs += publish(eng, t.format("m1"), '{"status": "offline"}')
+        # Across batches: the stored row keeps energy.
+        futs += publish(eng, t.format("m2"), '{"status": "Running", "energy": 2.5, "note": "n"}')
+        await eng.flush()
+        await asyncio.gather(*futs)
+        futs = publish(eng, t.format("m2"), '{"status": "offline", "energy": null}')
+        futs += publish(eng, t.format("m3"), '{"status": "offline"}')  # a new row: NULLs
+        await eng.flush()
+        await asyncio.gather(*futs)
+        rows = await fetch(pg_dsn, "SELECT machine_id, status, energy, note FROM machine_status")
+        assert {r[0]: tuple(r[1:]) for r in rows} == {
+            "m1": ("offline", 1.5, None),  # a column without keep_when_missing is written
+            "m2": ("offline", 2.5, None),
+            "m3": ("offline", None, None),
+        }
+        # A later value replaces the kept one.
+        futs = publish(eng, t.format("m2"), '{"energy": 3.5}')
+        await eng.flush()
+        await asyncio.gather(*futs)
+        rows = await fetch(
+            pg_dsn, "SELECT status, energy FROM machine_status WHERE machine_id='m2'"
+        )
+        assert tuple(rows[0]) == ("offline", 3.5)
+
+    run_engine(cfg, body)
+
+
 APPEND = """
 [[routes]]
 name = "telemetry"

@@ -44,110 +44,105 @@ async def deliver_all(eng: IngestEngine, items: list[tuple[str, str]], **kw: Any
 
 def test_solar_fleet(pg_dsn: str, tmp_path: Path) -> None:
     cfg = example("solar-fleet.toml", pg_dsn, tmp_path)
+    t = 1_717_171_717
 
     async def main() -> None:
         eng = IngestEngine(cfg)
         await eng.start()
         eng.on_client_connected(ClientInfo("m1", None, "10.1.1.1:40000", 4, time.time()))
-        t = 1_717_171_717
         items = [
             (
                 f"company/acme/machine/m{i % 3}/telemetry",
-                f'{{"ts": {t + i}, "battery": {80 + i}, "solar_v": 18.4, "solar_a": 1.9, "water": 412.0,'
-                f' "extra": {{"pump": "on", "i": {i}}}}}',
+                f'{{"battery": {13 + i / 10}, "solar_v": 21.2, "solar_a": 4.5, "water": 80,'
+                f' "extra": {{"temp": 32.5, "vibration": {i / 100}}}}}',
             )
             for i in range(30)
         ]
         items += [
-            ("company/acme/machine/m1/status", f'{{"ts": {t}, "state": "idle", "fw": "2.4.0"}}'),
+            ("company/acme/machine/m9/telemetry", f'{{"ts": {t}, "battery": 10}}'),
             (
                 "company/acme/machine/m1/status",
-                f'{{"ts": {t + 5}, "state": "pumping", "fw": "2.4.1"}}',
+                '{"status":"Running","energy":150.5,"water":25.0,"area":450.0}',
             ),
-            ("company/beta/machine/m1/status", f'{{"ts": {t}, "state": "off", "fw": "1.0"}}'),
-            (
-                "company/acme/machine/m9/telemetry",
-                '{"battery": 10}',
-            ),  # no ts: required -> dead letter
+            ("company/beta/machine/m1/status", '{"status":"Stopped","energy":1.0}'),
+            ("company/acme/machine/m2/status", '{"status":"offline"}'),  # LWT, nothing before
+            ("company/acme/machine/m1/telemetry", '{"battery": "high"}'),  # dead letter
         ]
         await deliver_all(eng, items, client_id="m1")
+        # The LWT in a later batch keeps the last energy/water/area.
+        await deliver_all(eng, [("company/acme/machine/m1/status", '{"status":"offline"}')])
         await eng.presence.flush(eng.database.pool)  # type: ignore[union-attr]
         await eng.stop()
 
     asyncio.run(main())
-    rows = asyncio.run(fetch(pg_dsn, "SELECT * FROM telemetry ORDER BY ts"))
-    assert len(rows) == 30
+    rows = asyncio.run(fetch(pg_dsn, "SELECT * FROM telemetry ORDER BY received_at"))
+    assert len(rows) == 31
     r = rows[7]
-    assert (
-        r["company_id"],
-        r["machine_id"],
-        r["battery"],
-        r["solar_v"],
-        r["solar_a"],
-        r["water"],
-    ) == (
+    assert tuple(r[c] for c in ("company_id", "machine_id", "battery", "solar_v", "water")) == (
         "acme",
         "m1",
-        87.0,
-        18.4,
-        1.9,
-        412.0,
+        13.7,
+        21.2,
+        80.0,
     )
-    assert r["ts"] == dt.datetime.fromtimestamp(1_717_171_724, UTC)
-    assert json.loads(r["extra"]) == {"pump": "on", "i": 7}
-    assert r["received_at"] is not None
+    assert (r["temp"], r["vibration"]) == (32.5, 0.07)
+    assert json.loads(r["extra"]) == {"temp": 32.5, "vibration": 0.07}
+    assert r["ts"] == r["received_at"]  # no ts in the payload
+    (m9,) = [r for r in rows if r["machine_id"] == "m9"]
+    assert m9["ts"] == dt.datetime.fromtimestamp(t, UTC) != m9["received_at"]
     status = {
-        (r["company_id"], r["machine_id"]): dict(r)
+        (r["company_id"], r["machine_id"]): (r["status"], r["energy"], r["water"], r["area"])
         for r in asyncio.run(fetch(pg_dsn, "SELECT * FROM machine_status"))
     }
-    assert set(status) == {("acme", "m1"), ("beta", "m1")}
-    assert (status[("acme", "m1")]["state"], status[("acme", "m1")]["firmware"]) == (
-        "pumping",
-        "2.4.1",
-    )
-    assert status[("acme", "m1")]["ts"] == dt.datetime.fromtimestamp(1_717_171_722, UTC)
+    assert status == {
+        ("acme", "m1"): ("offline", 150.5, 25.0, 450.0),
+        ("acme", "m2"): ("offline", None, None, None),
+        ("beta", "m1"): ("Stopped", 1.0, None, None),
+    }
     dl = asyncio.run(fetch(pg_dsn, "SELECT topic, error FROM dead_letters"))
-    assert [(d["topic"], "column ts: no value" in d["error"]) for d in dl] == [
-        ("company/acme/machine/m9/telemetry", True)
+    assert [(d["topic"], "battery" in d["error"]) for d in dl] == [
+        ("company/acme/machine/m1/telemetry", True)
     ]
     idx = asyncio.run(
         fetch(pg_dsn, "SELECT indexdef FROM pg_indexes WHERE tablename = 'telemetry'")
     )
     assert any("(machine_id, ts)" in i[0] for i in idx)
-    pres = asyncio.run(fetch(pg_dsn, "SELECT client_id, online FROM device_presence"))
+    pres = asyncio.run(fetch(pg_dsn, "SELECT client_id, online FROM presence"))
     assert [tuple(p) for p in pres] == [("m1", True)]
 
 
 def test_device_fleet(pg_dsn: str, tmp_path: Path) -> None:
     cfg = example("device-fleet.toml", pg_dsn, tmp_path)
+    now = 1_717_171_717_123  # Date.now()
+
+    def at(t_ms: int) -> dt.datetime:
+        return dt.datetime.fromtimestamp(t_ms / 1000, UTC)
 
     async def main() -> None:
         eng = IngestEngine(cfg)
         await eng.start()
-        heartbeat_futs = publish(eng, "devices/d1/heartbeat", '{"uptime": 100, "rssi": -60}')
+        heartbeat_futs = publish(eng, "devices/d1/heartbeat", f'{{"timestamp": {now}}}')
         assert heartbeat_futs == []  # on-receipt route: acknowledged at once
+        status = '{{"deviceId":"{d}","type":"vr-headset","status":"playing","positionMs":{p},"sessionId":"s1","timestamp":{t}}}'
         await deliver_all(
             eng,
             [
-                ("devices/d1/status", '{"state": "running", "battery": 80, "fw": "1.2.0"}'),
-                ("devices/d2/status", '{"state": "running", "battery": 55, "fw": "1.1.9"}'),
-                ("devices/d1/heartbeat", '{"uptime": 160, "rssi": -61}'),
-                (
-                    "devices/d1/events",
-                    '{"ts": "2024-05-01T12:00:00Z", "type": "door_open", "data": {"door": 2}}',
-                ),
-                ("devices/d1/events", '{"ts": "2024-05-01T12:00:05+02:00", "type": "door_close"}'),
-                ("devices/d2/events", '{"ts": "2024-05-01T12:00:00Z"}'),  # no type: dead letter
+                ("devices/d1/status", status.format(d="d1", p=1000, t=now)),
+                ("devices/d2/status", status.format(d="d2", p=2000, t=now + 1)),
+                ("devices/d1/heartbeat", f'{{"deviceId": "d1", "timestamp": {now + 60_000}}}'),
+                ("devices/d1/events", f'{{"type": "seek", "positionMs": 5, "timestamp": {now}}}'),
+                ("devices/d1/events", '{"type": "pause", "timestamp": "2024-05-01T12:00:05Z"}'),
+                ("devices/d2/events", '{"type": "x", "timestamp": true}'),  # dead letter
                 (
                     "devices/discovery/announce",
-                    '{"id": "d1", "model": "TH-2", "fw": "1.2.0", "caps": ["temp"]}',
+                    f'{{"deviceId":"d1","type":"vr-headset","name":"Quest","timestamp":{now}}}',
                 ),
                 (
                     "devices/discovery/announce",
-                    '{"id": "d1", "model": "TH-2", "fw": "1.3.0", "caps": ["temp", "hum"]}',
+                    f'{{"deviceId":"d1","type":"vr-headset","name":"Quest 3","timestamp":{now + 5}}}',
                 ),
-                ("devices/discovery/announce", '{"model": "anonymous"}'),  # no id: dead letter
-                ("devices/d2/lwt", "offline"),
+                ("devices/discovery/announce", '{"name": "anonymous"}'),  # no id: dead letter
+                ("devices/d2/lwt", f'{{"deviceId":"d2","status":"offline","timestamp":{now + 9}}}'),
             ],
             client_id="gw",
         )
@@ -155,28 +150,30 @@ def test_device_fleet(pg_dsn: str, tmp_path: Path) -> None:
 
     asyncio.run(main())
     st = {
-        r["device_id"]: dict(r) for r in asyncio.run(fetch(pg_dsn, "SELECT * FROM device_status"))
+        r["device_id"]: tuple(r)[1:6]
+        for r in asyncio.run(
+            fetch(
+                pg_dsn,
+                "SELECT device_id, type, status, position_ms, session_id, ts FROM device_status",
+            )
+        )
     }
-    assert (st["d1"]["online"], st["d1"]["state"], st["d1"]["battery"]) == (True, "running", 80.0)
-    # The LWT marked d2 offline and kept its last known state.
-    assert (st["d2"]["online"], st["d2"]["state"], st["d2"]["firmware"]) == (
-        False,
-        "running",
-        "1.1.9",
-    )
-    hb = asyncio.run(fetch(pg_dsn, "SELECT device_id, uptime_s, rssi FROM last_seen"))
-    assert [tuple(h) for h in hb] == [("d1", 160, -61)]
-    ev = asyncio.run(
-        fetch(pg_dsn, "SELECT device_id, ts, event, data FROM device_events ORDER BY ts")
-    )
+    assert st == {
+        "d1": ("vr-headset", "playing", 1000, "s1", at(now)),
+        # The LWT marked d2 offline and kept its last position and session.
+        "d2": ("vr-headset", "offline", 2000, "s1", at(now + 9)),
+    }
+    hb = asyncio.run(fetch(pg_dsn, "SELECT device_id, ts FROM device_heartbeats"))
+    assert [tuple(h) for h in hb] == [("d1", at(now + 60_000))]
+    ev = asyncio.run(fetch(pg_dsn, "SELECT device_id, ts, event FROM device_events ORDER BY ts"))
     assert [tuple(e) for e in ev] == [
-        ("d1", dt.datetime(2024, 5, 1, 10, 0, 5, tzinfo=UTC), "door_close", None),
-        ("d1", dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC), "door_open", '{"door": 2}'),
+        ("d1", dt.datetime(2024, 5, 1, 12, 0, 5, tzinfo=UTC), "pause"),
+        ("d1", at(now), "seek"),
     ]
     devs = asyncio.run(
-        fetch(pg_dsn, "SELECT device_id, firmware, capabilities, announced_by FROM devices")
+        fetch(pg_dsn, "SELECT device_id, name, announced_at, announced_by FROM devices")
     )
-    assert [tuple(d) for d in devs] == [("d1", "1.3.0", '["temp", "hum"]', "gw")]
+    assert [tuple(d) for d in devs] == [("d1", "Quest 3", at(now + 5), "gw")]
     dl = asyncio.run(fetch(pg_dsn, "SELECT route FROM dead_letters ORDER BY route"))
     assert [d[0] for d in dl] == ["discovery", "events"]
 

@@ -317,6 +317,26 @@ def test_required_and_latest_keys() -> None:
         ({"a": "topic.id"}, {"key": ["a"]}, "only 'latest'"),
         ({"a": "topic.id"}, {"filter": ["a/#/b"]}, "invalid MQTT filter"),
         ({"a": "lookup.x.y"}, {}, "no lookup named"),
+        ({"a": {"source": "payload.a", "fallback": "payload.b"}}, {}, "cannot read the payload"),
+        ({"a": {"source": "payload.a", "fallback": "payload"}}, {}, "cannot read the payload"),
+        ({"a": {"source": "payload.a", "fallback": "wat"}}, {}, "unknown source"),
+        ({"a": {"value": 1, "fallback": "received_at"}}, {}, "constant column has no fallback"),
+        (
+            {"a": {"source": "payload.a", "fallback": "client_id", "fallback_value": "x"}},
+            {},
+            "either fallback or fallback_value",
+        ),
+        (
+            {"a": {"source": "payload.a", "type": "integer", "fallback_value": "x"}},
+            {},
+            "fallback_value 'x'",
+        ),
+        ({"a": {"source": "payload.a", "keep_when_missing": True}}, {}, "'latest' routes only"),
+        (
+            {"a": {"source": "topic.id", "keep_when_missing": True}},
+            {"kind": "latest", "key": ["a"]},
+            "key column cannot be keep_when_missing",
+        ),
     ],
 )
 def test_route_config_errors(columns: dict[str, Any], kw: dict[str, Any], error: str) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ingestd.broker.message import Message
 from ingestd.config import load_config
-from ingestd.ingest.routes import Route, compile_config
+from ingestd.ingest.routes import Route, RowError, compile_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +64,12 @@ ret = "retain"
 fw = "user_property.fw"
 const_s = { value = "north" }
 const_i = { value = 7 }
+ts_fb = { source = "payload.ts", type = "timestamptz", fallback = "received_at" }
+tms_fb = { source = "payload.tms", type = "timestamptz", unit = "ms", fallback = "received_at", required = true }
+t_fb = { source = "payload.t", type = "text", fallback = "client_id" }
+i_fb = { source = "payload.i", type = "integer", fallback_value = -1 }
+dev_fb = { source = "user_property.fw", fallback = "topic.dev" }
+user_fb = { source = "username", fallback = "user_property.fw" }
 
 [[routes]]
 name = "latest"
@@ -104,6 +110,8 @@ def check(route: Route, msgs: list[Message]) -> None:
         return
     got = route.convert_many(msgs)
     assert got == want
+    # ...and the getters (the reference, column by column) agree with both
+    assert [route.convert_slow(m) for m in msgs] == want
     # same types too (True vs 1, 1.0 vs 1 compare equal)
     assert [[type(v) for v in row] for row in got] == [[type(v) for v in row] for row in want]
 
@@ -128,6 +136,8 @@ json_value = st.recursive(
 KEYS = ["t", "tr", "i", "s", "b", "f", "r", "n", "flag", "ts", "tms", "tns", "j", "o", "a"]
 KEYS += ["k", "v", "seq", "battery", "ts", "status", "fw", "name", "voltage", "current"]
 KEYS += ["power", "run", "pub", "temperature", "pressure", "id", "model", "level", "value"]
+KEYS += ["solar_v", "solar_a", "water", "extra", "energy", "area", "deviceId", "type"]
+KEYS += ["positionMs", "sessionId", "timestamp"]
 
 
 text = st.text(max_size=8) | st.sampled_from(["a\x00b", "x"])
@@ -136,10 +146,14 @@ number = st.integers(-(2**40), 2**40) | st.floats(-1e9, 1e9)
 # A value of the type the example routes expect, per key (most rows then convert).
 TYPED: dict[str, Any] = {
     **{k: text for k in ("t", "tr", "status", "name", "model", "run", "id", "fw")},
-    **{k: small for k in ("i", "s", "pub", "level", "k")},
+    **{k: text for k in ("deviceId", "type", "sessionId")},
+    **{k: small for k in ("i", "s", "pub", "level", "k", "positionMs")},
     **{k: st.integers(-(2**40), 2**40) for k in ("b", "seq")},
     **{k: number for k in ("f", "r", "v", "n", "value", "battery", "temperature")},
     **{k: number for k in ("pressure", "voltage", "current", "power")},
+    **{k: number for k in ("solar_v", "solar_a", "water", "energy", "area")},
+    "timestamp": st.integers(0, 4 * 10**12) | st.sampled_from(["2024-05-01T12:00:00Z"]),
+    "extra": st.fixed_dictionaries({"temp": number, "vibration": number}) | json_value,
     "flag": st.booleans(),
     "ts": st.floats(0, 4e9) | st.integers(0, 4 * 10**9),
     "tms": st.integers(0, 4 * 10**12),
@@ -252,6 +266,49 @@ def test_valid_rows_are_built_and_equal(tmp_path: Path) -> None:
     want = [route._fast(m) for m in msgs]
     assert route.convert_many(msgs) == want
     assert want[0][0] == "12" and want[0][1] == 12 and want[1][5] is None
+    assert [route.convert_slow(m) for m in msgs] == want
+    col = dict(zip(route.column_names, zip(*want, strict=True), strict=True))
+    # fallbacks: the payload value when there is one, else the fallback
+    assert col["ts_fb"] == col["ts_s"]
+    assert col["t_fb"] == ("hé", "c2")  # payload.t, then client_id when t is null
+    assert col["i_fb"] == (7, 7)
+    assert col["dev_fb"] == ("9", "13")  # user property fw, else topic.dev
+    assert col["user_fb"] == ("u", None)  # username, else user property fw (none)
+
+
+def test_fallback_when_the_payload_has_no_value(tmp_path: Path) -> None:
+    (route, _latest) = routes_of(KINDS, tmp_path)
+    props = {0x26: [("fw", "7")]}
+    m = Message("k/4/x", b'{"tr": "x", "t": null}', 1, False, props, "c9", None, 1.7e9)
+    for row in (route._fast(m), route.convert_slow(m), route.convert_many([m])[0]):
+        col = dict(zip(route.column_names, row, strict=True))
+        assert col["ts_fb"] == col["at"] == col["tms_fb"]
+        assert col["t_fb"] == "c9" and col["i_fb"] == -1 and col["dev_fb"] == "7"
+        assert col["user_fb"] == "7"  # anonymous: the user property
+
+
+def test_required_fallback_is_an_error_only_when_both_give_nothing(tmp_path: Path) -> None:
+    (route,) = routes_of(
+        """
+[[routes]]
+name = "r"
+topic = "r/{dev}"
+table = "r_rows"
+[routes.columns]
+dev = "topic.dev"
+who = { source = "payload.who", type = "text", fallback = "username", required = true }
+""",
+        tmp_path,
+    )
+    ok = Message("r/1", b"{}", 1, False, {}, "c", "alice", 1.7e9)
+    assert (
+        route._fast(ok) == route.convert_slow(ok) == route.convert_many([ok])[0] == ("1", "alice")
+    )
+    bad = Message("r/1", b"{}", 1, False, {}, "c", None, 1.7e9)
+    with pytest.raises(RowError, match="column who: no value"):
+        route.convert(bad)
+    with pytest.raises(Exception):  # noqa: B017 - the builder raises; convert() decides
+        route.convert_many([bad])
 
 
 def test_required_missing_and_bad_payload_raise(tmp_path: Path) -> None:
@@ -262,3 +319,17 @@ def test_required_missing_and_bad_payload_raise(tmp_path: Path) -> None:
             route.convert_many([m])
         with pytest.raises(Exception):  # noqa: B017
             route._fast(m)
+
+
+def test_fallbacks_run_in_the_builder(tmp_path: Path) -> None:
+    """The solar-fleet ts (payload.ts else received_at) stays on the compiled path."""
+    from ingestd.ingest.routes.codegen import _row_ops
+
+    (telemetry, _status) = routes_of("config/solar-fleet.toml")
+    ops = dict(zip(telemetry.column_names, _row_ops(telemetry.columns), strict=True))
+    assert ops["ts"][0] == "attr_ts" and ops["ts"][5] == ("received_ts", None)
+    (kinds, _latest) = routes_of(KINDS, tmp_path)
+    ops = dict(zip(kinds.column_names, _row_ops(kinds.columns), strict=True))
+    assert ops["i_fb"][0] in ("attr", "attr_conv") and ops["i_fb"][5] == ("const", -1)
+    assert ops["t_fb"][0] == "attr_text" and ops["t_fb"][5][0] == "py"
+    assert ops["tms_fb"][1] is True  # required: checked after the fallback

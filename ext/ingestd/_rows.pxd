@@ -19,6 +19,14 @@ cdef enum:
     OP_RECEIVED_TS = 8
     OP_CONST = 9         # arg0: value
 
+# What a column with a fallback (routes/kinds.py Fallback) takes when its own
+# operation gives None.
+cdef enum:
+    FB_NONE = 0
+    FB_RECEIVED_TS = 1   # the time of receipt
+    FB_CONST = 2         # fallback arg: the value
+    FB_PY = 3            # fallback arg: getter(m, lv, o)
+
 
 @cython.final
 cdef class RowBuilder:
@@ -31,6 +39,8 @@ cdef class RowBuilder:
     cdef int* _ops               # per column: its OP_*
     cdef bint* _required         # per column: None is an error
     cdef list _a0, _a1, _a2      # per column: the operation's arguments
+    cdef int* _fbk               # per column: its FB_*
+    cdef list _fb                # per column: the fallback's argument
 
     # One message's row; raises (anything) when it needs the per-message path.
     cdef tuple _row(self, Message m)

@@ -43,12 +43,15 @@ cdef class RowBuilder:
     def __cinit__(self):
         self._ops = NULL
         self._required = NULL
+        self._fbk = NULL
 
     def __init__(self, ops, decode, bint needs_levels, check, dict levels=None,
                  Py_ssize_t levels_cache_max=4096):
-        """``ops``: per column, (kind, required, arg0, arg1, arg2) with the kinds
-        named as in :data:`KINDS`; ``levels``: the topic -> split levels cache to
-        use (shared with the route's generated converter)."""
+        """``ops``: per column, (kind, required, arg0, arg1, arg2[, fallback]) with
+        the kinds named as in :data:`KINDS` and ``fallback`` None or
+        (``FALLBACKS`` name, arg): what the column takes when its operation gives
+        None; ``levels``: the topic -> split levels cache to use (shared with the
+        route's generated converter)."""
         self._decode = decode
         self._check = check
         self._levels = needs_levels or check is not None
@@ -57,22 +60,33 @@ cdef class RowBuilder:
         self._n = len(ops)
         self._ops = <int*>PyMem_Malloc(max(self._n, 1) * sizeof(int))
         self._required = <bint*>PyMem_Malloc(max(self._n, 1) * sizeof(bint))
-        if self._ops == NULL or self._required == NULL:
+        self._fbk = <int*>PyMem_Malloc(max(self._n, 1) * sizeof(int))
+        if self._ops == NULL or self._required == NULL or self._fbk == NULL:
             raise MemoryError()
         self._a0 = []
         self._a1 = []
         self._a2 = []
+        self._fb = []
         cdef Py_ssize_t i
-        for i, (kind, required, a0, a1, a2) in enumerate(ops):
+        for i, op in enumerate(ops):
+            kind, required, a0, a1, a2 = op[:5]
+            fb = op[5] if len(op) > 5 else None
             self._ops[i] = KINDS[kind]
             self._required[i] = bool(required)
             self._a0.append(a0)
             self._a1.append(a1)
             self._a2.append(a2)
+            if fb is None:
+                self._fbk[i] = FB_NONE
+                self._fb.append(None)
+            else:
+                self._fbk[i] = FALLBACKS[fb[0]]
+                self._fb.append(fb[1])
 
     def __dealloc__(self):
         PyMem_Free(self._ops)
         PyMem_Free(self._required)
+        PyMem_Free(self._fbk)
 
     def build(self, list msgs):
         """The rows of ``msgs`` in order. Raises (anything) if one needs the per-message path."""
@@ -136,6 +150,13 @@ cdef class RowBuilder:
                 v = self._a0[i]
             else:
                 v = self._a0[i](m, lv, o)
+            if v is None and self._fbk[i] != FB_NONE:
+                if self._fbk[i] == FB_RECEIVED_TS:
+                    v = _fromts(m.received_at, _UTC)
+                elif self._fbk[i] == FB_CONST:
+                    v = self._fb[i]
+                else:
+                    v = self._fb[i](m, lv, o)
             if v is None and self._required[i]:
                 raise ValueError("required column without a value")
             Py_INCREF(v)
@@ -154,4 +175,9 @@ KINDS = {
     "topic": OP_TOPIC,
     "received_ts": OP_RECEIVED_TS,
     "const": OP_CONST,
+}
+FALLBACKS = {
+    "received_ts": FB_RECEIVED_TS,
+    "const": FB_CONST,
+    "py": FB_PY,
 }

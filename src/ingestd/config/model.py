@@ -183,7 +183,9 @@ class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_
     ``topic[<index>]``, ``payload``, ``payload.<path>``, ``received_at``,
     ``client_id``, ``username``, ``qos``, ``retain``, ``user_property.<name>``,
     ``lookup.<lookup name>.<column>``. A constant is written ``value = ...``
-    with no source.
+    with no source. ``fallback`` / ``fallback_value``: what the column takes
+    when ``source`` gives no value; ``keep_when_missing`` (``latest`` routes):
+    keep the stored value instead of writing NULL.
     """
 
     source: str | None = None
@@ -194,6 +196,13 @@ class ColumnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_
     value: Any = None
     # A message without a value for this column is a dead letter instead of a NULL.
     required: bool = False
+    # When ``source`` gives no value (missing or null): another source (not a
+    # payload path, e.g. ``received_at``), or a constant ``fallback_value``.
+    fallback: str | None = None
+    fallback_value: Any = None
+    # ``latest`` routes: a message with no value for this column keeps the
+    # stored one (``SET col = COALESCE(EXCLUDED.col, col)``) instead of NULLing it.
+    keep_when_missing: bool = False
 
 
 class IndexSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -239,9 +248,13 @@ class LookupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     columns: dict[str, str]
     # Whole-table reload period (seconds).
     refresh_s: float = 60.0
-    # On a miss, reload at most this often (seconds) before giving up on the row;
-    # 0 reloads on every miss.
-    miss_refresh_s: float = 5.0
+    # Reloads caused by misses happen at most this often (seconds); a batch with
+    # a miss waits for the next one rather than giving up. 0: no limit.
+    miss_refresh_s: float = 1.0
+    # A miss becomes on_miss only once the table was read at least this long
+    # after the message was received, so a mapping row added moments after the
+    # message is still found (the batch waits; 0: read after receipt suffices).
+    miss_wait_s: float = 2.0
     # What a row whose key is not in the table becomes.
     on_miss: Literal["dead-letter", "null", "skip"] = "dead-letter"
 

@@ -48,6 +48,7 @@ def _new_group(route: Route) -> Group:
         tuple(c.pgtype for c in route.columns),
         route.key,
         [],
+        route.keep,
     )
 
 
@@ -83,7 +84,7 @@ async def convert_entries(
     routes: list[Route] | Route,
     kind: str,
     dead_letter_table: str,
-    reload_lookup: Callable[[LookupCache], Awaitable[None]] | None = None,
+    reload_lookup: Callable[[LookupCache, float], Awaitable[bool]] | None = None,
 ) -> Converted:
     """Turn a batch of messages into Groups (+ a dead-letter group).
 
@@ -96,13 +97,17 @@ async def convert_entries(
     ``append`` tables: one group per route. ``latest`` tables: one group per
     run of consecutive messages of one route, deduplicated by key (keeping the
     last row), so different routes writing different columns of one row keep
-    their order. Lookup misses trigger (rate-limited) lookup reloads through
-    ``reload_lookup``, then the lookup's ``on_miss`` policy.
+    their order. A lookup miss applies the lookup's ``on_miss`` only once the
+    cache was read ``miss_wait_s`` after the message was received: until then
+    ``reload_lookup(lookup, wall_time)`` waits and reloads it (rate-limited,
+    lookups.py) and the message is converted again.
     """
     out = Converted()
     dead: list[tuple[Any, ...]] = []
     sink = _Sink(out, kind)
+    # Lookups that missed in this batch: their `final` is decided per message.
     finals: list[LookupCache] = []
+    failed: set[str] = set()  # lookups whose reload failed: misses are final
     single = routes if isinstance(routes, Route) else None
     n = len(msgs)
     i = 0
@@ -122,14 +127,16 @@ async def convert_entries(
                 if i < n:
                     await asyncio.sleep(0)
                 continue
-        i, miss = _convert_range(msgs, routes, i, end, sink, dead, finals)
+        i, miss = _convert_range(msgs, routes, i, end, sink, dead, finals, failed)
         if miss is not None:
             if reload_lookup is None:
                 raise RuntimeError("lookup miss without a way to reload the lookup")
-            # Reload the lookup if allowed (rate-limited), then retry from the
-            # same message with misses of that lookup final (on_miss applies).
-            finals.append(miss)
-            await reload_lookup(miss)
+            # Bring the cache to miss_wait_s after this message's receipt, then
+            # retry from the same message (a miss then applies on_miss).
+            if not any(lk is miss for lk in finals):
+                finals.append(miss)
+            if not await reload_lookup(miss, msgs[i].received_at + miss.miss_wait_s):
+                failed.add(miss.name)
             continue
         if i < n:
             await asyncio.sleep(0)
@@ -153,16 +160,20 @@ def _convert_range(
     sink: _Sink,
     dead: list[tuple[Any, ...]],
     finals: list[LookupCache],
+    failed: set[str],
 ) -> tuple[int, LookupCache | None]:
     """Convert msgs[i:end] one by one. Returns (next index, lookup that missed or None).
 
-    Synchronous on purpose: the lookups' ``final`` flags are set only for its duration.
+    A miss of a lookup in ``finals`` applies on_miss when the cache is recent
+    enough for the message (read ``miss_wait_s`` after its receipt) or its reload
+    failed; otherwise it stops here for the caller to reload. Synchronous on
+    purpose: the lookups' ``final`` flags are set only for its duration.
     """
-    for lk in finals:
-        lk.final = True
     try:
         while i < end:
             msg = msgs[i]
+            for lk in finals:
+                lk.final = lk.name in failed or lk.loaded_wall >= msg.received_at + lk.miss_wait_s
             route = routes if isinstance(routes, Route) else routes[i]
             try:
                 rec = route.convert(msg)
@@ -184,7 +195,13 @@ def _convert_range(
 
 
 def _dedup_latest(g: Group, origins: list[Message]) -> None:
-    """Keep the last record per key, in their original order."""
+    """Keep the last record per key, in their original order.
+
+    A ``keep_when_missing`` column of the kept record that is NULL takes the
+    value of the latest earlier record of its key that had one: what upserting
+    the records one by one would have left (status then LWT in one batch keeps
+    the status's energy).
+    """
     if len(g.records) < 2:
         return
     idx = [g.columns.index(k) for k in g.key]
@@ -194,5 +211,19 @@ def _dedup_latest(g: Group, origins: list[Message]) -> None:
     if len(last) == len(g.records):
         return
     keep = sorted(last.values())
-    g.records = [g.records[j] for j in keep]
+    if g.keep:
+        kidx = [g.columns.index(c) for c in g.keep]
+        merged: dict[tuple[Any, ...], list[Any]] = {}
+        for r in g.records:
+            k = tuple([r[i] for i in idx])
+            m = merged.get(k)
+            if m is None:
+                merged[k] = list(r)
+                continue
+            for ci, v in enumerate(r):
+                if v is not None or ci not in kidx:
+                    m[ci] = v
+        g.records = [tuple(merged[tuple([g.records[j][i] for i in idx])]) for j in keep]
+    else:
+        g.records = [g.records[j] for j in keep]
     origins[:] = [origins[j] for j in keep]

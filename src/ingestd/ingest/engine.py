@@ -347,7 +347,7 @@ class IngestEngine:
                 routes,
                 batcher.kind,
                 self.config.ingest.dead_letter_table,
-                self.lookups.reload_on_miss,
+                self.lookups.reload_for,
             )
             if self._touch and self.presence is not None:
                 touch = self.presence.touch

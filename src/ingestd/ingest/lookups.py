@@ -1,8 +1,13 @@
 """Lookup tables kept in memory (LookupCache) and their loading (LookupLoader).
 
-A route column ``lookup.<lookup>.<column>`` reads a LookupCache; on a miss the
-conversion asks :meth:`LookupLoader.reload_on_miss` (rate-limited by
-``miss_refresh_s``) and retries, then applies the lookup's ``on_miss``.
+A route column ``lookup.<lookup>.<column>`` reads a LookupCache. A miss
+applies the lookup's ``on_miss`` only once the cache reflects the table as of
+``miss_wait_s`` after the message was received: until then the conversion asks
+:meth:`LookupLoader.reload_for` to wait for that moment and reload (at most
+every ``miss_refresh_s``, concurrent batches sharing one reload) and retries.
+So a mapping row inserted before the message, or up to ``miss_wait_s`` after
+it, is found; a batch with a miss is delayed by at most about
+``miss_wait_s + miss_refresh_s`` plus one reload.
 """
 
 from __future__ import annotations
@@ -39,13 +44,19 @@ class LookupCache:
     refresh_s: float
     miss_refresh_s: float
     on_miss: str
+    # A miss is final only when the cache was loaded this long after the message
+    # was received (a mapping row added moments later is still found).
+    miss_wait_s: float = 2.0
     # key column -> its source spec (evaluated in the context of each route using the lookup)
     key_specs: dict[str, Any] = field(default_factory=dict)
     data: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     loaded_at: float = 0.0  # time.monotonic() of the last successful load
+    # time.time() when the last successful load started: the cache holds every row
+    # committed before it (messages' received_at is wall-clock time too).
+    loaded_wall: float = 0.0
     miss_reloaded_at: float = 0.0  # time.monotonic() of the last reload caused by a miss
-    # While False, a miss raises LookupMiss (the engine reloads and retries);
-    # once True (retry pass) a miss applies on_miss.
+    # While False, a miss raises LookupMiss (the engine waits, reloads and retries);
+    # True (the cache is recent enough for the message at hand) applies on_miss.
     final: bool = False
 
     def select_sql(self) -> str:
@@ -70,7 +81,7 @@ class LookupLoader:
         self._lookups = lookups
         self._pool: asyncpg.Pool | None = None
         self._stats = stats
-        self._reloads: dict[str, asyncio.Future[None]] = {}
+        self._reloads: dict[str, asyncio.Future[bool]] = {}
 
     async def load_all(self, pool: asyncpg.Pool) -> None:
         """Load every lookup from ``pool`` (start-up; errors propagate); later loads use it too."""
@@ -80,25 +91,43 @@ class LookupLoader:
 
     async def _load(self, lk: LookupCache) -> None:
         assert self._pool is not None, "load_all() first"
+        started = time.time()
         rows = await self._pool.fetch(lk.select_sql())
         lk.replace([tuple(r) for r in rows])
         lk.loaded_at = time.monotonic()
+        lk.loaded_wall = started
         self._stats.lookup_reloads += 1
 
-    async def reload_on_miss(self, lk: LookupCache) -> None:
-        """Reload a lookup after a miss, at most every ``miss_refresh_s``; errors are logged."""
-        running = self._reloads.get(lk.name)
-        if running is not None and not running.done():
-            # Another batch triggered a reload: its result is what we need.
-            await asyncio.shield(running)
-            return
-        now = time.monotonic()
-        if lk.miss_reloaded_at and now - lk.miss_reloaded_at < lk.miss_refresh_s:
-            return
-        lk.miss_reloaded_at = now
-        task = asyncio.ensure_future(self._reload_logged(lk))
-        self._reloads[lk.name] = task
-        await asyncio.shield(task)
+    async def reload_for(self, lk: LookupCache, need_wall: float) -> bool:
+        """Bring the cache to the table as of ``need_wall`` (``time.time()``) or later.
+
+        Waits until ``need_wall``, then reloads, at most every ``miss_refresh_s``
+        (waiting for the throttle rather than giving up: a miss must not lose a
+        message because another miss reloaded a moment ago); concurrent callers
+        share one reload. False when a reload failed (the caller applies on_miss).
+        """
+        while lk.loaded_wall < need_wall:
+            running = self._reloads.get(lk.name)
+            if running is not None and not running.done():
+                await asyncio.shield(running)
+                if running.result() is False:
+                    return False
+                continue
+            delay = max(
+                need_wall - time.time(),
+                lk.miss_reloaded_at + lk.miss_refresh_s - time.monotonic()
+                if lk.miss_reloaded_at
+                else 0.0,
+            )
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            lk.miss_reloaded_at = time.monotonic()
+            task = asyncio.ensure_future(self._reload_logged(lk))
+            self._reloads[lk.name] = task
+            if not await asyncio.shield(task):
+                return False
+        return True
 
     async def reload_all(self) -> None:
         """Reload every lookup now, whatever its rate limits (before a dead-letter replay:
@@ -106,12 +135,14 @@ class LookupLoader:
         for lk in self._lookups:
             await self._reload_logged(lk)
 
-    async def _reload_logged(self, lk: LookupCache) -> None:
+    async def _reload_logged(self, lk: LookupCache) -> bool:
         try:
             await self._load(lk)
         except Exception as e:
             # Keep the stale cache; the miss applies on_miss.
             log.warning("lookup %s: reload failed: %s", lk.name, e)
+            return False
+        return True
 
     async def refresh_forever(self) -> None:
         """Reload each lookup every ``refresh_s`` (a background task; errors are logged)."""

@@ -80,6 +80,9 @@ class Group(msgspec.Struct, array_like=True):
     types: tuple[str, ...]
     key: tuple[str, ...]
     records: list[tuple[Any, ...]]
+    # latest: columns whose NULL keeps the stored value (keep_when_missing). Last and
+    # defaulted, so spool entries written before it existed still decode.
+    keep: tuple[str, ...] = ()
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -124,7 +127,7 @@ class Writer:
         self.pool = pool
         self.dead_letter_table = dead_letter_table
         self.upsert_method = upsert_method or UPSERT_METHOD
-        self._sql: dict[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], str] = {}
+        self._sql: dict[tuple[Any, ...], str] = {}
         self._encoders: dict[tuple[str, ...], CopyEncoder | None] = {}
         self.bisections = 0
         # Told the dead-letter rows bisection isolated, once they are committed.
@@ -205,7 +208,14 @@ class Writer:
         if not rows:
             return
         sub = Group(
-            g.table, g.kind, g.route, g.columns, g.types, g.key, [g.records[i] for i in rows]
+            g.table,
+            g.kind,
+            g.route,
+            g.columns,
+            g.types,
+            g.key,
+            [g.records[i] for i in rows],
+            g.keep,
         )
         try:
             async with conn.transaction():  # a savepoint
@@ -267,7 +277,7 @@ class Writer:
         await copy_binary(conn, table, encoder.encode(g.records), g.columns, schema)
 
     def _upsert_sql(self, g: Group, mode: str) -> str:
-        k = (mode, (g.table,), g.columns, g.key)
+        k = (mode, (g.table, *g.keep), g.columns, g.key)
         sql = self._sql.get(k)
         if sql is not None:
             return sql
@@ -286,11 +296,17 @@ class Writer:
         updates = [c for c in g.columns if c not in g.key]
         conflict = ", ".join(quote_ident(c) for c in g.key)
         if updates:
+            # keep_when_missing: a NULL from this message keeps what the row holds
+            # (an LWT carrying only `status` must not wipe the last energy reading).
             action = "DO UPDATE SET " + ", ".join(
-                f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in updates
+                f"{quote_ident(c)} = COALESCE(EXCLUDED.{quote_ident(c)}, _old.{quote_ident(c)})"
+                if c in g.keep
+                else f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}"
+                for c in updates
             )
         else:
             action = "DO NOTHING"
-        sql = f"INSERT INTO {quote_ident(g.table)} ({cols}) {source} ON CONFLICT ({conflict}) {action}"
+        target = quote_ident(g.table) + (" AS _old" if g.keep else "")
+        sql = f"INSERT INTO {target} ({cols}) {source} ON CONFLICT ({conflict}) {action}"
         self._sql[k] = sql
         return sql

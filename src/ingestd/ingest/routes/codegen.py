@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _row_ops(columns: list[Column]) -> list[tuple[Any, ...]]:
-    """Per column, the RowBuilder operation: (kind, required, arg0, arg1, arg2).
+    """Per column, the RowBuilder operation: (kind, required, arg0, arg1, arg2, fallback).
 
     A column kind with an inline form gives its operation (``ColumnRead.op``,
     routes/kinds.py); any other column is called as the generated converter
@@ -29,8 +29,11 @@ def _row_ops(columns: list[Column]) -> list[tuple[Any, ...]]:
         if op is None:
             ops.append(("py", False, c.getter, None, None))
             continue
+        fallback = None
+        if op[0] == "fallback":  # ("fallback", first op, (FALLBACKS name, arg))
+            op, fallback = op[1], op[2]
         args = (*op[1:], None, None, None)[:3]
-        ops.append((op[0], c.read.required, *args))
+        ops.append((op[0], c.read.required, *args, fallback))
     return ops
 
 

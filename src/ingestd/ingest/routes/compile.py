@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING
 from ingestd.errors import ConfigError
 from ingestd.ingest.lookups import LookupCache
 from ingestd.ingest.pgtypes import canonical_type
-from ingestd.ingest.routes.kinds import Required
+from ingestd.ingest.routes.errors import RowError
+from ingestd.ingest.routes.kinds import ColumnRead, Constant, Fallback, Required
 from ingestd.ingest.routes.model import Column, CompiledConfig, IndexDef, Route, TableSpec
 from ingestd.ingest.routes.sources import _normalize_column, _RouteBuilder
 from ingestd.ingest.routes.templates import _template_checker, parse_template, validate_filter
+from ingestd.ingest.routes.values import value_converter
 
 if TYPE_CHECKING:
-    from ingestd.config import Config, IndexSpec, LookupConfig, RouteConfig
+    from ingestd.config import ColumnSpec, Config, IndexSpec, LookupConfig, RouteConfig
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -208,6 +210,11 @@ def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:
     # 0 is allowed: reload on every miss (small mapping tables that change often).
     if not lc.miss_refresh_s >= 0:
         raise ConfigError("must be >= 0", key=f"{key}.miss_refresh_s")
+    if not 0 <= lc.miss_wait_s <= 60:
+        raise ConfigError(
+            "must be between 0 and 60 (a batch with a miss waits this long)",
+            key=f"{key}.miss_wait_s",
+        )
     return LookupCache(
         name=lc.name,
         table=lc.table,
@@ -218,8 +225,38 @@ def _compile_lookup(lc: LookupConfig, key: str) -> LookupCache:
         refresh_s=lc.refresh_s,
         miss_refresh_s=lc.miss_refresh_s,
         on_miss=lc.on_miss,
+        miss_wait_s=lc.miss_wait_s,
         key_specs=dict(lc.key),
     )
+
+
+def _fallback_read(b: _RouteBuilder, pgtype: str, spec: ColumnSpec, key: str) -> ColumnRead | None:
+    """The read of a column's ``fallback`` source or ``fallback_value``, or None."""
+    if spec.fallback is None and spec.fallback_value is None:
+        return None
+    if spec.source is None:
+        raise ConfigError("a constant column has no fallback", key=f"{key}.fallback")
+    if spec.fallback is not None and spec.fallback_value is not None:
+        raise ConfigError("give either fallback or fallback_value, not both", key=f"{key}.fallback")
+    unit = spec.unit or "s"
+    if spec.fallback_value is not None:
+        try:
+            return Constant(value_converter(pgtype, unit)(spec.fallback_value))
+        except RowError as e:
+            raise ConfigError(
+                f"fallback_value {spec.fallback_value!r}: {e}", key=f"{key}.fallback_value"
+            ) from None
+    fb = spec.fallback
+    assert fb is not None
+    if fb == "payload" or fb.startswith(("payload.", "payload[", "payload_")):
+        raise ConfigError(
+            f"fallback {fb!r}: a fallback cannot read the payload (use received_at, topic, "
+            "topic.<name>, client_id, username, user_property.<name>, lookup.<lookup>.<column>, "
+            "or a constant fallback_value)",
+            key=f"{key}.fallback",
+        )
+    _t, read, _r = b._source(-1, fb, pgtype, unit, f"{key}.fallback", False)
+    return read
 
 
 def compile_route(
@@ -256,6 +293,24 @@ def compile_route(
         src = spec if isinstance(spec, str) else (spec.source or "const")
         columns.append(Column(cname, pgtype, src, read, required))
     b.finish(columns)
+    # After finish(): the first source's payload read is bound; before Required: a
+    # required column with a fallback is an error only when both give nothing.
+    for c, spec in zip(columns, rc.columns.values(), strict=True):
+        if isinstance(spec, str):
+            continue
+        ckey = f"{key}.columns.{c.name}"
+        second = _fallback_read(b, c.pgtype, spec, ckey)
+        if second is not None:
+            c.read = Fallback(c.read, second)
+            c.source = f"{c.source} else {spec.fallback or 'fallback_value'}"
+        if spec.keep_when_missing:
+            if rc.kind != "latest":
+                raise ConfigError(
+                    "keep_when_missing applies to 'latest' routes only (an append row has "
+                    "no stored value to keep)",
+                    key=f"{ckey}.keep_when_missing",
+                )
+            c.keep = True
     key_cols: tuple[str, ...] = tuple(rc.key)
     if rc.kind == "latest":
         if not key_cols:
@@ -271,6 +326,11 @@ def compile_route(
         for c in columns:
             if c.name in key_cols:
                 c.required = True
+                if c.keep:
+                    raise ConfigError(
+                        "a key column cannot be keep_when_missing (it is always required)",
+                        key=f"{key}.columns.{c.name}.keep_when_missing",
+                    )
     elif key_cols:
         raise ConfigError("only 'latest' routes have a key", key=f"{key}.key")
     for c in columns:

@@ -203,6 +203,64 @@ class PayloadField(ColumnRead):
         return ("attr_conv", name, conv)
 
 
+def _renamed(inline: Inline, prefix: str) -> Inline:
+    """An inline expression with its placeholders renamed ``{k}`` -> ``{<prefix>k}``,
+    so that an outer kind can embed it next to its own placeholders."""
+    expr, env = inline
+    for k in env:
+        expr = expr.replace("{" + k + "}", "{" + prefix + k + "}")
+    return expr, {f"{prefix}{k}": v for k, v in env.items()}
+
+
+class Fallback(ColumnRead):
+    """``first``'s value, or ``second``'s when ``first`` gives none (missing or null):
+    ``{ source = "payload.ts", fallback = "received_at" }``.
+
+    ``second`` is read only when needed. Its errors (and a lookup miss) are its own;
+    an error of ``first`` (a value of the wrong type) is not hidden by the fallback.
+    """
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: ColumnRead, second: ColumnRead) -> None:
+        self.first = first
+        self.second = second
+        g1 = first.getter
+        g2 = second.getter
+
+        def get(m: Message, lv: Any, o: Any) -> Any:
+            v = g1(m, lv, o)
+            return v if v is not None else g2(m, lv, o)
+
+        super().__init__(get)
+
+    def expr(self) -> Inline | None:
+        a = self.first.expr()
+        b = self.second.expr()
+        if a is None or b is None:
+            return None
+        e1, env1 = _renamed(a, "f1_")
+        e2, env2 = _renamed(b, "f2_")
+        # `_f` is this kind's own name: the inner expressions use `_v` (payload
+        # fields) and the outer Required `_w`, so nesting never clobbers a value.
+        return f"(_f if (_f := {e1}) is not None else {e2})", {**env1, **env2}
+
+    def op(self) -> tuple[Any, ...] | None:
+        # ("fallback", first's op, (FALLBACKS name in _rows.pyx, arg)): the builder
+        # runs the first read natively and the fallback only when it gives None.
+        first = self.first.op()
+        if first is None:
+            return None
+        second = self.second.op()
+        if second is not None and second[0] == "received_ts":
+            fb: tuple[str, Any] = ("received_ts", None)
+        elif second is not None and second[0] == "const":
+            fb = ("const", second[1])
+        else:
+            fb = ("py", self.second.getter)
+        return ("fallback", first, fb)
+
+
 class Required(ColumnRead):
     """Any read whose None is an error: ``column <name>: no value (required)``."""
 
@@ -228,10 +286,7 @@ class Required(ColumnRead):
         if inner is None:
             return None
         # Outer reference to the inner expression: rename its placeholders.
-        expr, env = inner
-        env2 = {f"r_{k}": v for k, v in env.items()}
-        for k in env:
-            expr = expr.replace("{" + k + "}", "{r_" + k + "}")
+        expr, env2 = _renamed(inner, "r_")
         return (
             f"(_w if (_w := {expr}) is not None else {{missing}}({self.name!r}))",
             {**env2, "missing": _missing},

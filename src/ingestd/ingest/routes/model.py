@@ -29,6 +29,8 @@ class Column:
     source: str  # the source as written ("const" for constants)
     read: ColumnRead  # its kind: getter, inline expression, RowBuilder op (routes/kinds.py)
     required: bool = False
+    # latest routes: a NULL keeps the stored value (keep_when_missing)
+    keep: bool = False
 
     @property
     def getter(self) -> Getter:
@@ -73,6 +75,7 @@ class Route:
         "filters",
         "getters",
         "index",
+        "keep",
         "key",
         "kind",
         "name",
@@ -107,6 +110,8 @@ class Route:
         self.ack = ack
         self.columns = columns
         self.column_names = tuple(c.name for c in columns)
+        # Columns whose NULL keeps the stored value in the upsert (keep_when_missing).
+        self.keep = tuple(c.name for c in columns if c.keep)
         self.getters = tuple(c.getter for c in columns)
         self.decoder = decoder
         self.needs_levels = needs_levels or check is not None
