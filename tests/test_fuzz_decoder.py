@@ -29,11 +29,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ingestd._codec import Connect, Decoder, Suback, encode
-from ingestd.protocol import PacketType as T
-from ingestd.protocol import Reason
 
 from codec_helpers import CONNECTS, client_decoder, packet, server_decoder, u16, vbi
 from ingestd.errors import ProtocolError
+from ingestd.mqtt.constants import PacketType as T
+from ingestd.mqtt.constants import Reason
 from test_codec_hypothesis import client_packets, connects, server_packets
 
 # The reason codes docs/codec.md allows the decoder to raise.

@@ -62,12 +62,12 @@ from ingestd._codec import (
     encode,
 )
 from ingestd._trie import validate_topic_name
-from ingestd.protocol import PacketType as T
-from ingestd.protocol import Prop
 
 from codec_helpers import PROPERTIES, SAMPLE, WILL
 from conftest import make_config
 from ingestd.errors import ProtocolError
+from ingestd.mqtt.constants import PacketType as T
+from ingestd.mqtt.constants import Prop
 from mqtt_clients import Client
 from rawmqtt import connect_v5, packet, s, varint
 
