@@ -295,8 +295,17 @@ def db_shell(
     sys.exit(rc)
 
 
+def _check_username(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from ingestd.broker.passwords import valid_username
+
+    if not valid_username(value):
+        # The file is "user:hash" per line: a ':' would move the split.
+        raise click.BadParameter("must be non-empty and contain no ':' or line break")
+    return value
+
+
 @main.command()
-@click.argument("username")
+@click.argument("username", callback=_check_username)
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
 def passwd(username: str, password: str) -> None:
     """Print a password-file line for USERNAME (append it to mqtt.password_file)."""

@@ -62,6 +62,7 @@ from ingestd._codec import (
 )
 from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
+from ingestd.broker.acl import ClientAcl
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
@@ -144,6 +145,11 @@ class Channel:
         self.session: Session | None = None
         self.will: WillSpec | None = None
         self.info: ClientInfo | None = None
+        # What this client may read and write (mqtt.acl_file; None: no ACL configured).
+        self.acl: ClientAcl | None = None
+        # While a CONNECT's password is checked (in a thread): the packets that came
+        # after it, handled once it is accepted.
+        self._held: list[Any] | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
@@ -175,29 +181,41 @@ class Channel:
         self.stats.bytes_received += len(data)
         try:
             packets = self.decoder.feed(data)
-            take = self.inbound.take
-            i = 0
-            n = len(packets)
-            while i < n:
-                i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
-                if i == n:
-                    break
-                packet = packets[i]
-                i += 1
-                ptype = packet.packet_type
-                if ptype == _PUBLISH:
-                    self._on_publish(packet)
-                else:
-                    self._dispatch_control(ptype, packet)
-                if self.state == CLOSED:
-                    return
+            if self._held is not None:
+                self._held.extend(packets)  # the CONNECT is still being authenticated
+                return
+            self._handle(packets, 0)
         except ProtocolError as exc:
             self._protocol_error(exc)
+            return
+        if self.state == CLOSED or self._held is not None:
             return
         if not self._read_paused and (
             self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated()
         ):
             self.pause_reading()
+
+    def _handle(self, packets: list[Any], i: int) -> None:
+        """Handle ``packets`` from index ``i``: the fast path or one handler per packet."""
+        take = self.inbound.take
+        n = len(packets)
+        while i < n:
+            i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
+            if i == n:
+                break
+            packet = packets[i]
+            i += 1
+            ptype = packet.packet_type
+            if ptype == _PUBLISH:
+                self._on_publish(packet)
+            else:
+                self._dispatch_control(ptype, packet)
+            if self.state == CLOSED:
+                return
+            if self._held is not None:
+                # CONNECT waits for its password check: the rest waits with it.
+                self._held.extend(packets[i:])
+                return
 
     def connection_lost(self) -> None:
         """The transport is gone (closed by either side)."""
@@ -395,7 +413,13 @@ class Channel:
             raise ProtocolError(f"unexpected packet type {ptype}", Reason.PROTOCOL_ERROR)
 
     def _refuse_connect(self, reason_code: int, why: str) -> None:
-        log.info("refusing CONNECT from %s (client %r): %s", self.peer, self.client_id, why)
+        log.info(
+            "refusing CONNECT from %s (client %r, user %r): %s",
+            self.peer,
+            self.client_id,
+            self.username,
+            why,
+        )
         if self.version == 5:
             props = {_P_REASON_STRING: why}
             self.port.write_now(encode(Connack(reason_code=reason_code, properties=props), 5))
@@ -404,7 +428,6 @@ class Channel:
         self._close("protocol_error")
 
     def _on_connect(self, p: Any) -> None:
-        cfg = self.cfg
         self.version = 5 if p.protocol_level == 5 else 4
         if self._timer is not None:
             self._timer.cancel()
@@ -426,10 +449,60 @@ class Channel:
                 )
                 return
             assigned = self.client_id = self.broker.registry.assign_client_id()
-        reason = self.broker.auth.authenticate(p.username, p.password, self.peer)
-        if reason:
-            self._refuse_connect(reason, "bad user name or password")
+        auth = self.broker.auth
+        if auth.refused_peer(self.peer):
+            auth.rate_limited()
+            self._refuse_connect(
+                Reason.CONNECTION_RATE_EXCEEDED, "too many failed logins from this address"
+            )
             return
+        reason = auth.check_anonymous(p.username, self.peer)
+        if reason is None:
+            # A password to check: in a thread. Nothing after this CONNECT is handled,
+            # and nothing more is read, until it is decided.
+            self._held = []
+            self.pause_reading()
+            task = self.loop.create_task(auth.authenticate(p.username, p.password, self.peer))
+            task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
+            return
+        self._on_connect_authenticated(p, assigned, reason)
+
+    def _authenticated(self, p: Any, assigned: str | None, task: asyncio.Task[int]) -> None:
+        """The password check of a CONNECT ended: go on with it, then what came after."""
+        held = self._held or []
+        self._held = None
+        if self.state == CLOSED:
+            return
+        try:
+            reason = task.result()
+        except Exception:
+            log.exception("password check failed for %s", self.peer)
+            reason = Reason.UNSPECIFIED_ERROR
+        try:
+            self._on_connect_authenticated(p, assigned, reason)
+            if self.state == CONNECTED and held:
+                self._handle(held, 0)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if self.state != CLOSED:
+            self.resume_reading()
+
+    def _on_connect_authenticated(self, p: Any, assigned: str | None, reason: int) -> None:
+        cfg = self.cfg
+        props = p.properties
+        if reason:
+            why = (
+                "bad user name or password"
+                if reason == Reason.BAD_USER_NAME_OR_PASSWORD
+                else "not authorized (no user name)"
+                if reason == Reason.NOT_AUTHORIZED
+                else "authentication failed"
+            )
+            self._refuse_connect(reason, why)
+            return
+        auth = self.broker.auth
+        self.acl = acl = auth.client_acl(self.username, self.client_id)
         will = p.will
         if will is not None:
             if not validate_topic_name(will.topic):
@@ -437,6 +510,13 @@ class Channel:
                 return
             if will.retain and not cfg.retain_available:
                 self._refuse_connect(Reason.RETAIN_NOT_SUPPORTED, "retain is not available")
+                return
+            if not auth.may_publish(acl, will.topic):
+                self.stats.acl_denied_publish += 1
+                self._refuse_connect(
+                    Reason.NOT_AUTHORIZED,
+                    f"the ACL does not let it publish its will to {will.topic!r}",
+                )
                 return
         # Session Expiry: v5 asks for it (default 0); 3.1.1 clean session 0 means "keep".
         if self.version == 5:
@@ -459,6 +539,8 @@ class Channel:
 
         session, present = self.broker.registry.attach(self, self.client_id, p.clean_start)
         self.session = session
+        session.username = self.username
+        session.acl = acl
         session.expiry_interval = expiry
         session.send_window = min(props.get(Prop.RECEIVE_MAXIMUM, 65_535), cfg.max_inflight)
         self.will = WillSpec(will, self.client_id, self.username) if will is not None else None
@@ -500,12 +582,27 @@ class Channel:
             session.pump()
 
     def _attach_fast_path(self, session: Session) -> None:
-        """Let ``inbound.take`` handle runs of ingest-only PUBLISHes (now CONNECTED)."""
+        """Let ``inbound.take`` handle runs of ingest-only PUBLISHes (now CONNECTED).
+
+        With an ACL the classifier is wrapped for this connection: a topic the
+        client may not write is "not for the fast path" (None), so it goes to
+        ``_on_publish``, which refuses it. The classification cache lives in this
+        connection's ``Inbound`` (never shared), and attaching again drops it.
+        """
+        classify = self.broker.router.ingest_target
+        acl = self.acl
+        if acl is not None:
+            target = classify
+            may_publish = acl.may_publish
+
+            def classify(topic: str) -> Any:
+                return target(topic) if may_publish(topic) else None
+
         self.inbound.attach(
             self.version,
             self.cfg.receive_maximum,
             self.broker.trie,
-            self.broker.router.ingest_target,
+            classify,
             self.client_id,
             self.username,
             session.inbound_qos2,
@@ -554,6 +651,10 @@ class Channel:
         self.stats.messages_received[qos] += 1
         session = self.session
         assert session is not None
+        acl = self.acl
+        if acl is not None and not acl.may_publish(topic):
+            self._refuse_publish(p, topic)
+            return
         message = Message(
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )
@@ -580,6 +681,35 @@ class Channel:
             session.inbound_qos2.add(pid)
             durable = self._publish(message, session)
             self._queue_ack(durable, _PUBREC, pid, 2)
+
+    def _refuse_publish(self, p: Any, topic: str) -> None:
+        """A PUBLISH the ACL does not allow: never routed (nor ingested), the connection
+        kept. As Mosquitto: v5 PUBACK/PUBREC 0x87; 3.1.1 the plain PUBACK/PUBREC (it
+        has no failure code), so the client does not re-send it."""
+        self.stats.acl_denied_publish += 1
+        log.debug("client %r may not publish to %r: dropped", self.client_id, topic)
+        qos = p.qos
+        if qos == 0:
+            return
+        pid = p.packet_id
+        ptype = _PUBACK if qos == 1 else _PUBREC
+        if self.version == 5:
+            # Ahead of acks still held for durability (they carry other packet ids).
+            self.send(encode_ack(ptype, pid, Reason.NOT_AUTHORIZED, 5))
+        else:
+            # A PUBREL follows; _on_pubrel answers PUBCOMP for an id it does not hold.
+            self._queue_ack(None, ptype, pid, qos)
+
+    def refresh_acl(self) -> None:
+        """The ACL file was reloaded: take this client's new ACL (session and fast path too)."""
+        if self.state != CONNECTED:
+            return
+        self.acl = acl = self.broker.auth.client_acl(self.username, self.client_id)
+        session = self.session
+        if session is not None and session.connection is self:
+            session.acl = acl
+            if self.inbound.enabled:
+                self._attach_fast_path(session)
 
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
         ack = self.inbound.queue(fut, ptype, pid, qos)
@@ -641,7 +771,7 @@ class Channel:
                     "No Local must not be set on a shared subscription [MQTT-3.8.3-4]",
                     Reason.PROTOCOL_ERROR,
                 )
-            if not self.broker.auth.may_subscribe(self.info, flt):
+            if not self.broker.auth.may_subscribe(self.acl, flt):
                 codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else SUBACK_V3_FAILURE)
                 continue
             granted = min(qos, 2)
@@ -655,11 +785,16 @@ class Channel:
         # delivered to a new subscription: RETAIN set [MQTT-3.3.1-8].
         if retained:
             now = time.monotonic()
+            acl = self.acl
             for flt, opts in retained:
                 ids_ = [opts.sub_id] if opts.sub_id else None
                 for msg in self.broker.retained.match(flt):
-                    if not msg.expired(now):
-                        session.deliver(msg, min(msg.qos, opts.qos), True, ids_)
+                    if msg.expired(now):
+                        continue
+                    if acl is not None and not acl.may_read(msg.topic):
+                        self.stats.acl_denied_read += 1
+                        continue
+                    session.deliver(msg, min(msg.qos, opts.qos), True, ids_)
 
     def _on_unsubscribe(self, p: Any) -> None:
         session = self.session

@@ -103,6 +103,11 @@ class BrokerStats:
     protocol_errors: int = 0
     # PUBLISHes handled by the compiled ingest fast path (counted once per run).
     messages_fast_path: int = 0
+    # CONNECTs refused for their credentials (or while their peer cools down).
+    auth_failures: int = 0
+    # PUBLISHes (and wills) refused by the ACL; deliveries the ACL withheld.
+    acl_denied_publish: int = 0
+    acl_denied_read: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n

@@ -72,6 +72,7 @@ class Router:
         if not subs and not groups:
             return None
         qos = message.qos
+        topic = message.topic
         durable: list[asyncio.Future[Any]] | None = None
         journaled = False  # a persistent session journaled its delivery
         targets: dict[Session, list[Any]] | None = None
@@ -80,6 +81,10 @@ class Router:
         for sub, opts in subs:
             if type(sub) is Session:
                 if opts.no_local and sub is origin:
+                    continue
+                acl = sub.acl  # mqtt.acl_file: None when no ACL is configured
+                if acl is not None and not acl.may_read(topic):
+                    self.stats.acl_denied_read += 1
                     continue
                 if single is None and targets is None:
                     single, single_opts = sub, opts
@@ -159,14 +164,30 @@ class Router:
         if not n:
             return False
         start = group.next_index()
-        chosen = members[start]
-        # Prefer a member that is online; an offline member's session queues it.
+        chosen = None
+        first = None  # the first member that may read the topic
+        topic = message.topic
+        # Prefer a member that is online; an offline member's session queues it. A member
+        # whose ACL does not let it read the topic is never chosen.
         for i in range(n):
             cand = members[(start + i) % n]
             sub = cand[0]
-            if type(sub) is not Session or sub.connection is not None:
+            if type(sub) is not Session:
                 chosen = cand
                 break
+            acl = sub.acl
+            if acl is not None and not acl.may_read(topic):
+                continue
+            if first is None:
+                first = cand
+            if sub.connection is not None:
+                chosen = cand
+                break
+        if chosen is None:
+            chosen = first
+            if chosen is None:
+                self.stats.acl_denied_read += 1
+                return False
         sub, opts = chosen
         if type(sub) is Session:
             q = opts.qos if opts.qos < message.qos else message.qos

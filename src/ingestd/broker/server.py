@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
-from ingestd.broker.auth import Auth
+from ingestd.broker.auth import Auth, is_deny_all
 from ingestd.broker.hooks import (
     BrokerListener,
     BrokerStats,
@@ -60,7 +60,7 @@ class Broker:
         self.retained = RetainedStore(config.mqtt.max_retained_messages)
         self.router = Router(self.trie, self.retained, self.stats)
         self.registry = SessionRegistry(config.mqtt, self.loop, self.stats, self.router)
-        self.auth = Auth(config.mqtt)
+        self.auth = Auth(config.mqtt, self.stats)
         self.connections: set[Channel] = set()
         self.listeners: list[BrokerListener] = []
         self._ingest: Any = None  # object with .saturated and wait_not_saturated()
@@ -181,6 +181,26 @@ class Broker:
             self._paused.discard(conn)
             conn.resume_reading()
 
+    # -- credentials and ACL ----------------------------------------------------
+
+    def reload_auth(self) -> bool:
+        """SIGHUP: re-read the password and ACL files (a bad one is logged and kept), then
+        give every client its new ACL, so live subscriptions deliver under it from now on.
+
+        Connected clients get a new ClientAcl (their fast-path caches are dropped);
+        offline sessions keep their last user name and client id and are decided on
+        those. True if both files were reloaded.
+        """
+        ok = self.auth.reload()
+        for conn in list(self.connections):
+            conn.refresh_acl()
+        for session in self.registry.sessions.values():
+            if session.connection is None:
+                if is_deny_all(session.acl):
+                    continue  # restored without its user name: nothing until it connects
+                session.acl = self.auth.client_acl(session.username, session.client_id)
+        return ok
+
     # -- start and stop -------------------------------------------------------
 
     def restore(self, retained: list[Message], sessions: list[StoredSession]) -> None:
@@ -188,6 +208,11 @@ class Broker:
         for message in retained:
             self.retained.set(message)
         self.registry.restore(sessions)
+        # The store does not keep a session's user name: with an ACL, a restored session
+        # reads nothing until its client connects again (then under its own ACL).
+        for session in self.registry.sessions.values():
+            if session.connection is None and session.acl is None:
+                session.acl = self.auth.deny_all(session.client_id)
 
     async def shutdown(self) -> None:
         """Close every connection with v5 'server shutting down' and flush writes."""

@@ -62,7 +62,17 @@ def validate_config(cfg: Config) -> None:
     for f in msgspec.structs.fields(MqttConfig):
         v = getattr(cfg.mqtt, f.name)
         if isinstance(v, int | float) and not isinstance(v, bool):
-            _positive(v, f"mqtt.{f.name}", allow_zero=f.name == "topic_alias_maximum")
+            _positive(
+                v,
+                f"mqtt.{f.name}",
+                allow_zero=f.name in ("topic_alias_maximum", "auth_failure_limit"),
+            )
+    if not cfg.mqtt.allow_anonymous and not cfg.mqtt.password_file:
+        # Without a credential source every user name would be let in.
+        raise ConfigError(
+            "allow_anonymous = false needs a credential source: set mqtt.password_file",
+            key="mqtt.allow_anonymous",
+        )
     _positive(cfg.database.pool_size, "database.pool_size")
     _positive(cfg.database.connect_timeout, "database.connect_timeout")
     _positive(cfg.database.command_timeout, "database.command_timeout")
