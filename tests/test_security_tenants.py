@@ -23,7 +23,12 @@ from click.testing import CliRunner
 
 import rawmqtt
 from ingestd.broker.acl import AclFile, filters_intersect
-from ingestd.broker.passwords import hash_password, load_password_file, verify_password
+from ingestd.broker.passwords import (
+    dummy_like,
+    hash_password,
+    load_password_file,
+    verify_password,
+)
 from ingestd.errors import ConfigError
 from mqtt_clients import WAIT, Client
 from pg_fixtures import config_from_toml, fetch_sync, wait_rows
@@ -372,6 +377,37 @@ def test_password_schemes_unit() -> None:
     line = f"$7$101${base64.b64encode(salt).decode()}${base64.b64encode(sha).decode()}"
     assert verify_password(line, b"pw") and not verify_password(line, b"pX")
     assert not verify_password("$7$101$!!$!!", b"pw")
+
+
+def test_unknown_users_cost_what_known_users_cost() -> None:
+    # The dummy an unknown user is checked against has the file's scheme and cost.
+    salt = base64.b64encode(b"0123456789ab").decode()
+    users = {"a": f"$7$101${salt}$AAAA", "b": f"$7$101${salt}$BBBB", "c": hash_password("x", 7)}
+    assert dummy_like(users).startswith("$7$101$")
+    assert dummy_like({"c": hash_password("x", 1234)}).startswith("$pbkdf2-sha256$1234$")
+    assert dummy_like({}).startswith("$pbkdf2-sha256$100000$")
+
+
+def test_sighup_reload_reads_new_credentials(
+    tmp_path: Path, server_factory: Callable[..., ServerThread]
+) -> None:
+    pw = tmp_path / "passwd"
+    write_passwords(pw, {"1": "pw-one"})
+    srv = server_factory(password_file=str(pw), allow_anonymous=False)
+    app = srv.app
+    assert app is not None
+    newcomer = Client(srv.port, username="2", password="pw-two", connect=False)
+    newcomer.connect(expect_rc=0x86)
+    newcomer.c.loop_stop()
+    pw.write_text("garbage line\n")
+    assert srv.call(app.reload_auth) is False  # logged, the old file kept
+    Client(srv.port, username="1", password="pw-one").disconnect()
+    write_passwords(pw, {"2": "pw-two"})
+    assert srv.call(app.reload_auth) is True
+    Client(srv.port, username="2", password="pw-two").disconnect()
+    gone = Client(srv.port, username="1", password="pw-one", connect=False)
+    gone.connect(expect_rc=0x86)
+    gone.c.loop_stop()
 
 
 def test_passwd_refuses_a_colon_in_the_username() -> None:

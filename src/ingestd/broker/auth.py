@@ -27,7 +27,7 @@ from collections import deque
 
 from ingestd.broker.acl import AclFile, ClientAcl
 from ingestd.broker.hooks import BrokerStats
-from ingestd.broker.passwords import hash_password, load_password_file, verify_password
+from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
 from ingestd.errors import ConfigError
 from ingestd.mqtt.constants import Reason
@@ -71,7 +71,7 @@ class Auth:
             for warning in self.acl.warnings:
                 log.warning("%s", warning)
         # What an unknown user's password is checked against: the same work as a real one.
-        self._dummy = hash_password("ingestd-no-such-user") if self.passwords is not None else ""
+        self._dummy = dummy_like(self.passwords) if self.passwords is not None else ""
         self._semaphore: asyncio.Semaphore | None = None
         # peer address -> monotonic times of recent failures; address -> refused until.
         self._failures: dict[str, deque[float]] = {}
@@ -208,8 +208,7 @@ class Auth:
                 ok = False
             else:
                 self.passwords = passwords
-                if not self._dummy:
-                    self._dummy = hash_password("ingestd-no-such-user")
+                self._dummy = dummy_like(passwords)
                 log.info("password file reloaded: %d users", len(passwords))
         if cfg.acl_file:
             try:

@@ -67,6 +67,33 @@ def verify_password(stored: str, password: bytes) -> bool:
     return hmac.compare_digest(expected, got)
 
 
+def dummy_like(users: dict[str, str]) -> str:
+    """A hash of a throw-away password in the file's most common scheme and cost.
+
+    An unknown user is checked against it, so it costs what a known user's
+    wrong password costs (a file of ``$7$`` lines at 101 iterations must not
+    make unknown users the slow ones).
+    """
+    kinds: dict[tuple[str, int], int] = {}
+    for stored in users.values():
+        parts = stored.split("$")
+        if stored.startswith(_MOSQ_SHA512):
+            kind = (_MOSQ_SHA512, 0)
+        else:
+            kind = (f"${parts[1]}$", int(parts[2]))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    scheme, iterations = max(kinds, key=kinds.__getitem__) if kinds else (_SCHEME, _ITERATIONS)
+    salt = os.urandom(12)
+    b64 = base64.b64encode
+    if scheme == _MOSQ_SHA512:
+        digest = hashlib.sha512(os.urandom(16) + salt).digest()
+        return f"{_MOSQ_SHA512}{b64(salt).decode()}${b64(digest).decode()}"
+    if scheme == _MOSQ_PBKDF2:
+        digest = hashlib.pbkdf2_hmac("sha512", os.urandom(16), salt, iterations)
+        return f"{_MOSQ_PBKDF2}{iterations}${b64(salt).decode()}${b64(digest).decode()}"
+    return hash_password(os.urandom(16).hex(), iterations)
+
+
 def _well_formed(stored: str) -> bool:
     if stored.startswith(_SCHEME) or stored.startswith(_MOSQ_PBKDF2):
         parts = stored.split("$")
