@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,40 @@ def test_publish_into_the_other_tenant_is_refused(tenants: ServerThread) -> None
     denied = tenants.call(lambda: tenants.app.broker.stats.acl_denied_publish)  # type: ignore[union-attr]
     assert denied == 5
     watcher.disconnect()
+
+
+@pytest.mark.parametrize("v5", [True, False])
+def test_packets_pipelined_behind_a_checked_connect_wait_for_it(
+    tenants: ServerThread, v5: bool
+) -> None:
+    # CONNECT (its password checked in a thread), SUBSCRIBE and PUBLISH in one write:
+    # the SUBSCRIBE and PUBLISH are handled after the CONNACK, in order.
+    flags = 0x02 | 0x80 | 0x40
+    level = 5 if v5 else 4
+    body = rawmqtt.s("MQTT") + bytes([level, flags]) + (60).to_bytes(2, "big")
+    body += (b"\x00" if v5 else b"") + rawmqtt.s("pipe") + rawmqtt.s("1") + rawmqtt.s("pw-one")
+    sub = (1).to_bytes(2, "big") + (b"\x00" if v5 else b"") + rawmqtt.s("company/1/#") + b"\x01"
+    raw = rawmqtt.Raw(tenants.port)
+    raw.send(
+        rawmqtt.packet(0x10, body)
+        + rawmqtt.packet(0x82, sub)
+        + rawmqtt.publish("company/1/machine/p/telemetry", b"hello", 1, 5, v5=v5)
+        + rawmqtt.publish("company/2/machine/p/telemetry", b"forged", 1, 6, v5=v5)
+    )
+    first, data = raw.read_packet()
+    assert (first, data[1]) == (0x20, 0)
+    first, data = raw.read_packet()
+    assert first == 0x90 and data[-1] == 1  # SUBACK, QoS 1 granted
+    seen = [raw.read_packet() for _ in range(3)]
+    kinds = sorted(f >> 4 for f, _ in seen)
+    assert kinds == [3, 4, 4]  # the message to itself, and two PUBACKs
+    (msg,) = [b for f, b in seen if f >> 4 == 3]
+    assert b"company/1/machine/p/telemetry" in msg and msg.endswith(b"hello")
+    acks = {
+        int.from_bytes(b[:2], "big"): (b[2] if len(b) > 2 else 0) for f, b in seen if f >> 4 == 4
+    }
+    assert acks == {5: 0, 6: 0x87 if v5 else 0}
+    raw.sock.close()
 
 
 def test_device_publishes_only_telemetry_and_reads_only_commands(tenants: ServerThread) -> None:
@@ -529,3 +564,51 @@ def test_forged_publish_never_becomes_a_row(pg_dsn: str, tmp_path: Path, fast_pa
         assert [tuple(r) for r in rows] == [("1", 100, "1")]
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(
+    not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
+    reason="mosquitto is not installed",
+)
+def test_refused_publish_acks_as_mosquitto(
+    tmp_path: Path, server_factory: Callable[..., ServerThread]
+) -> None:
+    """The acks of a PUBLISH the ACL refuses, byte for byte as a real Mosquitto 2.0 sends."""
+    from test_acl_mosquitto import _start, _stop
+
+    acl = "topic readwrite allowed/#\n"
+    mosq_dir = Path(tempfile.mkdtemp(prefix="ingestd-acl-"))
+    os.chmod(mosq_dir, 0o755)  # readable after mosquitto drops root to user mosquitto
+    mosq = _start(mosq_dir, acl)
+    assert mosq is not None
+    (tmp_path / "ours.acl").write_text(acl)
+    ours = server_factory(acl_file=str(tmp_path / "ours.acl"))
+
+    def exchange(port: int, v5: bool) -> list[tuple[int, bytes]]:
+        r = rawmqtt.Raw(port)
+        r.send(rawmqtt.connect_v5("chk") if v5 else rawmqtt.connect_v4("chk"))
+        assert r.read_packet()[0] == 0x20
+        got = []
+        r.send(rawmqtt.publish("denied/x", b"p", 1, 3, v5=v5))
+        got.append(r.read_packet())
+        r.send(rawmqtt.publish("denied/x", b"p", 2, 4, v5=v5))
+        got.append(r.read_packet())
+        if not v5:  # v5: a PUBREC >= 0x80 ends the exchange
+            r.send(rawmqtt.packet(0x62, (4).to_bytes(2, "big")))
+            got.append(r.read_packet())
+        r.send(rawmqtt.publish("allowed/x", b"p", 1, 5, v5=v5))
+        got.append(r.read_packet())
+        r.sock.close()
+        return got
+
+    try:
+        for v5 in (False, True):
+            got, want = exchange(ours.port, v5), exchange(mosq.port, v5)
+            assert got[:-1] == want[:-1], v5
+            # The allowed PUBLISH after them is acknowledged as a success by both
+            # (Mosquitto says 0x10 "no matching subscribers" in v5; ingestd 0).
+            assert got[-1][1][:2] == want[-1][1][:2] == b"\x00\x05"
+            assert got[-1][1][2:3] in (b"", b"\x00")
+    finally:
+        _stop(mosq)
+        shutil.rmtree(mosq_dir, ignore_errors=True)
