@@ -313,6 +313,7 @@ class ClientAcl:
         "_patterns",
         "_user",
         "client_id",
+        "decided",
         "username",
     )
 
@@ -336,7 +337,9 @@ class ClientAcl:
             or "+" in client_id
             or "#" in client_id
         )
+        # topic -> bits; ``decided`` is it too, for hot paths that inline the lookup.
         self._cache: dict[str, int] = {}
+        self.decided = self._cache
         self._cache_size = max(0, cache_size)
 
     def access(self, topic: str) -> int:
@@ -397,10 +400,9 @@ class ClientAcl:
 
     def may_read_any(self, topic_filter: str) -> bool:
         """Whether some topic ``topic_filter`` matches could be readable (ingestd's SUBSCRIBE
-        check; Mosquitto 2.0 grants every SUBSCRIBE). Sound over-approximation: True when
-        the filter intersects an entry granting read (``deny`` entries ignored), so a
-        filter that could deliver something readable is never refused; delivery is
-        still checked per message by :meth:`may_read`."""
+        check; Mosquitto grants all). Sound: True when the filter intersects an entry
+        granting read (``deny`` ignored), so a filter that could deliver something
+        readable is never refused; deliveries are still checked by :meth:`may_read`."""
         if topic_filter.startswith("$share"):
             return False  # a $share topic is never readable (acl__check_dollar)
         if self._user is not None:

@@ -62,7 +62,7 @@ from ingestd._codec import (
 )
 from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
-from ingestd.broker.acl import ClientAcl
+from ingestd.broker.acl import WRITE, ClientAcl
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
@@ -651,10 +651,14 @@ class Channel:
         self.stats.messages_received[qos] += 1
         session = self.session
         assert session is not None
-        acl = self.acl
-        if acl is not None and not acl.may_publish(topic):
-            self._refuse_publish(p, topic)
-            return
+        acl = self.acl  # mqtt.acl_file: None when no ACL is configured
+        if acl is not None:
+            bits = acl.decided.get(topic)  # acl.may_publish, inlined
+            if bits is None:
+                bits = acl.access(topic)
+            if not bits & WRITE:
+                self._refuse_publish(p, topic)
+                return
         message = Message(
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )

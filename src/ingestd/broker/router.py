@@ -21,6 +21,7 @@ from typing import Any
 
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
+from ingestd.broker.acl import READ
 from ingestd.broker.hooks import BrokerStats, BrokerStore, MessageSink, RunSink
 from ingestd.broker.message import Message
 from ingestd.broker.retained import RetainedStore
@@ -83,9 +84,13 @@ class Router:
                 if opts.no_local and sub is origin:
                     continue
                 acl = sub.acl  # mqtt.acl_file: None when no ACL is configured
-                if acl is not None and not acl.may_read(topic):
-                    self.stats.acl_denied_read += 1
-                    continue
+                if acl is not None:
+                    bits = acl.decided.get(topic)  # acl.may_read, inlined
+                    if bits is None:
+                        bits = acl.access(topic)
+                    if not bits & READ:
+                        self.stats.acl_denied_read += 1
+                        continue
                 if single is None and targets is None:
                     single, single_opts = sub, opts
                     continue
