@@ -210,11 +210,11 @@ class Channel:
                 self._on_publish(packet)
             else:
                 self._dispatch_control(ptype, packet)
+                if self._held is not None:
+                    # CONNECT waits for its password check: the rest waits with it.
+                    self._held.extend(packets[i:])
+                    return
             if self.state == CLOSED:
-                return
-            if self._held is not None:
-                # CONNECT waits for its password check: the rest waits with it.
-                self._held.extend(packets[i:])
                 return
 
     def connection_lost(self) -> None:
