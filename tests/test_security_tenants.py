@@ -423,6 +423,36 @@ def test_unknown_users_cost_what_known_users_cost() -> None:
     assert dummy_like({}).startswith("$pbkdf2-sha256$100000$")
 
 
+def test_password_checks_run_off_the_loop_and_unknown_users_hash_too(
+    tmp_path: Path, server_factory: Callable[..., ServerThread], monkeypatch: Any
+) -> None:
+    import threading
+
+    import ingestd.broker.auth as auth_module
+
+    calls: list[tuple[str, str]] = []
+    real = auth_module.verify_password
+
+    def spy(stored: str, password: bytes) -> bool:
+        calls.append((threading.current_thread().name, stored))
+        return real(stored, password)
+
+    monkeypatch.setattr(auth_module, "verify_password", spy)
+    pw = tmp_path / "passwd"
+    write_passwords(pw, {"1": "pw-one"})
+    srv = server_factory(password_file=str(pw), allow_anonymous=False)
+    Client(srv.port, username="1", password="pw-one").disconnect()
+    unknown = Client(srv.port, username="ghost", password="x", connect=False)
+    unknown.connect(expect_rc=0x86)
+    unknown.c.loop_stop()
+    loop_thread = srv._thread.name
+    assert len(calls) == 2
+    assert all(name != loop_thread for name, _ in calls)
+    # The unknown user was hashed against a dummy of the same scheme and cost.
+    assert calls[1][1].split("$")[:3] == calls[0][1].split("$")[:3]
+    assert calls[1][1] != calls[0][1]
+
+
 def test_sighup_reload_reads_new_credentials(
     tmp_path: Path, server_factory: Callable[..., ServerThread]
 ) -> None:

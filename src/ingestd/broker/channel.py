@@ -150,6 +150,7 @@ class Channel:
         # While a CONNECT's password is checked (in a thread): the packets that came
         # after it, handled once it is accepted.
         self._held: list[Any] | None = None
+        self._auth_task: asyncio.Task[int] | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
@@ -463,6 +464,7 @@ class Channel:
             self._held = []
             self.pause_reading()
             task = self.loop.create_task(auth.authenticate(p.username, p.password, self.peer))
+            self._auth_task = task  # the loop keeps only a weak reference to a task
             task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
             return
         self._on_connect_authenticated(p, assigned, reason)
@@ -471,7 +473,8 @@ class Channel:
         """The password check of a CONNECT ended: go on with it, then what came after."""
         held = self._held or []
         self._held = None
-        if self.state == CLOSED:
+        self._auth_task = None
+        if self.state == CLOSED or task.cancelled():
             return
         try:
             reason = task.result()
