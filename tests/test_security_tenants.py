@@ -265,6 +265,31 @@ def test_packets_pipelined_behind_a_checked_connect_wait_for_it(
     raw.sock.close()
 
 
+def test_offline_session_queues_only_what_it_may_read(tenants: ServerThread) -> None:
+    port = tenants.port
+    sub = client(port, "1", client_id="persist-1", session_expiry=3600)
+    sub.subscribe("#", 1)
+    sub.disconnect()
+    for t in ("2", "1"):
+        p = client(port, t)
+        p.publish(f"company/{t}/machine/q/telemetry", t.encode(), 1)
+        p.disconnect()
+    back = client(port, "1", client_id="persist-1", session_expiry=3600, clean_start=False)
+    assert back.session_present
+    (m,) = back.expect(1)
+    assert m.topic == "company/1/machine/q/telemetry"
+    back.expect_nothing()
+    back.drop()
+    # Another user resuming that client id gets a clean session, not tenant 1's queue.
+    p = client(port, "1")
+    p.publish("company/1/machine/q/telemetry", b"queued-for-1", 1)
+    p.disconnect()
+    thief = client(port, "2", client_id="persist-1", session_expiry=3600, clean_start=False)
+    assert not thief.session_present
+    thief.expect_nothing()
+    thief.disconnect()
+
+
 def test_device_publishes_only_telemetry_and_reads_only_commands(tenants: ServerThread) -> None:
     port = tenants.port
     dev = client(port, "sensor1", client_id="s1")

@@ -540,7 +540,14 @@ class Channel:
         self._client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, 0)
         self.decoder.max_packet_size = cfg.max_packet_size
 
-        session, present = self.broker.registry.attach(self, self.client_id, p.clean_start)
+        clean_start = p.clean_start
+        if acl is not None and not clean_start:
+            old = self.broker.registry.sessions.get(self.client_id)
+            if old is not None and old.username != self.username:
+                # Another user's session (its subscriptions, its queued messages, read
+                # under that user's ACL) is not handed over: this client starts clean.
+                clean_start = True
+        session, present = self.broker.registry.attach(self, self.client_id, clean_start)
         self.session = session
         session.username = self.username
         session.acl = acl
