@@ -667,3 +667,68 @@ def test_refused_publish_acks_as_mosquitto(
     finally:
         _stop(mosq)
         shutil.rmtree(mosq_dir, ignore_errors=True)
+
+
+def test_stored_sessions_keep_their_user_name() -> None:
+    import msgspec
+
+    from ingestd.broker.hooks import StoredSession
+    from ingestd.broker.store import decode_session, encode_session
+
+    s = StoredSession("c", 60, {"a/#": (1, False, False, 0, 0)}, 1.0, username="1", user_known=True)
+    back = decode_session("c", encode_session(s))
+    assert (back.username, back.user_known) == ("1", True)
+    anon = decode_session("c", encode_session(StoredSession("c", 60, {}, 1.0, user_known=True)))
+    assert (anon.username, anon.user_known) == (None, True)
+    # A row written before user names were stored: the user is unknown (reads nothing).
+    old = decode_session("c", msgspec.msgpack.encode([60, {}, 1.0, []]))
+    assert (old.username, old.user_known) == (None, False)
+
+
+@pytest.mark.pg
+def test_restored_session_reads_under_its_users_acl(pg_dsn: str, tmp_path: Path) -> None:
+    """After a restart, an offline session is still decided on its own user's ACL."""
+    from ingestd.config import (
+        Config,
+        DatabaseConfig,
+        MqttConfig,
+        PersistenceConfig,
+        PresenceConfig,
+        ServerConfig,
+    )
+
+    acl = tmp_path / "acl"
+    acl.write_text(ACL)
+    pw = tmp_path / "passwd"
+    write_passwords(pw, PASSWORDS)
+
+    def config() -> Config:
+        return Config(
+            server=ServerConfig(listen=["127.0.0.1:0"], http_listen=None, data_dir=str(tmp_path)),
+            mqtt=MqttConfig(acl_file=str(acl), password_file=str(pw), allow_anonymous=False),
+            database=DatabaseConfig(dsn=pg_dsn),
+            presence=PresenceConfig(enabled=False),
+            persistence=PersistenceConfig(),
+        )
+
+    srv = ServerThread(config(), database=True).start()
+    try:
+        dev = client(srv.port, "1", client_id="keep-1", session_expiry=3600)
+        dev.subscribe("#", 1)
+        dev.disconnect()
+    finally:
+        srv.stop()
+    srv2 = ServerThread(config(), database=True).start()
+    try:
+        for t in ("2", "1"):  # while keep-1 is offline, after the restart
+            p = client(srv2.port, t)
+            p.publish(f"company/{t}/machine/k/telemetry", t.encode(), 1)
+            p.disconnect()
+        back = client(srv2.port, "1", client_id="keep-1", session_expiry=3600, clean_start=False)
+        assert back.session_present
+        (m,) = back.expect(1)
+        assert (m.topic, m.payload) == ("company/1/machine/k/telemetry", b"1")
+        back.expect_nothing()
+        back.disconnect()
+    finally:
+        srv2.stop()

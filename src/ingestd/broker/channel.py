@@ -543,13 +543,14 @@ class Channel:
         clean_start = p.clean_start
         if acl is not None and not clean_start:
             old = self.broker.registry.sessions.get(self.client_id)
-            if old is not None and old.username != self.username:
+            if old is not None and (not old.user_known or old.username != self.username):
                 # Another user's session (its subscriptions, its queued messages, read
                 # under that user's ACL) is not handed over: this client starts clean.
                 clean_start = True
         session, present = self.broker.registry.attach(self, self.client_id, clean_start)
         self.session = session
         session.username = self.username
+        session.user_known = True
         session.acl = acl
         session.expiry_interval = expiry
         session.send_window = min(props.get(Prop.RECEIVE_MAXIMUM, 65_535), cfg.max_inflight)

@@ -130,6 +130,10 @@ class StoredSession:
     )
     # journaled deliveries in order: (journal key, message, qos, retain, subscription ids)
     journal: list[tuple[int, Message, int, bool, list[int] | None]] = field(default_factory=list)
+    # the user name of its last connection (None: anonymous), if known (rows written
+    # before it was stored do not have it)
+    username: str | None = None
+    user_known: bool = False
 
 
 class BrokerStore(DeliveryJournal, Protocol):

@@ -232,6 +232,8 @@ class SessionRegistry:
             },
             disconnected_at=None if session.connection is not None else time.time(),
             pending=pending,
+            username=session.username,
+            user_known=session.user_known,
         )
 
     def restore(self, sessions: list[StoredSession]) -> None:
@@ -247,6 +249,8 @@ class SessionRegistry:
                         self.store.session_deleted(stored.client_id)
                     continue
             session = self._new_session(stored.client_id)
+            session.username = stored.username
+            session.user_known = stored.user_known
             session.expiry_interval = stored.expiry_interval
             for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
                 opts = SubOptions(qos, nl, rap, rh, sub_id)

@@ -208,11 +208,15 @@ class Broker:
         for message in retained:
             self.retained.set(message)
         self.registry.restore(sessions)
-        # The store does not keep a session's user name: with an ACL, a restored session
-        # reads nothing until its client connects again (then under its own ACL).
+        # A restored session reads under the ACL of its last user; one whose user name
+        # the store did not keep (an older row) reads nothing until its client connects.
         for session in self.registry.sessions.values():
             if session.connection is None and session.acl is None:
-                session.acl = self.auth.deny_all(session.client_id)
+                session.acl = (
+                    self.auth.client_acl(session.username, session.client_id)
+                    if session.user_known
+                    else self.auth.deny_all(session.client_id)
+                )
 
     async def shutdown(self) -> None:
         """Close every connection with v5 'server shutting down' and flush writes."""

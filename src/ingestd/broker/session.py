@@ -174,6 +174,7 @@ class Session:
         "send_window",
         "stats",
         "subscriptions",
+        "user_known",
         "username",
         "will",
         "will_handle",
@@ -190,6 +191,7 @@ class Session:
         self.stats = stats
         # The user name of its last connection (None: anonymous, or restored from the store).
         self.username: str | None = None
+        self.user_known = True  # False: restored from a store row that did not keep it
         # The ACL its messages are read under (mqtt.acl_file; None: no ACL configured).
         # Set from its last connection (Auth.client_acl); the router checks it on
         # every delivery, so it also governs while the session is offline.
