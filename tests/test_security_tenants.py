@@ -732,3 +732,23 @@ def test_restored_session_reads_under_its_users_acl(pg_dsn: str, tmp_path: Path)
         back.disconnect()
     finally:
         srv2.stop()
+
+
+def test_config_check_reads_the_acl_and_password_files(tmp_path: Path) -> None:
+    from ingestd.cli import main
+
+    acl = tmp_path / "acl"
+    acl.write_text("pattern readwrite company/%u/#\nuser\n")
+    pw = tmp_path / "passwd"
+    write_passwords(pw, {"1": "x"})
+    cfg = tmp_path / "ingestd.toml"
+    cfg.write_text(f'[mqtt]\npassword_file = "{pw}"\nacl_file = "{acl}"\n')
+    out = CliRunner().invoke(main, ["config", "check", str(cfg)])
+    assert out.exit_code == 2
+    assert str(acl) in out.output and "line 2" in out.output and "mqtt.acl_file" in out.output
+    acl.write_text(ACL)
+    out = CliRunner().invoke(main, ["config", "check", str(cfg)])
+    assert out.exit_code == 0, out.output
+    pw.write_text("1:plaintext\n")
+    out = CliRunner().invoke(main, ["config", "check", str(cfg)])
+    assert out.exit_code == 2 and str(pw) in out.output and "line 1" in out.output

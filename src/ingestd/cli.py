@@ -132,12 +132,15 @@ def config() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def config_check(path: str) -> None:
     """Validate PATH without starting anything; exit 2 with file, key and reason if invalid."""
+    from ingestd.broker.auth import check_files
     from ingestd.config import load_config
     from ingestd.errors import ConfigError
     from ingestd.ingest.routes import compile_config
 
     try:
-        compile_config(load_config(path), path)
+        cfg = load_config(path)
+        compile_config(cfg, path)
+        check_files(cfg.mqtt)  # the password and ACL files, as start-up reads them
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)

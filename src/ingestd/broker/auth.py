@@ -45,6 +45,15 @@ def peer_address(peer: str) -> str:
     return host if sep else peer
 
 
+def check_files(config: MqttConfig) -> None:
+    """Read ``password_file`` and ``acl_file`` as start-up would (``ingestd config check``);
+    ConfigError naming the file, the line and the reason."""
+    if config.password_file:
+        load_password_file(config.password_file)
+    if config.acl_file:
+        AclFile.load(config.acl_file)
+
+
 class _DenyAll(ClientAcl):
     """A ClientAcl with no rules: every decision is deny."""
 
