@@ -708,12 +708,13 @@ class Channel:
             return
         pid = p.packet_id
         ptype = _PUBACK if qos == 1 else _PUBREC
-        if self.version == 5:
-            # Ahead of acks still held for durability (they carry other packet ids).
-            self.send(encode_ack(ptype, pid, Reason.NOT_AUTHORIZED, 5))
-        else:
-            # A PUBREL follows; _on_pubrel answers PUBCOMP for an id it does not hold.
-            self._queue_ack(None, ptype, pid, qos)
+        # In arrival order behind acks still held for durability [MQTT-4.6.0-2]. 3.1.1:
+        # a PUBREL follows a PUBREC; _on_pubrel answers PUBCOMP for an id it does not hold.
+        ack = self.inbound.queue(
+            None, ptype, pid, qos, Reason.NOT_AUTHORIZED if self.version == 5 else 0
+        )
+        if ack is not None:
+            self.send(ack)
 
     def refresh_acl(self) -> None:
         """The ACL file was reloaded: take this client's new ACL (session and fast path too)."""
