@@ -77,6 +77,7 @@ def test_env_overrides_parse_by_type(tmp_path: Path) -> None:
         "INGESTD_DATABASE__DSN": "postgresql://env@h/db",
         "INGESTD_MQTT__MAX_PACKET_SIZE": "2048",
         "INGESTD_MQTT__ALLOW_ANONYMOUS": "false",
+        "INGESTD_MQTT__PASSWORD_FILE": "/etc/ingestd/passwd",
         "INGESTD_SERVER__LISTEN": "127.0.0.1:1883, [::1]:1884",
         "INGESTD_SERVER__HTTP_LISTEN": "",
         "INGESTD_INGEST__ACK": "on-receipt",
@@ -306,3 +307,16 @@ def test_load_config_does_not_import_ingest() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_anonymous_without_credentials_is_an_error(tmp_path: Path) -> None:
+    # allow_anonymous = false with no credential source would let any user name in.
+    path = write(tmp_path, "[mqtt]\nallow_anonymous = false\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.path == path
+    assert e.value.key == "mqtt.allow_anonymous"
+    assert "password_file" in e.value.reason
+    ok = write(tmp_path, '[mqtt]\nallow_anonymous = false\npassword_file = "pw"\nacl_file = ""\n')
+    cfg = load_config(ok)
+    assert cfg.mqtt.password_file == "pw" and cfg.mqtt.acl_file is None

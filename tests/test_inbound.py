@@ -75,6 +75,23 @@ def test_acks_wait_for_their_future_and_keep_arrival_order(loop):
     assert len(ready) == 3 and ready.count(f1) == 2 and ready.count(f2) == 1
 
 
+def test_failure_acks_carry_their_reason_and_keep_arrival_order(loop):
+    # A PUBLISH the ACL refuses (v5: reason 0x87) is acknowledged in its place.
+    q = Inbound(lambda f: None, Sent())
+    assert q.queue(None, 4, 9, 1, 0x87) == b"\x40\x03\x00\x09\x87"  # nothing held: at once
+    f1 = loop.create_future()
+    assert q.queue(f1, 4, 1, 1) is None
+    assert q.queue(None, 4, 2, 1, 0x87) is None  # behind f1
+    assert q.queue(None, 5, 3, 2, 0x87) is None
+    assert q.queue(None, 4, 4, 1) is None
+    assert q.pending_qos1 == 3
+    f1.set_result(None)
+    out, failed = q.release()
+    assert failed is None
+    assert out == ack(1) + b"\x40\x03\x00\x02\x87" + b"\x50\x03\x00\x03\x87" + ack(4)
+    assert q.ack_count == 0 and q.pending_qos1 == 0
+
+
 def test_one_callback_per_future_while_it_heads_a_run(loop):
     calls: list[Any] = []
 

@@ -66,6 +66,6 @@ cdef class Inbound:
     cdef list _touched            # BatchRuns with messages in the current run
 
     cdef int _append(self, fut, unsigned int code) except -1
-    cpdef bytes queue(self, fut, int ptype, int pid, int qos)
+    cpdef bytes queue(self, fut, int ptype, int pid, int qos, int reason=*)
     cdef object _target(self, str topic)
     cdef int _run(self, int qos0, int qos1) except -1

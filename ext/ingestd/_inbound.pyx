@@ -51,10 +51,11 @@ cdef enum:
     # Released ack entries at the head are dropped once this many pile up.
     _COMPACT_AT = 1024
 
-# An ack entry: packet id (16 bits) | packet type << 16 | qos << 20.
+# An ack entry: packet id (16 bits) | packet type << 16 | qos << 20 | reason << 24.
 # (The cdef classes' fields and cdef methods are declared in _inbound.pxd.)
-cdef inline unsigned int _code(int ptype, int pid, int qos) noexcept:
-    return <unsigned int>pid | (<unsigned int>ptype << 16) | (<unsigned int>qos << 20)
+cdef inline unsigned int _code(int ptype, int pid, int qos, int reason) noexcept:
+    return (<unsigned int>pid | (<unsigned int>ptype << 16) | (<unsigned int>qos << 20)
+            | (<unsigned int>(reason & 0xFF) << 24))
 
 
 # A success ack (PUBACK 4 / PUBREC 5): 4 bytes under 3.1.1 and 5.0 alike (v5 omits
@@ -64,6 +65,15 @@ cdef inline void _write_ack(char* p, int ptype, int pid) noexcept:
     p[1] = 2
     p[2] = <char>((pid >> 8) & 0xFF)
     p[3] = <char>(pid & 0xFF)
+
+
+# A v5 failure ack (reason >= 0x80, e.g. 0x87 for a PUBLISH the ACL refuses): 5 bytes.
+cdef inline void _write_ack_reason(char* p, int ptype, int pid, int reason) noexcept:
+    p[0] = <char>(ptype << 4)
+    p[1] = 3
+    p[2] = <char>((pid >> 8) & 0xFF)
+    p[3] = <char>(pid & 0xFF)
+    p[4] = <char>(reason & 0xFF)
 
 
 @cython.final
@@ -201,20 +211,26 @@ cdef class Inbound:
             fut.add_done_callback(self._ready)
         return 0
 
-    cpdef bytes queue(self, fut, int ptype, int pid, int qos):
+    cpdef bytes queue(self, fut, int ptype, int pid, int qos, int reason=0):
         """Queue the ack (PUBACK 4 / PUBREC 5) of one PUBLISH of ``qos``.
 
         ``fut``: the message must be durable first (None: ack at once). Returns
         the ack to send now (nothing held back and no future), else None.
+        ``reason``: a v5 reason code for the ack (0: success, 4 bytes); a
+        refusal keeps its place in the order like any other ack.
         """
         cdef bytes out
         if fut is None and self._head == len(self._futs):
-            out = PyBytes_FromStringAndSize(NULL, 4)
-            _write_ack(PyBytes_AS_STRING(out), ptype, pid)
+            if reason:
+                out = PyBytes_FromStringAndSize(NULL, 5)
+                _write_ack_reason(PyBytes_AS_STRING(out), ptype, pid, reason)
+            else:
+                out = PyBytes_FromStringAndSize(NULL, 4)
+                _write_ack(PyBytes_AS_STRING(out), ptype, pid)
             return out
         if qos == 1:
             self.pending_qos1 += 1
-        self._append(fut, _code(ptype, pid, qos))
+        self._append(fut, _code(ptype, pid, qos, reason))
         return None
 
     def release(self):
@@ -239,20 +255,27 @@ cdef class Inbound:
                     break
                 if fut.cancelled() or fut.exception() is not None:
                     code = self._codes[i]
-                    failed = (fut, code & 0xFFFF, code >> 20)
+                    failed = (fut, code & 0xFFFF, (code >> 20) & 0xF)
                     break
                 durable = fut
             i += 1
-        cdef Py_ssize_t k = i - self._head
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, 4 * k)
-        cdef char* p = PyBytes_AS_STRING(out)
+        cdef Py_ssize_t size = 4 * (i - self._head)
         cdef Py_ssize_t j
+        for j in range(self._head, i):
+            if self._codes[j] >> 24:
+                size += 1  # a v5 failure ack carries its reason code
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+        cdef char* p = PyBytes_AS_STRING(out)
         cdef int released_qos1 = 0
         for j in range(self._head, i):
             code = self._codes[j]
-            _write_ack(p, (code >> 16) & 0xF, code & 0xFFFF)
-            p += 4
-            if code >> 20 == 1:
+            if code >> 24:
+                _write_ack_reason(p, (code >> 16) & 0xF, code & 0xFFFF, code >> 24)
+                p += 5
+            else:
+                _write_ack(p, (code >> 16) & 0xF, code & 0xFFFF)
+                p += 4
+            if (code >> 20) & 0xF == 1:
                 released_qos1 += 1
             futs[j] = None
         self.pending_qos1 -= released_qos1

@@ -242,12 +242,21 @@ class App:
             await self.lag.stop()
         self._stopped.set()
 
+    def reload_auth(self) -> bool:
+        """Reload the password and ACL files (SIGHUP); False if one was bad (old one kept)."""
+        if self.broker is None:
+            return False
+        log.info("SIGHUP: reloading the password and ACL files")
+        return self.broker.reload_auth()
+
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: re-read mqtt.password_file and mqtt.acl_file (a bad file keeps the old one).
+        loop.add_signal_handler(signal.SIGHUP, self.reload_auth)
         try:
             await self.start()
             await stop.wait()

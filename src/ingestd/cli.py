@@ -145,12 +145,15 @@ def config() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def config_check(path: str) -> None:
     """Validate PATH without starting anything; exit 2 with file, key and reason if invalid."""
+    from ingestd.broker.auth import check_files
     from ingestd.config import load_config
     from ingestd.errors import ConfigError
     from ingestd.ingest.routes import compile_config
 
     try:
-        compile_config(load_config(path), path)
+        cfg = load_config(path)
+        compile_config(cfg, path)
+        check_files(cfg.mqtt)  # the password and ACL files, as start-up reads them
     except ConfigError as exc:
         click.echo(f"ingestd: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -308,8 +311,17 @@ def db_shell(
     sys.exit(rc)
 
 
+def _check_username(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from ingestd.broker.passwords import valid_username
+
+    if not valid_username(value):
+        # The file is "user:hash" per line: a ':' would move the split.
+        raise click.BadParameter("must be non-empty and contain no ':' or line break")
+    return value
+
+
 @main.command()
-@click.argument("username")
+@click.argument("username", callback=_check_username)
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
 def passwd(username: str, password: str) -> None:
     """Print a password-file line for USERNAME (append it to mqtt.password_file)."""

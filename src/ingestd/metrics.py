@@ -350,6 +350,22 @@ class IngestdCollector(Collector):
             value=st.protocol_errors,
         )
         yield cur(
+            "ingestd_auth_failures",
+            "CONNECTs refused for bad or missing credentials, or while their peer"
+            " address cools down after too many failures",
+            value=st.auth_failures,
+        )
+        yield cur(
+            "ingestd_acl_denied_publish",
+            "PUBLISHes and wills refused by mqtt.acl_file (never routed nor ingested)",
+            value=st.acl_denied_publish,
+        )
+        yield cur(
+            "ingestd_acl_denied_deliveries",
+            "Deliveries withheld because the subscriber may not read the topic",
+            value=st.acl_denied_read,
+        )
+        yield cur(
             "ingestd_messages_fast_path",
             "PUBLISH packets handed to ingest batches by the compiled fast path"
             " (topics that only ingest routes subscribe to)",

@@ -103,7 +103,7 @@ from dataclasses import dataclass
 from ingestd._trie import SubscriptionTrie, validate_topic_filter
 from ingestd.errors import ConfigError
 
-__all__ = ["READ", "WRITE", "AclEntry", "AclFile", "ClientAcl"]
+__all__ = ["READ", "WRITE", "AclEntry", "AclFile", "ClientAcl", "filters_intersect"]
 
 #: Access bits, as Mosquitto's ``MOSQ_ACL_READ`` / ``MOSQ_ACL_WRITE``.
 READ = 1
@@ -162,6 +162,39 @@ def topic_matches(acl_topic: str, topic: str) -> bool:
     return len(subs) == n
 
 
+def filters_intersect(a: str, b: str) -> bool:
+    """Whether some topic name is matched by both (valid) filters ``a`` and ``b``.
+
+    Matching as :func:`topic_matches`: ``+`` one level, ``#`` the rest
+    including none, and a topic whose first level starts with ``$`` is
+    matched only by a filter whose first level is that literal level.
+    """
+    la = a.split("/")
+    lb = b.split("/")
+    na = len(la)
+    nb = len(lb)
+    i = 0
+    while True:
+        x = la[i] if i < na else None
+        y = lb[i] if i < nb else None
+        if x is None and y is None:
+            return True
+        if x == "#" or y == "#":
+            if i == 0:
+                other = y if x == "#" else x
+                # '#' first never matches a '$' topic; '#' against '#'/'+' matches plain ones.
+                return other is None or not other.startswith("$")
+            return True  # the common prefix so far plus whatever the other needs
+        if x is None or y is None:
+            return False
+        if x == "+" or y == "+":
+            if i == 0 and (x.startswith("$") or y.startswith("$")):
+                return False
+        elif x != y:
+            return False
+        i += 1
+
+
 def _sub_topic_ok(topic: str) -> str | None:
     """None if ``topic`` passes ``mosquitto_sub_topic_check``, else the reason."""
     size = len(topic.encode("utf-8", "surrogateescape"))
@@ -213,11 +246,12 @@ class _Rules:
     are refused before the ACL) are dropped.
     """
 
-    __slots__ = ("_slow", "_trie", "empty")
+    __slots__ = ("_slow", "_trie", "empty", "readable")
 
     def __init__(self, entries: Iterable[tuple[str, int]]) -> None:
         trie = SubscriptionTrie()
         slow: list[tuple[str, int]] = []
+        readable: list[str] = []
         count = 0
         for i, (flt, access) in enumerate(entries):
             flags = access if access else _DENY
@@ -227,6 +261,8 @@ class _Rules:
                 flt.encode("utf-8")
             except UnicodeEncodeError:
                 continue  # invalid UTF-8 in the file: no MQTT topic can equal it
+            if flags & READ and flt:
+                readable.append(flt)
             if flt and validate_topic_filter(flt):
                 trie.subscribe(flt, i, flags)
             else:
@@ -235,6 +271,8 @@ class _Rules:
         self._trie = trie if len(trie) else None
         self._slow = slow
         self.empty = count == 0
+        # The filters that grant read (deny entries left out: see ClientAcl.may_read_any).
+        self.readable = tuple(readable)
 
     def flags(self, topic: str) -> int:
         """OR of the flags (READ, WRITE, _DENY) of every entry matching ``topic``."""
@@ -275,6 +313,7 @@ class ClientAcl:
         "_patterns",
         "_user",
         "client_id",
+        "decided",
         "username",
     )
 
@@ -298,7 +337,9 @@ class ClientAcl:
             or "+" in client_id
             or "#" in client_id
         )
+        # topic -> bits; ``decided`` is it too, for hot paths that inline the lookup.
         self._cache: dict[str, int] = {}
+        self.decided = self._cache
         self._cache_size = max(0, cache_size)
 
     def access(self, topic: str) -> int:
@@ -356,6 +397,23 @@ class ClientAcl:
         per message by :meth:`may_read`.
         """
         return True
+
+    def may_read_any(self, topic_filter: str) -> bool:
+        """Whether some topic ``topic_filter`` matches could be readable (ingestd's SUBSCRIBE
+        check; Mosquitto grants all). Sound: True when the filter intersects an entry
+        granting read (``deny`` ignored), so a filter that could deliver something
+        readable is never refused; deliveries are still checked by :meth:`may_read`."""
+        if topic_filter.startswith("$share"):
+            return False  # a $share topic is never readable (acl__check_dollar)
+        if self._user is not None:
+            for flt in self._user.readable:
+                if filters_intersect(flt, topic_filter):
+                    return True
+        if self._patterns is not None and not self._dangerous:
+            for flt in self._patterns.readable:
+                if filters_intersect(flt, topic_filter):
+                    return True
+        return False
 
     def __repr__(self) -> str:
         return f"<ClientAcl username={self.username!r} client_id={self.client_id!r}>"

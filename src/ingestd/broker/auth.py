@@ -1,46 +1,233 @@
 """Auth: who may connect, and who may read and write which topic (one place).
 
-:meth:`Auth.authenticate` decides a CONNECT from its user name and password
-(``mqtt.allow_anonymous`` and the ``mqtt.password_file`` written by ``ingestd
-passwd``, see :mod:`ingestd.broker.passwords`). :meth:`Auth.may_subscribe`
-and :meth:`Auth.may_publish` are the authorisation decisions; today every
-authenticated client may do both (ACLs are a later change, and belong here:
-the compiled fast path must then ask :meth:`may_publish` too).
+Authentication (:meth:`Auth.authenticate`, a coroutine): ``mqtt.allow_anonymous``
+and the ``mqtt.password_file`` (``ingestd passwd`` or ``mosquitto_passwd``
+lines, :mod:`ingestd.broker.passwords`). The password hash is checked in a
+thread, at most ``mqtt.auth_max_concurrent`` at once, so a PBKDF2 run never
+blocks the event loop; an unknown user costs the same hash as a wrong
+password (no timing oracle). Failures are counted (``BrokerStats.auth_failures``)
+and limited per peer address (``mqtt.auth_failure_limit`` failures within
+``auth_failure_window`` seconds refuse that address for ``auth_failure_cooldown``).
+
+Authorisation: ``mqtt.acl_file`` (Mosquitto syntax, :mod:`ingestd.broker.acl`).
+:meth:`client_acl` gives a connection its :class:`ClientAcl` (None when no ACL
+is configured: every check is then one ``is None`` test); the channel keeps it
+and hands it to its session, the router and the compiled fast path.
+:meth:`may_publish`, :meth:`may_read` and :meth:`may_subscribe` are the
+decisions. :meth:`reload` (SIGHUP) re-reads both files, keeping the old ones
+when a new one is bad.
 """
 
 from __future__ import annotations
 
-from ingestd.broker.hooks import ClientInfo
-from ingestd.broker.passwords import load_password_file, verify_password
+import asyncio
+import logging
+import time
+from collections import deque
+
+from ingestd.broker.acl import AclFile, ClientAcl
+from ingestd.broker.hooks import BrokerStats
+from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
+from ingestd.errors import ConfigError
 from ingestd.mqtt.constants import Reason
+
+log = logging.getLogger("ingestd.broker")
+
+_SHARE = "$share/"
+# Peer addresses whose failures are remembered at once (bounded memory under a scan).
+_MAX_TRACKED_PEERS = 65_536
+
+
+def peer_address(peer: str) -> str:
+    """The address part of a ``host:port`` / ``[v6]:port`` peer string."""
+    host, sep, _port = peer.rpartition(":")
+    return host if sep else peer
+
+
+def check_files(config: MqttConfig) -> None:
+    """Read ``password_file`` and ``acl_file`` as start-up would (``ingestd config check``);
+    ConfigError naming the file, the line and the reason."""
+    if config.password_file:
+        load_password_file(config.password_file)
+    if config.acl_file:
+        AclFile.load(config.acl_file)
+
+
+class _DenyAll(ClientAcl):
+    """A ClientAcl with no rules: every decision is deny."""
+
+    __slots__ = ()
+
+
+def is_deny_all(acl: ClientAcl | None) -> bool:
+    """Whether ``acl`` is :meth:`Auth.deny_all`'s."""
+    return type(acl) is _DenyAll
 
 
 class Auth:
     """The broker's authentication and authorisation decisions."""
 
-    def __init__(self, config: MqttConfig) -> None:
+    def __init__(self, config: MqttConfig, stats: BrokerStats | None = None) -> None:
         self.config = config
-        # user -> stored hash, read once at start-up (None: no password file).
+        self.stats = stats if stats is not None else BrokerStats()
+        # user -> stored hash (None: no password file).
         self.passwords: dict[str, str] | None = (
             load_password_file(config.password_file) if config.password_file else None
         )
+        self.acl: AclFile | None = AclFile.load(config.acl_file) if config.acl_file else None
+        if self.acl is not None:
+            for warning in self.acl.warnings:
+                log.warning("%s", warning)
+        # What an unknown user's password is checked against: the same work as a real one.
+        self._dummy = dummy_like(self.passwords) if self.passwords is not None else ""
+        self._semaphore: asyncio.Semaphore | None = None
+        # peer address -> monotonic times of recent failures; address -> refused until.
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}
 
-    def authenticate(self, username: str | None, password: bytes | None, peer: str) -> int:
-        """0 to accept a CONNECT, else its v5 CONNACK reason code."""
+    # -- authentication -----------------------------------------------------
+
+    def needs_password_check(self, username: str | None) -> bool:
+        """Whether :meth:`authenticate` will hash a password (and so must be awaited)."""
+        return self.passwords is not None and username is not None
+
+    def refused_peer(self, peer: str) -> bool:
+        """Whether ``peer``'s address is cooling down after too many failed logins."""
+        if not self._blocked:
+            return False
+        addr = peer_address(peer)
+        until = self._blocked.get(addr)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._blocked[addr]
+            return False
+        return True
+
+    def check_anonymous(self, username: str | None, peer: str) -> int | None:
+        """The decision when no password is to be checked (None: a password must be)."""
+        if self.needs_password_check(username):
+            return None
         if self.passwords is None:
-            return 0 if (self.config.allow_anonymous or username) else Reason.NOT_AUTHORIZED
-        if username is None:
-            return 0 if self.config.allow_anonymous else Reason.NOT_AUTHORIZED
+            # No password file: validate_config made sure allow_anonymous is true.
+            if self.config.allow_anonymous:
+                return 0
+            return self._failed(peer, Reason.NOT_AUTHORIZED)
+        # A password file and no user name.
+        return 0 if self.config.allow_anonymous else self._failed(peer, Reason.NOT_AUTHORIZED)
+
+    async def authenticate(self, username: str | None, password: bytes | None, peer: str) -> int:
+        """0 to accept a CONNECT, else its v5 CONNACK reason code."""
+        quick = self.check_anonymous(username, peer)
+        if quick is not None:
+            return quick
+        assert self.passwords is not None and username is not None
         stored = self.passwords.get(username)
-        if stored is None or password is None or not verify_password(stored, password):
-            return Reason.BAD_USER_NAME_OR_PASSWORD
+        # An unknown user (or no password) costs the same hash as a wrong password.
+        target = stored if stored is not None and password is not None else self._dummy
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.config.auth_max_concurrent)
+        async with self._semaphore:
+            ok = await asyncio.to_thread(verify_password, target, password or b"")
+        if not ok or stored is None or password is None:
+            return self._failed(peer, Reason.BAD_USER_NAME_OR_PASSWORD)
         return 0
 
-    def may_subscribe(self, client: ClientInfo | None, topic_filter: str) -> bool:
-        """May ``client`` subscribe to ``topic_filter``? (Every client may, for now.)"""
-        return True
+    def _failed(self, peer: str, reason: int) -> int:
+        self.stats.auth_failures += 1
+        limit = self.config.auth_failure_limit
+        if limit:
+            addr = peer_address(peer)
+            now = time.monotonic()
+            times = self._failures.get(addr)
+            if times is None:
+                if len(self._failures) >= _MAX_TRACKED_PEERS:
+                    self._failures.clear()
+                times = self._failures[addr] = deque(maxlen=limit)
+            times.append(now)
+            if len(times) >= limit and now - times[0] <= self.config.auth_failure_window:
+                self._blocked[addr] = now + self.config.auth_failure_cooldown
+                times.clear()
+                log.warning(
+                    "refusing CONNECTs from %s for %.0f s: %d failed logins within %.0f s",
+                    addr,
+                    self.config.auth_failure_cooldown,
+                    limit,
+                    self.config.auth_failure_window,
+                )
+        return reason
 
-    def may_publish(self, client: ClientInfo | None, topic: str) -> bool:
-        """May ``client`` publish to ``topic``? (Every client may, for now.)"""
-        return True
+    def rate_limited(self) -> None:
+        """Count a CONNECT refused because its peer is cooling down."""
+        self.stats.auth_failures += 1
+
+    # -- authorisation -----------------------------------------------------
+
+    def client_acl(self, username: str | None, client_id: str) -> ClientAcl | None:
+        """The ACL of a client that connected as (``username``, ``client_id``); None: no ACL."""
+        acl = self.acl
+        return None if acl is None else acl.for_client(username, client_id)
+
+    def deny_all(self, client_id: str) -> ClientAcl | None:
+        """An ACL that grants nothing (a session restored without its user name), or None."""
+        return None if self.acl is None else _DenyAll(None, client_id, None, None)
+
+    @staticmethod
+    def may_publish(acl: ClientAcl | None, topic: str) -> bool:
+        """May the client with ``acl`` publish to ``topic`` (PUBLISH and Will)?"""
+        return acl is None or acl.may_publish(topic)
+
+    @staticmethod
+    def may_read(acl: ClientAcl | None, topic: str) -> bool:
+        """May a message on ``topic`` be delivered to the client with ``acl``?"""
+        return acl is None or acl.may_read(topic)
+
+    @staticmethod
+    def may_subscribe(acl: ClientAcl | None, topic_filter: str) -> bool:
+        """May the client subscribe to the (valid) ``topic_filter``?
+
+        Refused only when no topic the filter (the inner filter of a
+        ``$share/group/filter``) matches could be readable (see
+        :meth:`ClientAcl.may_read_any`); what an allowed filter delivers is
+        still checked per message.
+        """
+        if acl is None:
+            return True
+        if topic_filter.startswith(_SHARE):
+            topic_filter = topic_filter.split("/", 2)[2]
+        return acl.may_read_any(topic_filter)
+
+    # -- reload --------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the password file and the ACL file (SIGHUP).
+
+        A file that cannot be read or parsed is logged and the one in force is
+        kept (each file on its own). True if both were reloaded. Callers make
+        new :class:`ClientAcl` for every client afterwards (``Broker.reload_auth``).
+        """
+        ok = True
+        cfg = self.config
+        if cfg.password_file:
+            try:
+                passwords = load_password_file(cfg.password_file)
+            except ConfigError as e:
+                log.error("password file not reloaded, keeping the old one: %s", e)
+                ok = False
+            else:
+                self.passwords = passwords
+                self._dummy = dummy_like(passwords)
+                log.info("password file reloaded: %d users", len(passwords))
+        if cfg.acl_file:
+            try:
+                acl = AclFile.load(cfg.acl_file)
+            except ConfigError as e:
+                log.error("ACL file not reloaded, keeping the old one: %s", e)
+                ok = False
+            else:
+                for warning in acl.warnings:
+                    log.warning("%s", warning)
+                self.acl = acl
+                log.info("ACL file reloaded: %d entries", len(acl.entries))
+        return ok

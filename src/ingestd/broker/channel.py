@@ -62,6 +62,7 @@ from ingestd._codec import (
 )
 from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
+from ingestd.broker.acl import WRITE, ClientAcl
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
@@ -144,6 +145,14 @@ class Channel:
         self.session: Session | None = None
         self.will: WillSpec | None = None
         self.info: ClientInfo | None = None
+        # What this client may read and write (mqtt.acl_file; None: no ACL configured).
+        self.acl: ClientAcl | None = None
+        # While a CONNECT's password is checked (in a thread): the packets that came
+        # after it, handled once it is accepted.
+        self._held: list[Any] | None = None
+        # A malformed packet read while the CONNECT was held: raised once it is decided.
+        self._held_error: ProtocolError | None = None
+        self._auth_task: asyncio.Task[int] | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
@@ -178,31 +187,39 @@ class Channel:
         except ProtocolError as exc:
             # The packets before the malformed one count as if they had come in an
             # earlier read (a CONNECT is answered, a PUBLISH routed), then we close.
-            if exc.packets:
+            if self._held is None and exc.packets:
                 try:
-                    self._handle(exc.packets)
+                    self._handle(exc.packets, 0)
                 except ProtocolError as earlier:
                     exc = earlier
                 if self.state == CLOSED:
                     return
+            elif self._held is not None:
+                self._held.extend(exc.packets)
+            if self._held is not None:
+                # A CONNECT waits for its password check: the error waits with it.
+                self._held_error = exc
+                return
             self._protocol_error(exc)
             return
         try:
-            self._handle(packets)
+            if self._held is not None:
+                self._held.extend(packets)  # the CONNECT is still being authenticated
+                return
+            self._handle(packets, 0)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        if self.state == CLOSED:
+        if self.state == CLOSED or self._held is not None:
             return
         if not self._read_paused and (
             self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated()
         ):
             self.pause_reading()
 
-    def _handle(self, packets: list[Any]) -> None:
-        """The fast path for runs of ingest-only PUBLISHes, else one handler per packet."""
+    def _handle(self, packets: list[Any], i: int) -> None:
+        """Handle ``packets`` from index ``i``: the fast path or one handler per packet."""
         take = self.inbound.take
-        i = 0
         n = len(packets)
         while i < n:
             i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
@@ -215,6 +232,10 @@ class Channel:
                 self._on_publish(packet)
             else:
                 self._dispatch_control(ptype, packet)
+                if self._held is not None:
+                    # CONNECT waits for its password check: the rest waits with it.
+                    self._held.extend(packets[i:])
+                    return
             if self.state == CLOSED:
                 return
 
@@ -417,7 +438,13 @@ class Channel:
             raise ProtocolError(f"unexpected packet type {ptype}", Reason.PROTOCOL_ERROR)
 
     def _refuse_connect(self, reason_code: int, why: str) -> None:
-        log.info("refusing CONNECT from %s (client %r): %s", self.peer, self.client_id, why)
+        log.info(
+            "refusing CONNECT from %s (client %r, user %r): %s",
+            self.peer,
+            self.client_id,
+            self.username,
+            why,
+        )
         if self.version == 5:
             props = {_P_REASON_STRING: why}
             data = encode(Connack(reason_code=reason_code, properties=props), 5)
@@ -430,7 +457,6 @@ class Channel:
         self._close("protocol_error")
 
     def _on_connect(self, p: Any) -> None:
-        cfg = self.cfg
         self.version = 5 if p.protocol_level == 5 else 4
         if self._timer is not None:
             self._timer.cancel()
@@ -454,10 +480,65 @@ class Channel:
                 )
                 return
             assigned = self.client_id = self.broker.registry.assign_client_id()
-        reason = self.broker.auth.authenticate(p.username, p.password, self.peer)
-        if reason:
-            self._refuse_connect(reason, "bad user name or password")
+        auth = self.broker.auth
+        if auth.refused_peer(self.peer):
+            auth.rate_limited()
+            self._refuse_connect(
+                Reason.CONNECTION_RATE_EXCEEDED, "too many failed logins from this address"
+            )
             return
+        reason = auth.check_anonymous(p.username, self.peer)
+        if reason is None:
+            # A password to check: in a thread. Nothing after this CONNECT is handled,
+            # and nothing more is read, until it is decided.
+            self._held = []
+            self.pause_reading()
+            task = self.loop.create_task(auth.authenticate(p.username, p.password, self.peer))
+            self._auth_task = task  # the loop keeps only a weak reference to a task
+            task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
+            return
+        self._on_connect_authenticated(p, assigned, reason)
+
+    def _authenticated(self, p: Any, assigned: str | None, task: asyncio.Task[int]) -> None:
+        """The password check of a CONNECT ended: go on with it, then what came after."""
+        held = self._held or []
+        self._held = None
+        self._auth_task = None
+        if self.state == CLOSED or task.cancelled():
+            return
+        try:
+            reason = task.result()
+        except Exception:
+            log.exception("password check failed for %s", self.peer)
+            reason = Reason.UNSPECIFIED_ERROR
+        error, self._held_error = self._held_error, None
+        try:
+            self._on_connect_authenticated(p, assigned, reason)
+            if self.state == CONNECTED and held:
+                self._handle(held, 0)
+            if error is not None and self.state != CLOSED:
+                raise error
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if self.state != CLOSED:
+            self.resume_reading()
+
+    def _on_connect_authenticated(self, p: Any, assigned: str | None, reason: int) -> None:
+        cfg = self.cfg
+        props = p.properties
+        if reason:
+            why = (
+                "bad user name or password"
+                if reason == Reason.BAD_USER_NAME_OR_PASSWORD
+                else "not authorized (no user name)"
+                if reason == Reason.NOT_AUTHORIZED
+                else "authentication failed"
+            )
+            self._refuse_connect(reason, why)
+            return
+        auth = self.broker.auth
+        self.acl = acl = auth.client_acl(self.username, self.client_id)
         will = p.will
         if will is not None:
             if not validate_topic_name(will.topic):
@@ -465,6 +546,13 @@ class Channel:
                 return
             if will.retain and not cfg.retain_available:
                 self._refuse_connect(Reason.RETAIN_NOT_SUPPORTED, "retain is not available")
+                return
+            if not auth.may_publish(acl, will.topic):
+                self.stats.acl_denied_publish += 1
+                self._refuse_connect(
+                    Reason.NOT_AUTHORIZED,
+                    f"the ACL does not let it publish its will to {will.topic!r}",
+                )
                 return
         # Session Expiry: v5 asks for it (default 0); 3.1.1 clean session 0 means "keep".
         if self.version == 5:
@@ -484,8 +572,18 @@ class Channel:
         self._client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
         self.decoder.max_packet_size = cfg.max_packet_size
 
-        session, present = self.broker.registry.attach(self, self.client_id, p.clean_start)
+        clean_start = p.clean_start
+        if acl is not None and not clean_start:
+            old = self.broker.registry.sessions.get(self.client_id)
+            if old is not None and (not old.user_known or old.username != self.username):
+                # Another user's session (its subscriptions, its queued messages, read
+                # under that user's ACL) is not handed over: this client starts clean.
+                clean_start = True
+        session, present = self.broker.registry.attach(self, self.client_id, clean_start)
         self.session = session
+        session.username = self.username
+        session.user_known = True
+        session.acl = acl
         session.expiry_interval = expiry
         session.send_window = min(props.get(Prop.RECEIVE_MAXIMUM, 65_535), cfg.max_inflight)
         self.will = WillSpec(will, self.client_id, self.username) if will is not None else None
@@ -527,12 +625,27 @@ class Channel:
             session.pump()
 
     def _attach_fast_path(self, session: Session) -> None:
-        """Let ``inbound.take`` handle runs of ingest-only PUBLISHes (now CONNECTED)."""
+        """Let ``inbound.take`` handle runs of ingest-only PUBLISHes (now CONNECTED).
+
+        With an ACL the classifier is wrapped for this connection: a topic the
+        client may not write is "not for the fast path" (None), so it goes to
+        ``_on_publish``, which refuses it. The classification cache lives in this
+        connection's ``Inbound`` (never shared), and attaching again drops it.
+        """
+        classify = self.broker.router.ingest_target
+        acl = self.acl
+        if acl is not None:
+            target = classify
+            may_publish = acl.may_publish
+
+            def classify(topic: str) -> Any:
+                return target(topic) if may_publish(topic) else None
+
         self.inbound.attach(
             self.version,
             self.cfg.receive_maximum,
             self.broker.trie,
-            self.broker.router.ingest_target,
+            classify,
             self.client_id,
             self.username,
             session.inbound_qos2,
@@ -581,6 +694,14 @@ class Channel:
         self.stats.messages_received[qos] += 1
         session = self.session
         assert session is not None
+        acl = self.acl  # mqtt.acl_file: None when no ACL is configured
+        if acl is not None:
+            bits = acl.decided.get(topic)  # acl.may_publish, inlined
+            if bits is None:
+                bits = acl.access(topic)
+            if not bits & WRITE:
+                self._refuse_publish(p, topic)
+                return
         message = Message(
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )
@@ -607,6 +728,36 @@ class Channel:
             session.inbound_qos2.add(pid)
             durable = self._publish(message, session)
             self._queue_ack(durable, _PUBREC, pid, 2)
+
+    def _refuse_publish(self, p: Any, topic: str) -> None:
+        """A PUBLISH the ACL does not allow: never routed (nor ingested), the connection
+        kept. As Mosquitto: v5 PUBACK/PUBREC 0x87; 3.1.1 the plain PUBACK/PUBREC (it
+        has no failure code), so the client does not re-send it."""
+        self.stats.acl_denied_publish += 1
+        log.debug("client %r may not publish to %r: dropped", self.client_id, topic)
+        qos = p.qos
+        if qos == 0:
+            return
+        pid = p.packet_id
+        ptype = _PUBACK if qos == 1 else _PUBREC
+        # In arrival order behind acks still held for durability [MQTT-4.6.0-2]. 3.1.1:
+        # a PUBREL follows a PUBREC; _on_pubrel answers PUBCOMP for an id it does not hold.
+        ack = self.inbound.queue(
+            None, ptype, pid, qos, Reason.NOT_AUTHORIZED if self.version == 5 else 0
+        )
+        if ack is not None:
+            self.send(ack)
+
+    def refresh_acl(self) -> None:
+        """The ACL file was reloaded: take this client's new ACL (session and fast path too)."""
+        if self.state != CONNECTED:
+            return
+        self.acl = acl = self.broker.auth.client_acl(self.username, self.client_id)
+        session = self.session
+        if session is not None and session.connection is self:
+            session.acl = acl
+            if self.inbound.enabled:
+                self._attach_fast_path(session)
 
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
         ack = self.inbound.queue(fut, ptype, pid, qos)
@@ -668,7 +819,7 @@ class Channel:
                     "No Local must not be set on a shared subscription [MQTT-3.8.3-4]",
                     Reason.PROTOCOL_ERROR,
                 )
-            if not self.broker.auth.may_subscribe(self.info, flt):
+            if not self.broker.auth.may_subscribe(self.acl, flt):
                 codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else SUBACK_V3_FAILURE)
                 continue
             granted = min(qos, 2)
@@ -682,11 +833,16 @@ class Channel:
         # delivered to a new subscription: RETAIN set [MQTT-3.3.1-8].
         if retained:
             now = time.monotonic()
+            acl = self.acl
             for flt, opts in retained:
                 ids_ = [opts.sub_id] if opts.sub_id else None
                 for msg in self.broker.retained.match(flt):
-                    if not msg.expired(now):
-                        session.deliver(msg, min(msg.qos, opts.qos), True, ids_)
+                    if msg.expired(now):
+                        continue
+                    if acl is not None and not acl.may_read(msg.topic):
+                        self.stats.acl_denied_read += 1
+                        continue
+                    session.deliver(msg, min(msg.qos, opts.qos), True, ids_)
 
     def _on_unsubscribe(self, p: Any) -> None:
         session = self.session

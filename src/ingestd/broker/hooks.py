@@ -103,6 +103,11 @@ class BrokerStats:
     protocol_errors: int = 0
     # PUBLISHes handled by the compiled ingest fast path (counted once per run).
     messages_fast_path: int = 0
+    # CONNECTs refused for their credentials (or while their peer cools down).
+    auth_failures: int = 0
+    # PUBLISHes (and wills) refused by the ACL; deliveries the ACL withheld.
+    acl_denied_publish: int = 0
+    acl_denied_read: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -125,6 +130,10 @@ class StoredSession:
     )
     # journaled deliveries in order: (journal key, message, qos, retain, subscription ids)
     journal: list[tuple[int, Message, int, bool, list[int] | None]] = field(default_factory=list)
+    # the user name of its last connection (None: anonymous), if known (rows written
+    # before it was stored do not have it)
+    username: str | None = None
+    user_known: bool = False
 
 
 class BrokerStore(DeliveryJournal, Protocol):

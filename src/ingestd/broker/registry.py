@@ -37,7 +37,13 @@ from ingestd.broker.hooks import BrokerStats, BrokerStore, StoredSession
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.router import Router
-from ingestd.broker.session import NEVER_EXPIRES, DeliveryJournal, Session, SubOptions
+from ingestd.broker.session import (
+    NEVER_EXPIRES,
+    DeliveryJournal,
+    Session,
+    SubOptions,
+    WillSpec,
+)
 from ingestd.config import MqttConfig
 from ingestd.mqtt.constants import Reason
 
@@ -126,8 +132,7 @@ class SessionRegistry:
             session_ends = reason != "taken_over" and session.expiry_interval == 0
             if will is not None:
                 if will.delay == 0 or session_ends:
-                    self.router.publish(will.to_message(), None)
-                    will_published = True
+                    will_published = self._publish_will(will, session)
                 else:
                     # Waits on the session for its delay. After a takeover attach
                     # publishes it (Clean Start ends the session) or cancels it [MQTT-3.1.3-9].
@@ -147,12 +152,23 @@ class SessionRegistry:
                 self._save(session)
         return will_published
 
+    def _publish_will(self, will: WillSpec, session: Session) -> bool:
+        """Publish a will, if its client may still write its topic (the ACL may have been
+        reloaded since CONNECT checked it). True if it was published."""
+        acl = session.acl
+        if acl is not None and not acl.may_publish(will.topic):
+            self.stats.acl_denied_publish += 1
+            log.info("will of %r to %r refused by the ACL", session.client_id, will.topic)
+            return False
+        self.router.publish(will.to_message(), None)
+        return True
+
     def _fire_delayed_will(self, session: Session) -> None:
         session.will_handle = None
         will = session.will
         session.will = None
         if will is not None and session.connection is None:
-            self.router.publish(will.to_message(), None)
+            self._publish_will(will, session)
 
     def _expire_session(self, session: Session) -> None:
         session.expiry_handle = None
@@ -166,7 +182,7 @@ class SessionRegistry:
         session.will = None
         session.cancel_timers()
         if will is not None:
-            self.router.publish(will.to_message(), None)
+            self._publish_will(will, session)
         self._discard_session(session)
 
     def _discard_session(self, session: Session) -> None:
@@ -225,6 +241,8 @@ class SessionRegistry:
             },
             disconnected_at=None if session.connection is not None else time.time(),
             pending=pending,
+            username=session.username,
+            user_known=session.user_known,
         )
 
     def restore(self, sessions: list[StoredSession]) -> None:
@@ -240,6 +258,8 @@ class SessionRegistry:
                         self.store.session_deleted(stored.client_id)
                     continue
             session = self._new_session(stored.client_id)
+            session.username = stored.username
+            session.user_known = stored.user_known
             session.expiry_interval = stored.expiry_interval
             for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
                 opts = SubOptions(qos, nl, rap, rh, sub_id)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
+from ingestd.broker.acl import READ
 from ingestd.broker.hooks import BrokerStats, BrokerStore, MessageSink, RunSink
 from ingestd.broker.message import Message
 from ingestd.broker.retained import RetainedStore
@@ -72,6 +73,7 @@ class Router:
         if not subs and not groups:
             return None
         qos = message.qos
+        topic = message.topic
         durable: list[asyncio.Future[Any]] | None = None
         journaled = False  # a persistent session journaled its delivery
         targets: dict[Session, list[Any]] | None = None
@@ -81,6 +83,14 @@ class Router:
             if type(sub) is Session:
                 if opts.no_local and sub is origin:
                     continue
+                acl = sub.acl  # mqtt.acl_file: None when no ACL is configured
+                if acl is not None:
+                    bits = acl.decided.get(topic)  # acl.may_read, inlined
+                    if bits is None:
+                        bits = acl.access(topic)
+                    if not bits & READ:
+                        self.stats.acl_denied_read += 1
+                        continue
                 if single is None and targets is None:
                     single, single_opts = sub, opts
                     continue
@@ -159,14 +169,30 @@ class Router:
         if not n:
             return False
         start = group.next_index()
-        chosen = members[start]
-        # Prefer a member that is online; an offline member's session queues it.
+        chosen = None
+        first = None  # the first member that may read the topic
+        topic = message.topic
+        # Prefer a member that is online; an offline member's session queues it. A member
+        # whose ACL does not let it read the topic is never chosen.
         for i in range(n):
             cand = members[(start + i) % n]
             sub = cand[0]
-            if type(sub) is not Session or sub.connection is not None:
+            if type(sub) is not Session:
                 chosen = cand
                 break
+            acl = sub.acl
+            if acl is not None and not acl.may_read(topic):
+                continue
+            if first is None:
+                first = cand
+            if sub.connection is not None:
+                chosen = cand
+                break
+        if chosen is None:
+            chosen = first
+            if chosen is None:
+                self.stats.acl_denied_read += 1
+                return False
         sub, opts = chosen
         if type(sub) is Session:
             q = opts.qos if opts.qos < message.qos else message.qos

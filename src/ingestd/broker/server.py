@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
-from ingestd.broker.auth import Auth
+from ingestd.broker.auth import Auth, is_deny_all
 from ingestd.broker.hooks import (
     BrokerListener,
     BrokerStats,
@@ -75,7 +75,7 @@ class Broker:
             self.overflow = OverflowStore(directory, m.overflow_max_bytes)
             self.overflow.start()
         self.registry.overflow = self.overflow
-        self.auth = Auth(config.mqtt)
+        self.auth = Auth(config.mqtt, self.stats)
         self.connections: set[Channel] = set()
         self.listeners: list[BrokerListener] = []
         self._ingest: Any = None  # object with .saturated and wait_not_saturated()
@@ -232,6 +232,26 @@ class Broker:
             self._paused.discard(conn)
             conn.resume_reading()
 
+    # -- credentials and ACL ----------------------------------------------------
+
+    def reload_auth(self) -> bool:
+        """SIGHUP: re-read the password and ACL files (a bad one is logged and kept), then
+        give every client its new ACL, so live subscriptions deliver under it from now on.
+
+        Connected clients get a new ClientAcl (their fast-path caches are dropped);
+        offline sessions keep their last user name and client id and are decided on
+        those. True if both files were reloaded.
+        """
+        ok = self.auth.reload()
+        for conn in list(self.connections):
+            conn.refresh_acl()
+        for session in self.registry.sessions.values():
+            if session.connection is None:
+                if is_deny_all(session.acl):
+                    continue  # restored without its user name: nothing until it connects
+                session.acl = self.auth.client_acl(session.username, session.client_id)
+        return ok
+
     # -- start and stop -------------------------------------------------------
 
     def restore(self, retained: list[Message], sessions: list[StoredSession]) -> None:
@@ -239,6 +259,15 @@ class Broker:
         for message in retained:
             self.retained.set(message)
         self.registry.restore(sessions)
+        # A restored session reads under the ACL of its last user; one whose user name
+        # the store did not keep (an older row) reads nothing until its client connects.
+        for session in self.registry.sessions.values():
+            if session.connection is None and session.acl is None:
+                session.acl = (
+                    self.auth.client_acl(session.username, session.client_id)
+                    if session.user_known
+                    else self.auth.deny_all(session.client_id)
+                )
 
     async def shutdown(self) -> None:
         """Close every connection with v5 'server shutting down' and flush writes."""

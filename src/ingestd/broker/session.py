@@ -67,6 +67,7 @@ from ingestd.mqtt.constants import Prop, Reason
 if TYPE_CHECKING:
     from asyncio import TimerHandle
 
+    from ingestd.broker.acl import ClientAcl
     from ingestd.broker.hooks import BrokerStats
     from ingestd.broker.overflow import OverflowQueue, OverflowStore
 
@@ -170,6 +171,7 @@ class Session:
     """MQTT session state; see the module docstring for the state machine."""
 
     __slots__ = (
+        "acl",
         "client_id",
         "connection",
         "expiry_handle",
@@ -187,6 +189,8 @@ class Session:
         "send_window",
         "stats",
         "subscriptions",
+        "user_known",
+        "username",
         "will",
         "will_handle",
     )
@@ -201,6 +205,13 @@ class Session:
     ) -> None:
         self.client_id = client_id
         self.stats = stats
+        # The user name of its last connection (None: anonymous, or restored from the store).
+        self.username: str | None = None
+        self.user_known = True  # False: restored from a store row that did not keep it
+        # The ACL its messages are read under (mqtt.acl_file; None: no ACL configured).
+        # Set from its last connection (Auth.client_acl); the router checks it on
+        # every delivery, so it also governs while the session is offline.
+        self.acl: ClientAcl | None = None
         # The connected client's outbound side (None: offline).
         self.connection: Outbound | None = None
         self.subscriptions: dict[str, SubOptions] = {}

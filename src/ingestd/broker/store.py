@@ -118,14 +118,20 @@ def decode_retained(
 
 
 def encode_session(s: StoredSession) -> bytes:
-    return _enc.encode(
-        [s.expiry_interval, s.subscriptions, s.disconnected_at, [list(p) for p in s.pending]]
-    )
+    state = [s.expiry_interval, s.subscriptions, s.disconnected_at, [list(p) for p in s.pending]]
+    if s.user_known:
+        state.append([s.username])  # the ACL of an offline session is decided on it
+    return _enc.encode(state)
 
 
 def decode_session(client_id: str, body: bytes) -> StoredSession:
-    expiry, subs, disconnected_at, pending = _dec.decode(body)
+    state = _dec.decode(body)
+    expiry, subs, disconnected_at, pending = state[:4]
+    # Rows written before user names were kept have four fields: the user is unknown.
+    user = state[4] if len(state) > 4 else None
     return StoredSession(
+        username=user[0] if user else None,
+        user_known=user is not None,
         client_id=client_id,
         expiry_interval=expiry,
         subscriptions={f: tuple(o) for f, o in subs.items()},

@@ -74,8 +74,20 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retain_available: bool = True
     max_retained_messages: int = 1_000_000
     allow_anonymous: bool = True
-    # "user:password" lines, passwords hashed as written by `ingestd passwd` (optional).
+    # "user:password" lines, passwords hashed as written by `ingestd passwd` or
+    # Mosquitto's `mosquitto_passwd` ($7$ / $6$) (optional; reloaded on SIGHUP).
     password_file: str | None = None
+    # Mosquitto acl_file (user / topic / pattern lines; docs/security.md). Unset: no
+    # topic ACL. Set: default deny. Reloaded on SIGHUP.
+    acl_file: str | None = None
+    # Failed logins per peer address: after this many within auth_failure_window
+    # seconds, that address's CONNECTs are refused for auth_failure_cooldown seconds
+    # (0 turns the limit off).
+    auth_failure_limit: int = 10
+    auth_failure_window: float = 60.0
+    auth_failure_cooldown: float = 60.0
+    # Password checks (PBKDF2) run in threads, at most this many at once.
+    auth_max_concurrent: int = 4
     # Seconds a new TCP connection may take to send CONNECT.
     connect_timeout: float = 10.0
     # Empty client ids get an assigned id with this prefix.

@@ -66,8 +66,15 @@ def validate_config(cfg: Config) -> None:
             _positive(
                 v,
                 f"mqtt.{f.name}",
-                allow_zero=f.name in ("topic_alias_maximum", "overflow_max_bytes"),
+                allow_zero=f.name
+                in ("topic_alias_maximum", "auth_failure_limit", "overflow_max_bytes"),
             )
+    if not cfg.mqtt.allow_anonymous and not cfg.mqtt.password_file:
+        # Without a credential source every user name would be let in.
+        raise ConfigError(
+            "allow_anonymous = false needs a credential source: set mqtt.password_file",
+            key="mqtt.allow_anonymous",
+        )
     _positive(cfg.database.pool_size, "database.pool_size")
     _positive(cfg.database.connect_timeout, "database.connect_timeout")
     _positive(cfg.database.command_timeout, "database.command_timeout")
