@@ -12,6 +12,7 @@ Nothing here sleeps to assert: conditions are polled with a bounded deadline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -97,12 +98,18 @@ def test_postgres_restart_mid_stream_loses_no_acknowledged_message(
         # (the commit may have happened with its reply lost) and was written again.
         failed_seqs: set[int] = set()
         committed_attempts: list[int] = []
+        # Closed while PostgreSQL is being stopped, so the stream cannot finish before
+        # the stop takes effect (pg_ctl is slow on a busy machine): the restart is
+        # mid-stream by construction, not by timing.
+        gate = asyncio.Event()
+        gate.set()
 
         def instrument() -> None:
             writer = engine.writer
             original = writer.write
 
             async def write(groups: list[Any], origins: Any = None) -> int:
+                await gate.wait()
                 seqs = [
                     rec[g.columns.index("seq")]
                     for g in groups
@@ -145,8 +152,10 @@ def test_postgres_restart_mid_stream_loses_no_acknowledged_message(
                 mid_to_seq[info.mid] = seq
 
             wait_for(lambda: len(acked_mids) >= RESTART_AFTER_ACKS, "the first acknowledgements")
+            srv.call(gate.clear)
             pgs.stop_server(stop_mode)
             acked_before = len(acked_mids)
+            srv.call(gate.set)
             # Keep PostgreSQL down until a batch has actually failed against it.
             wait_for(lambda: bool(failed_seqs), "a write attempt to fail during the outage", 30)
             pgs.start_server()
