@@ -259,6 +259,9 @@ class IngestdCollector(Collector):
         self.broker = broker
         self.engine = engine
         self.lag = lag
+        # Upstream connections (ingestd.upstream.Upstream: name, connected,
+        # messages_received, acks_pending, connects, reconnects, ack_failures).
+        self.upstreams: list[Any] = []
         if version is None:
             from ingestd import __version__
 
@@ -283,6 +286,8 @@ class IngestdCollector(Collector):
             yield from self._broker_metrics(self.broker)
         if self.engine is not None:
             yield from self._ingest_metrics(self.engine)
+        if self.upstreams:
+            yield from self._upstream_metrics(self.upstreams)
         if self.lag is not None:
             yield GaugeMetricFamily(
                 "ingestd_event_loop_lag_seconds",
@@ -294,6 +299,43 @@ class IngestdCollector(Collector):
                 "Largest event-loop sleep overshoot since the previous scrape",
                 value=self.lag.take_max(),
             )
+
+    # -- upstream mode ----------------------------------------------------------
+
+    def _upstream_metrics(self, upstreams: list[Any]) -> Iterator[Metric]:
+        for name, attr, doc, family in (
+            ("ingestd_upstream_connected", "connected", "1 while connected and subscribed", 0),
+            (
+                "ingestd_upstream_messages_received",
+                "messages_received",
+                "PUBLISHes received from the upstream broker",
+                1,
+            ),
+            (
+                "ingestd_upstream_acks_pending",
+                "acks_pending",
+                "QoS 1/2 messages received and not yet acknowledged (waiting for commit)",
+                0,
+            ),
+            ("ingestd_upstream_connects", "connects", "Successful connections", 1),
+            (
+                "ingestd_upstream_reconnects",
+                "reconnects",
+                "Connection attempts after the first",
+                1,
+            ),
+            (
+                "ingestd_upstream_ack_failures",
+                "ack_failures",
+                "Connections dropped because a message could not be made durable",
+                1,
+            ),
+        ):
+            cls = CounterMetricFamily if family else GaugeMetricFamily
+            m = cls(name, doc, labels=["upstream"])
+            for up in upstreams:
+                m.add_metric([up.name], float(getattr(up, attr, 0) or 0))
+            yield m
 
     # -- broker --------------------------------------------------------------
 
