@@ -81,9 +81,20 @@ def upstream_broker(tmp_path: Path) -> ServerThread:
     ).start()
 
 
-def consumer(pg_dsn: str, tmp_path: Path, up_port: int, name: str = "c", **kw: Any) -> ServerThread:
+def consumer(
+    pg_dsn: str,
+    tmp_path: Path,
+    up_port: int,
+    name: str = "c",
+    sections: dict[str, dict[str, Any]] | None = None,
+    **kw: Any,
+) -> ServerThread:
     cfg = config_from_toml(
-        ROUTES + upstream_toml(up_port, **kw), tmp_path, pg_dsn, name=f"{name}.toml"
+        ROUTES + upstream_toml(up_port, **kw),
+        tmp_path,
+        pg_dsn,
+        name=f"{name}.toml",
+        **(sections or {}),
     )
     cfg.server.data_dir = str(tmp_path / f"data-{name}")
     srv = ServerThread(cfg, database=True).start()
@@ -264,6 +275,88 @@ def test_shared_group_splits_the_stream_between_two_consumers(pg_dsn: str, tmp_p
         a.stop()
         b.stop()
         up.stop()
+
+
+def test_sigkill_mid_stream_loses_nothing_the_upstream_held(pg_dsn: str, tmp_path: Path) -> None:
+    """A crashed consumer: what it had not acknowledged comes back from the upstream session."""
+    up = upstream_broker(tmp_path)
+    cfg = tmp_path / "consumer.toml"
+    # A small window and batches: the stream takes many commits, so the kill lands mid-stream.
+    cfg.write_text(
+        f'[database]\ndsn = "{pg_dsn}"\n'
+        + ROUTES
+        + "[ingest]\nbatch_rows = 5\n"
+        + upstream_toml(up.port, receive_maximum=5, session_expiry=600)
+    )
+    total = 5000
+
+    def start() -> subprocess.Popen[bytes]:
+        import sys
+
+        return subprocess.Popen(
+            [sys.executable, "-m", "ingestd", "serve", "--config", str(cfg), "--no-listen",
+             "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    proc = start()
+    try:
+        sessions = up.call(lambda: up.app.broker.sessions)  # type: ignore[union-attr]
+        wait_for(lambda: up.call(lambda: "ingestd-up" in sessions), "the consumer's session")
+        publish_seqs(up.port, range(total))  # the upstream acked all; it holds them for us
+        wait_rows(pg_dsn, "SELECT count(*) FROM up_telemetry", until=lambda r: r[0][0] >= 200)
+        proc.kill()  # SIGKILL: no DISCONNECT, acks owed are never sent
+        proc.wait(WAIT)
+        at_kill = len(set(seqs_in_table(pg_dsn)))
+        assert at_kill < total, "the stream ended before the kill: the test proves nothing"
+        proc = start()
+        got = wait_seqs(pg_dsn, set(range(total)))
+        assert len(set(got)) == total
+        # duplicates only from rows committed but not yet acknowledged at the kill
+        assert len(got) - total <= 2 * 5, len(got) - total
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(WAIT)
+        up.stop()
+
+
+def test_database_outage_holds_acks_and_loses_nothing(pg_dsn: str, tmp_path: Path) -> None:
+    from test_e2e_ingest import _LoopThread
+    from test_ingest_outage import CuttableProxy
+
+    lt = _LoopThread()
+    proxy = CuttableProxy(pg_dsn)
+    lt.run(proxy.start())
+    up = upstream_broker(tmp_path)
+    srv = consumer(
+        proxy.dsn,
+        tmp_path,
+        up.port,
+        sections={
+            "ingest": {"retry_initial_ms": 10, "retry_max_ms": 50, "spool_after_ms": 3_600_000}
+        },
+    )
+    try:
+        u = clients(srv)[0]
+        sess = up.call(lambda: up.app.broker.sessions["ingestd-up"])  # type: ignore[union-attr]
+        publish_seqs(up.port, range(50))
+        wait_seqs(pg_dsn, set(range(50)))
+        lt.run(proxy.cut())
+        publish_seqs(up.port, range(50, 150))
+        stats = srv.app.ingest.stats  # type: ignore[union-attr]
+        wait_for(lambda: srv.call(lambda: stats.write_errors) > 0, "a failed write")
+        # nothing committed -> nothing acknowledged: the upstream holds them in flight
+        assert srv.call(lambda: u.acks_pending) > 0
+        assert up.call(lambda: len(sess.inflight)) > 0
+        lt.run(proxy.start())  # PostgreSQL reachable again (same port)
+        got = wait_seqs(pg_dsn, set(range(150)))
+        assert len(got) == 150
+        wait_for(lambda: up.call(lambda: len(sess.inflight)) == 0, "the PUBACKs after commit")
+    finally:
+        srv.stop()
+        up.stop()
+        lt.close()
 
 
 # -- against Debian's mosquitto -------------------------------------------------

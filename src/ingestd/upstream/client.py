@@ -50,7 +50,7 @@ from ingestd._codec import (
 from ingestd.broker.message import Message
 from ingestd.broker.session import Session
 from ingestd.config import UpstreamConfig
-from ingestd.errors import ProtocolError
+from ingestd.errors import ConfigError, ProtocolError
 from ingestd.mqtt.constants import PacketType, Prop
 from ingestd.upstream.acks import PUBACK, PUBREC, AckFailed, AckQueue
 
@@ -107,7 +107,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.cfg = cfg
         self.loop = up.loop
         self.version = cfg.protocol
-        self.decoder = Decoder(server_side=False)
+        # MQTT 5: the upstream is told our Maximum Packet Size (mqtt.max_packet_size) and
+        # must not send more. 3.1.1 has no way to say it: the protocol's own limit applies
+        # (refusing a packet there would only bring it back on every reconnect).
+        self.max_packet_size = up.broker.config.mqtt.max_packet_size
+        if cfg.protocol == 5:
+            self.decoder = Decoder(server_side=False, max_packet_size=self.max_packet_size)
+        else:
+            self.decoder = Decoder(server_side=False)
         self.decoder.protocol_version = cfg.protocol
         self.transport: Any = None
         self.connack: asyncio.Future[Connack] = self.loop.create_future()
@@ -142,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.version == 5:
             props[int(Prop.SESSION_EXPIRY_INTERVAL)] = cfg.session_expiry
             props[int(Prop.RECEIVE_MAXIMUM)] = cfg.receive_maximum
+            props[int(Prop.MAXIMUM_PACKET_SIZE)] = self.max_packet_size
         self._write(
             encode(
                 Connect(
@@ -401,7 +409,6 @@ class Upstream:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._ssl = tls_context(config) if config.tls else None
-        self.first_attempt: asyncio.Future[None] = self.loop.create_future()
 
     @property
     def acks_pending(self) -> int:
@@ -420,8 +427,6 @@ class Upstream:
                 self.reconnects += 1
             attempt += 1
             ok = await self._connect_once()
-            if not self.first_attempt.done():
-                self.first_attempt.set_result(None)
             if self._stopping:
                 break
             if ok:
@@ -534,7 +539,14 @@ class Upstreams:
     """Every configured upstream; started after the listeners, stopped first (App.extras)."""
 
     def __init__(self, configs: list[UpstreamConfig], broker: Broker) -> None:
-        self.clients = [Upstream(c, broker) for c in configs]
+        self.clients: list[Upstream] = []
+        for i, c in enumerate(configs):
+            try:
+                self.clients.append(Upstream(c, broker))
+            except OSError as e:  # ssl.SSLError too
+                raise ConfigError(
+                    f"cannot load TLS files: {e}", key=f"upstream[{i}].ca_file"
+                ) from None
 
     async def start(self) -> None:
         for c in self.clients:
