@@ -168,6 +168,78 @@ def test_every_qos1_message_becomes_a_row(pg_dsn: str, tmp_path: Path, protocol:
         up.stop()
 
 
+def test_qos2_rows_and_the_upstream_flow_completes(pg_dsn: str, tmp_path: Path) -> None:
+    up = upstream_broker(tmp_path)
+    srv = consumer(pg_dsn, tmp_path, up.port, qos=2)
+    try:
+        pub = Client(up.port)
+        try:
+            for s in range(200):
+                pub.c.publish(TOPIC.format("q2"), json.dumps({"seq": s}), 2)
+            pub.publish(TOPIC.format("q2"), json.dumps({"seq": -1}), 2)
+        finally:
+            pub.disconnect()
+        got = wait_seqs(pg_dsn, set(range(200)))
+        assert len(got) == 200  # routed once each
+        sess = up.call(lambda: up.app.broker.sessions["ingestd-up"])  # type: ignore[union-attr]
+        # PUBREC after commit, PUBREL, PUBCOMP: nothing left in flight at the upstream
+        wait_for(lambda: up.call(lambda: len(sess.inflight)) == 0, "the QoS 2 flows to complete")
+    finally:
+        srv.stop()
+        up.stop()
+
+
+@pytest.mark.parametrize("local_publish", [True, False])
+def test_local_publish_switch(pg_dsn: str, tmp_path: Path, local_publish: bool) -> None:
+    up = upstream_broker(tmp_path)
+    srv = consumer(
+        pg_dsn,
+        tmp_path,
+        up.port,
+        sections={"server": {"listen": ["127.0.0.1:0"]}},
+        local_publish=local_publish,
+    )
+    sub = Client(srv.port)
+    try:
+        sub.subscribe("company/#", qos=1)
+        publish_seqs(up.port, range(3))
+        got = wait_seqs(pg_dsn, {0, 1, 2})  # the routes get them either way
+        assert len(got) == 3
+        if local_publish:
+            seen = [json.loads(m.payload)["seq"] for m in sub.expect(4)]
+            assert seen == [0, 1, 2, -1]
+        else:
+            sub.expect_nothing()
+    finally:
+        sub.disconnect()
+        srv.stop()
+        up.stop()
+
+
+def test_v3_stops_reading_at_receive_maximum_and_resumes(pg_dsn: str, tmp_path: Path) -> None:
+    """3.1.1 has no Receive Maximum: the upstream sends up to its own window; we pause reading."""
+    up = upstream_broker(tmp_path)
+    srv = consumer(pg_dsn, tmp_path, up.port, protocol=4, receive_maximum=4)
+    try:
+        u = clients(srv)[0]
+        high = [0]
+
+        def sample() -> None:  # highest acks_pending seen, sampled on the consumer's loop
+            high[0] = max(high[0], u.acks_pending)
+            if u.conn is not None:
+                srv.loop.call_later(0.001, sample)
+
+        srv.call(sample)
+        publish_seqs(up.port, range(1000), version=4)
+        got = wait_seqs(pg_dsn, set(range(1000)))
+        assert len(got) == 1000
+        assert srv.call(lambda: u.read_pauses) > 0  # the bound was hit, and reading resumed
+        assert high[0] > 0
+    finally:
+        srv.stop()
+        up.stop()
+
+
 def _metrics_text(srv: ServerThread) -> str:
     from prometheus_client import generate_latest
 

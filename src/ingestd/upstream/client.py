@@ -288,6 +288,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._paused:
             if over:
                 self._paused = True
+                self.up.read_pauses += 1
                 t.pause_reading()
             elif broker.ingest_saturated():
                 self._paused = self._saturation_paused = True
@@ -405,6 +406,7 @@ class Upstream:
         self.connects = 0
         self.reconnects = 0  # connection attempts after the first
         self.ack_failures = 0
+        self.read_pauses = 0  # 3.1.1: reading stopped at receive_maximum pending acks
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
