@@ -558,3 +558,43 @@ def test_config_duplicate_names_and_defaults(tmp_path: Path) -> None:
     (u,) = load_config(str(p), env={}).upstream
     assert u == UpstreamConfig(name="u", host="h", subscriptions=["a/#"])
     assert (u.port, u.protocol, u.qos, u.clean_start, u.local_publish) == (1883, 5, 1, False, True)
+
+
+def test_serve_no_listen_runs_a_pure_consumer(tmp_path: Path) -> None:
+    """`ingestd serve --no-listen`: no MQTT listener, ready on /readyz, upstream connected."""
+    import signal
+    import sys
+    import urllib.request
+
+    up = upstream_broker(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[presence]\nenabled = false\n" + upstream_toml(up.port))
+    http = _free_port()
+    base = [sys.executable, "-m", "ingestd", "serve", "--data-dir", str(tmp_path / "d"),
+            "--config", str(cfg), "--no-db"]  # fmt: skip
+    bad = subprocess.run([*base, "--no-listen", "--listen", "127.0.0.1:1"], capture_output=True)
+    assert bad.returncode == 2 and b"exclude each other" in bad.stderr
+    proc = subprocess.Popen(
+        [*base, "--no-listen", "--http-listen", f"127.0.0.1:{http}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sessions = up.call(lambda: up.app.broker.sessions)  # type: ignore[union-attr]
+        wait_for(lambda: up.call(lambda: "ingestd-up" in sessions), "the consumer's session")
+        url = f"http://127.0.0.1:{http}/readyz"
+        with urllib.request.urlopen(url, timeout=WAIT) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=WAIT) as r:
+            assert b'ingestd_upstream_connected{upstream="up"} 1.0' in r.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "upstream connected: up at 127.0.0.1" in err, err
+        assert "upstream disconnected: up" in err and "disconnected by ingestd" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        up.stop()
