@@ -46,7 +46,7 @@ log_dest stderr
 log_type error
 log_type warning
 set_tcp_nodelay true
-max_inflight_messages 1024
+max_inflight_messages {window}
 max_queued_messages 0
 max_queued_bytes 0
 """
@@ -56,7 +56,7 @@ max_queued_bytes 0
 # many deliveries in flight as the consumer's Receive Maximum (1024).
 BROKER_CONF = """\
 [mqtt]
-max_inflight = 1024
+max_inflight = {window}
 max_queued_messages = 10000000
 max_queued_bytes = 10000000000
 """
@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--messages", type=int, default=20_000, help="per publisher")
     ap.add_argument("--publishers", type=int, default=4)
+    ap.add_argument(
+        "--receive-maximum", type=int, default=1024, help="the consumer's, = the broker's window"
+    )
     ap.add_argument("--upstream-broker", choices=["ingestd", "mosquitto"], default="ingestd")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ingestd-bench-up-"))
@@ -131,14 +134,14 @@ def main() -> None:
         if args.upstream_broker == "mosquitto":
             exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             conf = tmp / "mosquitto.conf"
-            conf.write_text(MOSQUITTO_CONF.format(port=port_b))
+            conf.write_text(MOSQUITTO_CONF.format(port=port_b, window=args.receive_maximum))
             log_b = tmp / "mosquitto.log"
             with open(log_b, "wb") as out:
                 pb = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=out)
             procs.append(pb)
         else:
             broker_cfg = tmp / "broker.toml"
-            broker_cfg.write_text(BROKER_CONF)
+            broker_cfg.write_text(BROKER_CONF.format(window=args.receive_maximum))
             pb, log_b = serve("broker", "--no-db", "--config", str(broker_cfg), "--listen",
                               f"127.0.0.1:{port_b}", "--http-listen", "")  # fmt: skip
         wait_port(port_b, pb, log_b)
@@ -152,6 +155,7 @@ host = "127.0.0.1"
 port = {port_b}
 subscriptions = ["company/+/machine/+/telemetry"]
 qos = 1
+receive_maximum = {args.receive_maximum}
 """
         )
         pc, lc = serve("consumer", "--config", str(consumer_cfg), "--no-listen", "--dsn", dsn)
