@@ -60,6 +60,13 @@ attribute                 type                                       metric
 The engine records a COPY with ``stats.batch_rows.observe(rows)`` and
 ``stats.copy_seconds.observe(seconds)`` (see :func:`batch_rows_histogram` and
 :func:`copy_seconds_histogram` for the bucket layouts).
+
+Upstream connections (``collector.upstreams``, set by the app: one
+``ingestd.upstream.Upstream`` per ``[[upstream]]``), each labelled
+``upstream="<name>"``: ``connected`` (``ingestd_upstream_connected``),
+``messages_received``, ``acks_pending``, ``connects``, ``reconnects``,
+``ack_failures`` (``ingestd_upstream_<attr>[_total]``). Their messages are not
+in ``ingestd_messages_received_total`` (PUBLISHes from local clients).
 """
 
 from __future__ import annotations
