@@ -193,6 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _handle(self, packets: list[Any]) -> None:
         out: list[bytes] = []
         for p in packets:
+            if self.transport is None:
+                return  # failed on an earlier packet: the rest comes again after reconnecting
             tp = type(p)
             if tp is Publish:
                 self._on_publish(p, out)
