@@ -598,3 +598,54 @@ def test_serve_no_listen_runs_a_pure_consumer(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         up.stop()
+
+
+def _self_signed(d: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_tls_upstream_verified_and_refused(pg_dsn: str, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    up_cfg = Config(
+        server=ServerConfig(
+            listen=["127.0.0.1:0"],
+            tls_listen=["127.0.0.1:0"],
+            tls_certfile=str(cert),
+            tls_keyfile=str(key),
+            http_listen=None,
+            data_dir=str(tmp_path / "up"),
+        )
+    )
+    up = ServerThread(up_cfg).start()
+    assert up.app is not None
+    tls_port = up.app.port("mqtts")
+    try:
+        # The system trust store does not know our self-signed certificate: refused, retried.
+        cfg = config_from_toml(
+            ROUTES + upstream_toml(tls_port, tls=True), tmp_path, pg_dsn, name="bad.toml"
+        )
+        cfg.server.data_dir = str(tmp_path / "data-bad")
+        bad = ServerThread(cfg, database=True).start()
+        try:
+            u = clients(bad)[0]
+            wait_for(lambda: bad.call(lambda: u.reconnects) >= 1, "a retry")
+            assert not bad.call(lambda: u.connected)
+            assert "certificate verify failed" in bad.call(lambda: u.last_error).lower()
+        finally:
+            bad.stop()
+        srv = consumer(pg_dsn, tmp_path, tls_port, tls=True, ca_file=str(cert))
+        try:
+            publish_seqs(up.port, range(100))
+            assert len(wait_seqs(pg_dsn, set(range(100)))) == 100
+        finally:
+            srv.stop()
+    finally:
+        up.stop()
