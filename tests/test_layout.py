@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ingestd", "ingestd.errors", "ingestd.mqtt", "ingestd.build_info", "ingestd.logs"),
     ("ingestd.config", "ingestd.transport.addr"),
     ("ingestd.db", "ingestd.metrics"),
-    ("ingestd.transport", "ingestd.broker", "ingestd.ingest"),
+    ("ingestd.transport", "ingestd.broker", "ingestd.ingest", "ingestd.upstream"),
     ("ingestd.http",),
     ("ingestd.app",),
     ("ingestd.cli", "ingestd.bench", "ingestd.tune"),
@@ -43,6 +43,11 @@ FORBIDDEN: list[tuple[str, str, str]] = [
     ("ingestd.broker", "ingestd.ingest", "ingest routes plug into the broker through broker.hooks"),
     ("ingestd.ingest", "ingestd.broker", "ingest sees messages, not the broker"),
     ("ingestd.broker", "ingestd.transport", "the broker never sees a socket"),
+    ("ingestd.upstream", "ingestd.ingest", "upstream feeds routes through Broker.publish"),
+    ("ingestd.upstream", "ingestd.transport", "upstream owns its client sockets"),
+    ("ingestd.broker", "ingestd.upstream", "nothing but app imports upstream"),
+    ("ingestd.ingest", "ingestd.upstream", "nothing but app imports upstream"),
+    ("ingestd.transport", "ingestd.upstream", "nothing but app imports upstream"),
 ]
 
 MAX_LINES = 600

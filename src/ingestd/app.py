@@ -86,6 +86,7 @@ class App:
         self.lag: Any = None
         self.registry: Any = None
         self.collector: Any = None
+        self.upstreams: Any = None
         self._stopped = asyncio.Event()
 
     def port(self, kind: str = "mqtt") -> int:
@@ -152,6 +153,15 @@ class App:
                 ctx = self._tls_context()
                 for addr in cfg.server.wss_listen:
                     await self._listen("wss", addr, websocket("wss"), ssl=ctx)
+        if cfg.upstream:
+            # Upstream mode: consume from other brokers into the same routes, after the
+            # listeners (like a local client, a message needs its routes to exist).
+            from ingestd.upstream import Upstreams
+
+            self.upstreams = Upstreams(cfg.upstream, broker)
+            await self.upstreams.start()
+            self.extras.append(self.upstreams)  # stopped first: no message after the engine
+            self.collector.upstreams = self.upstreams.clients
         # Everything built at start-up lives as long as the process: keep it out of the
         # collector's scans, and collect the young generation less often (every message
         # allocates a few objects). Measured: ~8% more msgs per broker CPU-second in
@@ -159,8 +169,9 @@ class App:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         log.info(
-            "ingestd listening on %s",
-            ", ".join(f"{b.kind}://{b.host}:{b.port}" for b in self.bound),
+            "ingestd listening on %s%s",
+            ", ".join(f"{b.kind}://{b.host}:{b.port}" for b in self.bound) or "nothing",
+            "".join(f"; upstream {u.name} at {u.host}:{u.port}" for u in cfg.upstream),
         )
 
     async def _start_http(self, broker: Broker) -> None:
@@ -180,7 +191,12 @@ class App:
             raise ConfigError(str(exc), key="server.http_listen") from None
         ingest = self.ingest
         ready = readiness_probe(
-            lambda: any(b.kind == "mqtt" for b in self.bound) and not broker.closing,
+            # Ready once the MQTT listeners are up; with none (a pure upstream consumer,
+            # server.listen = []) once started.
+            lambda: (
+                (not self.config.server.listen or any(b.kind == "mqtt" for b in self.bound))
+                and not broker.closing
+            ),
             lambda: None if ingest is None else ingest.database.pool,
         )
         api = Api(broker, ingest, self.config.http.tokens)

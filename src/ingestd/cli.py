@@ -40,6 +40,11 @@ def version() -> None:
     metavar="HOST:PORT",
     help="MQTT over TCP listener; repeatable. Default 0.0.0.0:1883.",
 )
+@click.option(
+    "--no-listen",
+    is_flag=True,
+    help="No MQTT listener (server.listen = []): a pure consumer of [[upstream]] brokers.",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
 @click.option(
     "--data-dir",
@@ -79,6 +84,7 @@ def version() -> None:
 )
 def serve(
     listen: tuple[str, ...],
+    no_listen: bool,
     config_path: str | None,
     data_dir: str | None,
     ws_listen: tuple[str, ...],
@@ -102,8 +108,13 @@ def serve(
         overrides["server"]["http_listen"] = http_listen
     if dsn:
         overrides["database"]["dsn"] = dsn
+    if listen and no_listen:
+        click.echo("ingestd: --listen and --no-listen exclude each other", err=True)
+        sys.exit(2)
     if listen:
         overrides["server"]["listen"] = list(listen)
+    if no_listen:
+        overrides["server"]["listen"] = []
     if data_dir:
         overrides["server"]["data_dir"] = data_dir
     if log_level:

@@ -62,6 +62,13 @@ attribute                 type                                       metric
 The engine records a COPY with ``stats.batch_rows.observe(rows)`` and
 ``stats.copy_seconds.observe(seconds)`` (see :func:`batch_rows_histogram` and
 :func:`copy_seconds_histogram` for the bucket layouts).
+
+Upstream connections (``collector.upstreams``, set by the app: one
+``ingestd.upstream.Upstream`` per ``[[upstream]]``), each labelled
+``upstream="<name>"``: ``connected`` (``ingestd_upstream_connected``),
+``messages_received``, ``acks_pending``, ``connects``, ``reconnects``,
+``ack_failures`` (``ingestd_upstream_<attr>[_total]``). Their messages are not
+in ``ingestd_messages_received_total`` (PUBLISHes from local clients).
 """
 
 from __future__ import annotations
@@ -261,6 +268,9 @@ class IngestdCollector(Collector):
         self.broker = broker
         self.engine = engine
         self.lag = lag
+        # Upstream connections (ingestd.upstream.Upstream: name, connected,
+        # messages_received, acks_pending, connects, reconnects, ack_failures).
+        self.upstreams: list[Any] = []
         if version is None:
             from ingestd import __version__
 
@@ -285,6 +295,8 @@ class IngestdCollector(Collector):
             yield from self._broker_metrics(self.broker)
         if self.engine is not None:
             yield from self._ingest_metrics(self.engine)
+        if self.upstreams:
+            yield from self._upstream_metrics(self.upstreams)
         if self.lag is not None:
             yield GaugeMetricFamily(
                 "ingestd_event_loop_lag_seconds",
@@ -296,6 +308,43 @@ class IngestdCollector(Collector):
                 "Largest event-loop sleep overshoot since the previous scrape",
                 value=self.lag.take_max(),
             )
+
+    # -- upstream mode ----------------------------------------------------------
+
+    def _upstream_metrics(self, upstreams: list[Any]) -> Iterator[Metric]:
+        for name, attr, doc, family in (
+            ("ingestd_upstream_connected", "connected", "1 while connected and subscribed", 0),
+            (
+                "ingestd_upstream_messages_received",
+                "messages_received",
+                "PUBLISHes received from the upstream broker",
+                1,
+            ),
+            (
+                "ingestd_upstream_acks_pending",
+                "acks_pending",
+                "QoS 1/2 messages received and not yet acknowledged (waiting for commit)",
+                0,
+            ),
+            ("ingestd_upstream_connects", "connects", "Successful connections", 1),
+            (
+                "ingestd_upstream_reconnects",
+                "reconnects",
+                "Connection attempts after the first",
+                1,
+            ),
+            (
+                "ingestd_upstream_ack_failures",
+                "ack_failures",
+                "Connections dropped because a message could not be made durable",
+                1,
+            ),
+        ):
+            cls = CounterMetricFamily if family else GaugeMetricFamily
+            m = cls(name, doc, labels=["upstream"])
+            for up in upstreams:
+                m.add_metric([up.name], float(getattr(up, attr, 0) or 0))
+            yield m
 
     # -- broker --------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from ingestd.config.model import (
     PresenceConfig,
     RouteConfig,
     ServerConfig,
+    UpstreamConfig,
 )
 from ingestd.config.validate import parse_listen, validate_config
 from ingestd.errors import ConfigError
@@ -51,6 +52,7 @@ __all__ = [
     "PresenceConfig",
     "RouteConfig",
     "ServerConfig",
+    "UpstreamConfig",
     "dump_config",
     "load_config",
     "parse_listen",

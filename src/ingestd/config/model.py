@@ -271,6 +271,53 @@ class LookupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     on_miss: Literal["dead-letter", "null", "skip"] = "dead-letter"
 
 
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One broker ingestd connects to as an MQTT client (``[[upstream]]``, repeatable).
+
+    What arrives on ``subscriptions`` goes through the same routes as a local
+    PUBLISH; a QoS 1/2 message is acknowledged upstream only once every
+    after-commit route holding it committed (or spooled) its row. See docs/scaling.md.
+    """
+
+    # Names this upstream in logs, metrics and (unless client_id is set) the client id.
+    name: str
+    host: str
+    port: int = 1883
+    # Our client id at the upstream; default "ingestd-<name>". A persistent session
+    # (clean_start = false) is found again by this id.
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None  # default: the system's trust store
+    cert_file: str | None = None  # client certificate (with key_file)
+    key_file: str | None = None
+    # false: no certificate or host name check (tests, private CAs you cannot load).
+    verify: bool = True
+    # MQTT protocol level: 4 (3.1.1) or 5 (5.0).
+    protocol: Literal[4, 5] = 5
+    # false: the upstream keeps our subscriptions and queues QoS 1/2 messages while we
+    # are away (v5 for session_expiry seconds; 3.1.1: clean session 0, the broker's expiry).
+    clean_start: bool = False
+    session_expiry: int = 3600
+    # Topic filters; "$share/{group}/{filter}" makes several consumers split a stream.
+    subscriptions: list[str]
+    # Subscription QoS (maximum QoS the upstream sends us): 0, 1 or 2.
+    qos: Literal[0, 1, 2] = 1
+    keepalive: int = 60
+    # QoS 1/2 messages the upstream may have unacknowledged towards us (v5 Receive
+    # Maximum; 3.1.1: we stop reading past it).
+    receive_maximum: int = 1024
+    # Reconnect backoff: starts here, doubles up to reconnect_max_s, with jitter.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    # Seconds to connect (TCP, TLS, CONNACK) before the attempt counts as failed.
+    connect_timeout: float = 10.0
+    # true: messages also reach local subscribers (sessions, shared groups, retained)
+    # through Broker.publish; false: only ingest routes take them.
+    local_publish: bool = True
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration of one ingestd process."""
 
@@ -283,6 +330,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     persistence: PersistenceConfig = msgspec.field(default_factory=PersistenceConfig)
     lookups: list[LookupConfig] = msgspec.field(default_factory=list)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
+    # Brokers to consume from as an MQTT client (upstream mode).
+    upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
 
 
 # Sections that take INGESTD_<SECTION>__<KEY> environment overrides.

@@ -109,6 +109,70 @@ def validate_config(cfg: Config) -> None:
             " waits for the delivery journal",
             key="persistence.ack_after_journal",
         )
+    _validate_upstreams(cfg)
     # Routes, lookups and tables are validated by compiling them, where the
     # configuration is used (ingestd.ingest.routes.compile_config: `config check`,
     # `db init`, `serve`), so that reading a file does not import the ingest side.
+
+
+def _validate_upstreams(cfg: Config) -> None:
+    """``[[upstream]]``: names unique, ports and bounds in range, filters valid, TLS files paired."""
+    from ingestd._trie import validate_topic_filter
+
+    seen: set[str] = set()
+    ids: set[tuple[str, int, str]] = set()
+    for i, up in enumerate(cfg.upstream):
+        at = f"upstream[{i}]"
+        if not up.name or "/" in up.name:
+            raise ConfigError("must be a non-empty name without '/'", key=f"{at}.name")
+        if up.name in seen:
+            raise ConfigError(f"duplicate upstream name {up.name!r}", key=f"{at}.name")
+        seen.add(up.name)
+        if not up.host:
+            raise ConfigError("must not be empty", key=f"{at}.host")
+        if not 0 < up.port < 65536:
+            raise ConfigError(f"must be 1..65535, got {up.port}", key=f"{at}.port")
+        client_id = up.client_id if up.client_id is not None else f"ingestd-{up.name}"
+        if not client_id:
+            raise ConfigError(
+                "must not be empty: a persistent upstream session is found by its client id",
+                key=f"{at}.client_id",
+            )
+        if len(client_id.encode()) > 65535:
+            raise ConfigError("longer than 65535 bytes", key=f"{at}.client_id")
+        key = (up.host, up.port, client_id)
+        if key in ids:
+            # Two connections with one client id take each other's session over, forever.
+            raise ConfigError(
+                f"client id {client_id!r} is already used for {up.host}:{up.port}",
+                key=f"{at}.client_id",
+            )
+        ids.add(key)
+        if up.password is not None and up.username is None and up.protocol == 4:
+            raise ConfigError(
+                "MQTT 3.1.1 sends a password only with a username", key=f"{at}.password"
+            )
+        if not up.subscriptions:
+            raise ConfigError("at least one topic filter is needed", key=f"{at}.subscriptions")
+        for j, flt in enumerate(up.subscriptions):
+            if not validate_topic_filter(flt):
+                raise ConfigError(f"invalid topic filter {flt!r}", key=f"{at}.subscriptions[{j}]")
+        if (up.cert_file is None) != (up.key_file is None):
+            raise ConfigError("cert_file and key_file go together", key=f"{at}.cert_file")
+        if not up.tls and (up.ca_file or up.cert_file):
+            raise ConfigError("TLS files are set but tls = false", key=f"{at}.tls")
+        if not 0 <= up.keepalive <= 65535:
+            raise ConfigError(f"must be 0..65535, got {up.keepalive}", key=f"{at}.keepalive")
+        if not 0 <= up.session_expiry <= 0xFFFFFFFF:
+            raise ConfigError("must be 0..4294967295", key=f"{at}.session_expiry")
+        if not 1 <= up.receive_maximum <= 65535:
+            raise ConfigError(
+                f"must be 1..65535, got {up.receive_maximum}", key=f"{at}.receive_maximum"
+            )
+        _positive(up.reconnect_min_s, f"{at}.reconnect_min_s")
+        _positive(up.reconnect_max_s, f"{at}.reconnect_max_s")
+        _positive(up.connect_timeout, f"{at}.connect_timeout")
+        if up.reconnect_max_s < up.reconnect_min_s:
+            raise ConfigError(
+                f"must be >= reconnect_min_s ({up.reconnect_min_s})", key=f"{at}.reconnect_max_s"
+            )
