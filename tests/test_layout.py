@@ -27,6 +27,7 @@ EXT = ROOT / "ext" / "ingestd"
 # Compiled modules (ingestd._codec, ...) are the floor; they are not parsed here.
 LAYERS: list[tuple[str, ...]] = [
     ("ingestd", "ingestd.errors", "ingestd.mqtt", "ingestd.build_info", "ingestd.logs"),
+    ("ingestd.accumulators",),
     ("ingestd.config", "ingestd.transport.addr"),
     ("ingestd.db", "ingestd.metrics"),
     ("ingestd.transport", "ingestd.broker", "ingestd.ingest", "ingestd.upstream"),

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ingestd.accumulators import Histogram, batch_rows_histogram, copy_seconds_histogram
 from ingestd.db import Database
 from ingestd.errors import DatabaseError
 from ingestd.ingest.batching import PendingRows, TableBatcher
@@ -43,7 +44,6 @@ from ingestd.ingest.routes import CompiledConfig, Route, compile_config
 from ingestd.ingest.schema import ensure_schema
 from ingestd.ingest.spool import Spool, SpoolFull
 from ingestd.ingest.writing import Group, Writer, decode_groups, encode_groups
-from ingestd.metrics import Histogram, batch_rows_histogram, copy_seconds_histogram
 
 if TYPE_CHECKING:
     from ingestd._message import Message
