@@ -34,33 +34,12 @@ NEW = Path(sys.argv[2])
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 OUT = Path(os.environ.get("OUT", "bench_ab.json"))
 
-MOSQ = """listener {port} 127.0.0.1
-allow_anonymous true
-persistence false
-log_dest stderr
-log_type error
-connection_messages false
-set_tcp_nodelay true
-max_inflight_messages 256
-max_queued_messages 0
-max_queued_bytes 0
-max_packet_size 1048576
-"""
-CONF = """[server]
-http_listen = ""
-log_level = "warning"
-[mqtt]
-max_inflight = 256
-max_queued_messages = 100000000
-max_queued_bytes = 17179869184
-max_outbound_bytes = 268435456
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The same broker limits as bench_e2e.py (Mosquitto with unlimited queues, ingestd with
+# queue bounds far beyond one run), so the figures compare with docs/benchmarks.md.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import INGESTD_CONF as CONF  # noqa: E402
+from bench_e2e import MOSQUITTO_CONF as MOSQ  # noqa: E402
+from bench_e2e import free_port  # noqa: E402
 
 
 def wait_port(port: int) -> None:
@@ -70,7 +49,7 @@ def wait_port(port: int) -> None:
             return
         except OSError:
             time.sleep(0.1)
-    raise SystemExit(f"nothing on {port}")
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
 def bench(venv: Path, args: list[str]) -> dict:
