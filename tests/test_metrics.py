@@ -98,6 +98,7 @@ def fake_broker() -> FakeBroker:
     st.drop("session_queue_full")
     st.protocol_errors = 9
     st.messages_fast_path = 77
+    st.limits_hit = {"max_connections": 2, "max_connections_per_peer": 1}
     c1 = FakeConn(FakeTransport(1000), 24)
     c2 = FakeConn(FakeTransport(50), 0)
     c3 = FakeConn(None, 7)  # closed transport: only its unflushed bytes
@@ -184,6 +185,9 @@ def test_broker_metrics_from_fake_broker() -> None:
     assert value(m, d, d + "_total", reason="qos0_queue_full") == 5
     assert value(m, d, d + "_total", reason="session_queue_full") == 1
     assert value(m, "ingestd_protocol_errors", "ingestd_protocol_errors_total") == 9
+    lim = "ingestd_limits_hit"
+    assert value(m, lim, lim + "_total", limit="max_connections") == 2
+    assert value(m, lim, lim + "_total", limit="max_connections_per_peer") == 1
     assert value(m, "ingestd_open_sockets") == 4
     assert value(m, "ingestd_outbound_queue_bytes") == 1024 + 50 + 7 + 3
     assert value(m, "ingestd_outbound_queue_max_bytes") == 1024

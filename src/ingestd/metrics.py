@@ -272,6 +272,14 @@ class IngestdCollector(Collector):
             " address cools down after too many failures",
             value=st.auth_failures,
         )
+        limits = CounterMetricFamily(
+            "ingestd_limits_hit",
+            "CONNECTs refused by a configured limit, by its key",
+            labels=["limit"],
+        )
+        for key, n in sorted(getattr(st, "limits_hit", {}).items()):
+            limits.add_metric([key], n)
+        yield limits
         yield cur(
             "ingestd_acl_denied_publish",
             "PUBLISHes and wills refused by mqtt.acl_file (never routed nor ingested)",

@@ -480,6 +480,10 @@ class Channel:
                 )
                 return
             assigned = self.client_id = self.broker.registry.assign_client_id()
+        limit = self.broker.admit(self)
+        if limit is not None:
+            self._refuse_connect(Reason.QUOTA_EXCEEDED, limit)
+            return
         auth = self.broker.auth
         if auth.refused_peer(self.peer):
             auth.rate_limited()

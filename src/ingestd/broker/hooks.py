@@ -108,6 +108,8 @@ class BrokerStats:
     # PUBLISHes (and wills) refused by the ACL; deliveries the ACL withheld.
     acl_denied_publish: int = 0
     acl_denied_read: int = 0
+    # CONNECTs refused by a limit, by its config key ("max_connections", ...).
+    limits_hit: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n

@@ -55,6 +55,12 @@ log = logging.getLogger("ingestd.broker")
 _PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 
 
+def peer_host(peer: str) -> str:
+    """``"1.2.3.4:5678"`` / ``"[::1]:5678"`` -> the address without the port."""
+    host, _, _port = peer.rpartition(":")
+    return host.strip("[]") or peer
+
+
 class Broker:
     """The MQTT broker shared by every listener: its parts and the seams to plugins."""
 
@@ -77,6 +83,8 @@ class Broker:
         self.registry.overflow = self.overflow
         self.auth = Auth(config.mqtt, self.stats)
         self.connections: set[Channel] = set()
+        # CONNECTED channels per peer host (mqtt.max_connections_per_peer).
+        self._per_peer: dict[str, int] = {}
         self.listeners: list[BrokerListener] = []
         self._ingest: Any = None  # object with .saturated and wait_not_saturated()
         self._paused: set[Channel] = set()
@@ -152,8 +160,39 @@ class Broker:
         self.connections.discard(conn)
         self._paused.discard(conn)
 
+    def admit(self, conn: Channel) -> str | None:
+        """None to accept a CONNECT, else which limit refuses it (and why, for the log).
+
+        A client taking over its own live session is not counted twice."""
+        m = self.config.mqtt
+        if not (m.max_connections or m.max_connections_per_peer):
+            return None
+        old = self.registry.sessions.get(conn.client_id)
+        old_conn = old.connection if old is not None else None
+        host = peer_host(conn.peer)
+        if (
+            m.max_connections
+            and old_conn is None
+            and sum(self.stats.connections_current.values()) >= m.max_connections
+        ):
+            return self._limit("max_connections", conn, m.max_connections)
+        if m.max_connections_per_peer:
+            replacing = old_conn is not None and peer_host(getattr(old_conn, "peer", "")) == host
+            if not replacing and self._per_peer.get(host, 0) >= m.max_connections_per_peer:
+                return self._limit("max_connections_per_peer", conn, m.max_connections_per_peer)
+        return None
+
+    def _limit(self, key: str, conn: Channel, bound: int) -> str:
+        hits = self.stats.limits_hit
+        hits[key] = hits.get(key, 0) + 1
+        why = f"connection limit reached (mqtt.{key} = {bound})"
+        log.warning("refusing CONNECT from %s (client %r): %s", conn.peer, conn.client_id, why)
+        return why
+
     def client_connected(self, conn: Channel) -> None:
         v = conn.version if conn.info is None else conn.info.protocol_version
+        host = peer_host(conn.peer)
+        self._per_peer[host] = self._per_peer.get(host, 0) + 1
         if self.config.server.log_connections:
             info = conn.info
             log.info(
@@ -187,6 +226,12 @@ class Broker:
         """A CONNECTED channel ended: wills, session expiry, presence."""
         info = conn.info
         if info is not None:
+            host = peer_host(info.peer)
+            left = self._per_peer.get(host, 1) - 1
+            if left > 0:
+                self._per_peer[host] = left
+            else:
+                self._per_peer.pop(host, None)
             v = info.protocol_version
             self.stats.connections_current[v] = self.stats.connections_current.get(v, 1) - 1
         will_published = self.registry.connection_closed(conn, reason)

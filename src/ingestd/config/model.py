@@ -58,6 +58,11 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_outbound_bytes: int = 1_048_576
     # Per-session memory queue of QoS 1/2 messages waiting for a free inflight slot or for
     # the client to come back; past it they overflow to disk (below).
+    # Connected clients at once, and per peer address (0: no limit, as Mosquitto's
+    # max_connections -1). A CONNECT past either gets CONNACK 0x97 Quota exceeded
+    # (3.1.1: 3 server unavailable); a client taking over its own session is not refused.
+    max_connections: int = 0
+    max_connections_per_peer: int = 0
     max_queued_messages: int = 10_000
     max_queued_bytes: int = 16_777_216
     # Disk budget (bytes, all sessions together) for QoS 1/2 deliveries past a session's

@@ -67,7 +67,13 @@ def validate_config(cfg: Config) -> None:
                 v,
                 f"mqtt.{f.name}",
                 allow_zero=f.name
-                in ("topic_alias_maximum", "auth_failure_limit", "overflow_max_bytes"),
+                in (
+                    "topic_alias_maximum",
+                    "auth_failure_limit",
+                    "overflow_max_bytes",
+                    "max_connections",
+                    "max_connections_per_peer",
+                ),
             )
     if not cfg.mqtt.allow_anonymous and not cfg.mqtt.password_file:
         # Without a credential source every user name would be let in.
