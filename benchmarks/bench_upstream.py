@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_e2e import free_port  # noqa: E402
+
 ROUTE = (ROOT / "benchmarks" / "ingest-bench.toml").read_text()
 
 MOSQUITTO_CONF = """\
@@ -60,12 +63,6 @@ max_inflight = {window}
 max_queued_messages = 10000000
 max_queued_bytes = 10000000000
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
-from ingestd.broker.auth import Auth, is_deny_all
+from ingestd.broker.auth import Auth, is_deny_all, peer_address
 from ingestd.broker.hooks import (
     BrokerListener,
     BrokerStats,
@@ -53,12 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ingestd.broker")
 
 _PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
-
-
-def peer_host(peer: str) -> str:
-    """``"1.2.3.4:5678"`` / ``"[::1]:5678"`` -> the address without the port."""
-    host, _, _port = peer.rpartition(":")
-    return host.strip("[]") or peer
 
 
 class Broker:
@@ -169,7 +163,7 @@ class Broker:
             return None
         old = self.registry.sessions.get(conn.client_id)
         old_conn = old.connection if old is not None else None
-        host = peer_host(conn.peer)
+        host = peer_address(conn.peer)
         if (
             m.max_connections
             and old_conn is None
@@ -177,7 +171,7 @@ class Broker:
         ):
             return self._limit("max_connections", conn, m.max_connections)
         if m.max_connections_per_peer:
-            replacing = old_conn is not None and peer_host(getattr(old_conn, "peer", "")) == host
+            replacing = old_conn is not None and peer_address(getattr(old_conn, "peer", "")) == host
             if not replacing and self._per_peer.get(host, 0) >= m.max_connections_per_peer:
                 return self._limit("max_connections_per_peer", conn, m.max_connections_per_peer)
         return None
@@ -191,7 +185,7 @@ class Broker:
 
     def client_connected(self, conn: Channel) -> None:
         v = conn.version if conn.info is None else conn.info.protocol_version
-        host = peer_host(conn.peer)
+        host = peer_address(conn.peer)
         self._per_peer[host] = self._per_peer.get(host, 0) + 1
         if self.config.server.log_connections:
             info = conn.info
@@ -226,7 +220,7 @@ class Broker:
         """A CONNECTED channel ended: wills, session expiry, presence."""
         info = conn.info
         if info is not None:
-            host = peer_host(info.peer)
+            host = peer_address(info.peer)
             left = self._per_peer.get(host, 1) - 1
             if left > 0:
                 self._per_peer[host] = left

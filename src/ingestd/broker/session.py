@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
     from ingestd.broker.acl import ClientAcl
     from ingestd.broker.hooks import BrokerStats
-    from ingestd.broker.overflow import OverflowQueue, OverflowStore
+    from ingestd.broker.overflow import OverflowQueue, OverflowStore, Taken
 
 NEVER_EXPIRES = 0xFFFFFFFF
 # Reason codes from 0x80 up are failures [MQTT-2.4].
@@ -312,9 +312,8 @@ class Session:
             if not seq and self.expiry_interval and self.journal is not None:
                 # Journaled wherever it waits; its key goes into the record.
                 d = Delivery(message, qos, retain, sub_ids)
-                self.journal.put(self.client_id, d)
+                journaled = self._accepted(d)
                 seq = d.seq
-                journaled = True
             if overflow.append(message, qos, retain, sub_ids, seq):
                 return journaled
             self.stats.drop("overflow_full")
@@ -327,43 +326,41 @@ class Session:
             if d is None:
                 d = Delivery(message, qos, retain, sub_ids)
                 d.seq = seq
-            self.journal.done(self.client_id, d)
+            self._done(d)
         return False
 
     def _refill(self) -> deque[Delivery]:
         """Move deliveries from the overflow's head into the (empty) memory queue, up to
         its bounds (bytes: passed by at most REFILL_BATCH deliveries)."""
+        overflow = self.overflow
+        assert overflow is not None
         queue = self.queue
         if queue is None:
             queue = self.queue = deque()
-        overflow = self.overflow
-        assert overflow is not None
         limit = self.max_queued_messages
         while overflow.count and len(queue) < limit and self.queued_bytes < self.max_queued_bytes:
-            taken = overflow.take(min(REFILL_BATCH, limit - len(queue)))
-            if not taken:  # pragma: no cover - a segment lost under us (logged by take)
-                break
-            for message, qos, retain, sub_ids, seq in taken:
-                d = Delivery(message, qos, retain, sub_ids)
-                d.seq = seq
-                queue.append(d)
-                self.queued_bytes += len(message.payload) + len(message.topic)
+            if not self._enqueue_taken(overflow.take(min(REFILL_BATCH, limit - len(queue)))):
+                break  # pragma: no cover - a segment lost under us (logged by take)
         return queue
 
     def take_overflow(self) -> None:
         """Move the whole overflow into the memory queue, past its bounds (a graceful
         stop saving pending deliveries reads them from there)."""
         overflow = self.overflow
-        if not overflow:
-            return
+        if overflow:
+            self._enqueue_taken(overflow.take(overflow.count))
+
+    def _enqueue_taken(self, taken: list[Taken]) -> int:
+        """Append deliveries taken from the overflow to the memory queue; how many."""
         queue = self.queue
         if queue is None:
             queue = self.queue = deque()
-        for message, qos, retain, sub_ids, seq in overflow.take(overflow.count):
+        for message, qos, retain, sub_ids, seq in taken:
             d = Delivery(message, qos, retain, sub_ids)
             d.seq = seq
             queue.append(d)
             self.queued_bytes += len(message.payload) + len(message.topic)
+        return len(taken)
 
     def _accepted(self, d: Delivery) -> bool:
         """Journal a new QoS 1/2 delivery of a persistent session (restored ones already are)."""
