@@ -441,8 +441,11 @@ def test_stalled_subscriber_loses_nothing_through_the_session_overflow(
     server_factory: Any,
 ) -> None:
     """--stall-subscriber: the subscriber stops reading mid-run; with small memory queues
-    the broker keeps the QoS 1 deliveries on disk and the subscriber gets every one."""
-    srv = server_factory(max_queued_messages=100, max_outbound_bytes=16384)
+    the broker keeps the QoS 1 deliveries in its memory pool, then on disk, and the
+    subscriber gets every one."""
+    srv = server_factory(
+        max_queued_messages=100, max_outbound_bytes=16384, queue_pool_bytes=1_000_000
+    )
     # 2 KB payloads: the 20 MB sent after the stall begins are far more than the kernel's
     # socket buffers and the 16 KB outbound bound hold, so the overflow is used.
     plan = plan_for(
@@ -453,6 +456,8 @@ def test_stalled_subscriber_loses_nothing_through_the_session_overflow(
     assert res.duration_s >= 1.0  # the stall happened
     peak = srv.call(lambda: srv.app.broker.overflow.peak_messages)
     assert peak > 0
+    pool = srv.app.broker.pool
+    assert srv.call(lambda: (pool.used, pool.peak > 0)) == (0, True)  # lent, and given back
     assert srv.call(lambda: dict(srv.app.broker.stats.dropped)) == {}
 
 

@@ -92,7 +92,7 @@ class Reader:
 
 def test_stalled_subscriber_is_bounded_and_others_keep_flowing(server_factory, tmp_path):
     bound = 64 * 1024
-    srv = server_factory(max_outbound_bytes=bound, max_queued_messages=100)
+    srv = server_factory(max_outbound_bytes=bound, max_queued_messages=100, queue_pool_bytes=0)
     # A raw subscriber that subscribes (QoS 0 and QoS 1) and then does not read its socket.
     stalled = Raw(srv.port)
     stalled.send(connect_v5("stalled"))
@@ -180,7 +180,7 @@ def seqs(messages) -> list[int]:
 
 
 def test_offline_session_overflows_to_disk_and_gets_everything_in_order(server_factory, tmp_path):
-    srv = server_factory(max_queued_messages=50)
+    srv = server_factory(max_queued_messages=50, queue_pool_bytes=0)
     offline_session(srv.port, "dev-ovf", "cmd/#")
     publish_n(srv.port, "cmd/x", 2000)
 
@@ -203,7 +203,7 @@ def test_offline_session_overflows_to_disk_and_gets_everything_in_order(server_f
 
 
 def test_a_session_that_ends_removes_its_overflow_files(server_factory, tmp_path):
-    srv = server_factory(max_queued_messages=10)
+    srv = server_factory(max_queued_messages=10, queue_pool_bytes=0)
     offline_session(srv.port, "dev-end", "cmd/#")
     publish_n(srv.port, "cmd/x", 2000)
     assert any((tmp_path / "overflow").rglob("*.seg"))
@@ -217,7 +217,7 @@ def test_a_session_that_ends_removes_its_overflow_files(server_factory, tmp_path
 
 
 def test_overflow_off_keeps_the_memory_bound_as_the_last_word(server_factory, tmp_path):
-    srv = server_factory(max_queued_messages=50, overflow_max_bytes=0)
+    srv = server_factory(max_queued_messages=50, overflow_max_bytes=0, queue_pool_bytes=0)
     assert srv.app.broker.overflow is None
     offline_session(srv.port, "dev-off", "cmd/#")
     publish_n(srv.port, "cmd/x", 200)
@@ -236,7 +236,7 @@ def test_overflow_off_keeps_the_memory_bound_as_the_last_word(server_factory, tm
 
 def test_past_the_disk_budget_deliveries_are_dropped_and_counted(server_factory, caplog):
     budget = 20_000
-    srv = server_factory(max_queued_messages=10, overflow_max_bytes=budget)
+    srv = server_factory(max_queued_messages=10, overflow_max_bytes=budget, queue_pool_bytes=0)
     offline_session(srv.port, "dev-full", "cmd/#")
     publish_n(srv.port, "cmd/x", 500)
     b = srv.app.broker
@@ -265,6 +265,49 @@ def test_past_the_disk_budget_deliveries_are_dropped_and_counted(server_factory,
     assert srv.call(lambda: b.overflow.used_bytes) == 0
 
 
+def test_the_memory_pool_takes_a_burst_before_the_disk_and_is_given_back(server_factory, tmp_path):
+    # Room in the broker-wide pool for about 300 of the 2,001 deliveries past the
+    # session's own 10: those wait in memory, the rest on disk, all in order.
+    from ingestd.broker.session import DELIVERY_OVERHEAD
+
+    per = 100 + len("cmd/x") + DELIVERY_OVERHEAD
+    srv = server_factory(max_queued_messages=10, queue_pool_bytes=300 * per)
+    offline_session(srv.port, "dev-pool", "cmd/#")
+    publish_n(srv.port, "cmd/x", 2000)
+    b = srv.app.broker
+
+    def state():
+        sess = b.sessions["dev-pool"]
+        return (len(sess.queue or ()), len(sess.overflow or ()), sess.pooled, b.pool.used,
+                b.pool.peak, dict(b.stats.dropped))  # fmt: skip
+
+    queued, overflowed, pooled, used, peak, dropped = srv.call(state)
+    assert queued == 10 + 300 and queued + overflowed == 2001
+    assert pooled == used == peak == 300 * per
+    assert dropped == {}
+    dev = Client(srv.port, client_id="dev-pool", session_expiry=3600, clean_start=False)
+    got = dev.expect(2001)
+    assert seqs(got[:-1]) == list(range(2000)) and got[-1].topic == "cmd/x/end"
+    dev.expect_nothing()
+    queued, overflowed, pooled, used, peak, dropped = srv.call(state)
+    assert (queued, overflowed, pooled, used, dropped) == (0, 0, 0, 0, {})
+    assert peak == 300 * per
+
+
+def test_a_discarded_session_gives_its_pool_share_back(server_factory):
+    srv = server_factory(max_queued_messages=10)  # the stock pool: the burst fits
+    offline_session(srv.port, "dev-gone", "cmd/#")
+    publish_n(srv.port, "cmd/x", 500)
+    b = srv.app.broker
+    sess = b.sessions["dev-gone"]
+    assert srv.call(lambda: (len(sess.queue), len(sess.overflow or ()))) == (501, 0)
+    assert srv.call(lambda: b.pool.used) == sess.pooled > 0
+    dev = Client(srv.port, client_id="dev-gone", clean_start=True)  # discards the session
+    assert not dev.session_present
+    assert srv.call(lambda: (b.pool.used, sess.pooled)) == (0, 0)
+    dev.expect_nothing()
+
+
 def test_start_removes_stale_overflow_files(server_factory, tmp_path):
     stale = tmp_path / "overflow" / "q1"
     stale.mkdir(parents=True)
@@ -275,7 +318,7 @@ def test_start_removes_stale_overflow_files(server_factory, tmp_path):
 
 def test_overflow_dir_is_configurable(server_factory, tmp_path: Path):
     where = tmp_path / "elsewhere"
-    srv = server_factory(max_queued_messages=10, overflow_dir=str(where))
+    srv = server_factory(max_queued_messages=10, overflow_dir=str(where), queue_pool_bytes=0)
     offline_session(srv.port, "dev-dir", "cmd/#")
     publish_n(srv.port, "cmd/x", 2000)
     assert any(where.rglob("*.seg"))

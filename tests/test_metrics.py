@@ -213,6 +213,16 @@ def test_session_overflow_gauges() -> None:
     assert value(m, "ingestd_session_overflow_peak_bytes") == 8192
 
 
+def test_session_queue_pool_gauges() -> None:
+    b: Any = fake_broker()
+    assert value(scrape(build_registry(b, process_metrics=False)[0]),
+                 "ingestd_session_queue_pool_bytes") == 0  # fmt: skip
+    b.pool = SimpleNamespace(used=1234, peak=5678)
+    m = scrape(build_registry(b, process_metrics=False)[0])
+    assert value(m, "ingestd_session_queue_pool_bytes") == 1234
+    assert value(m, "ingestd_session_queue_pool_peak_bytes") == 5678
+
+
 def test_ingest_metrics_from_fake_engine() -> None:
     registry, collector = build_registry(None, process_metrics=False)
     collector.engine = FakeEngine()  # attached after the registry was built

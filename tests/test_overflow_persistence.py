@@ -24,7 +24,7 @@ N = 300
 def config(tmp_path: Path, dsn: str, journal: bool = True) -> Config:
     return Config(
         server=ServerConfig(listen=["127.0.0.1:0"], http_listen=None, data_dir=str(tmp_path)),
-        mqtt=MqttConfig(max_queued_messages=10),
+        mqtt=MqttConfig(max_queued_messages=10, queue_pool_bytes=0),
         database=DatabaseConfig(dsn=dsn),
         presence=PresenceConfig(enabled=False),
         persistence=PersistenceConfig(session_journal=journal),

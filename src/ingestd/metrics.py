@@ -30,6 +30,7 @@ Broker (``ingestd.broker.server.Broker``):
   summed as queued deliveries;
 * ``broker.overflow`` — ``OverflowStore`` or None: ``used_bytes``,
   ``used_messages``, ``peak_bytes`` (the session overflow on disk);
+  ``broker.pool`` — ``QueuePool`` or None: ``used``, ``peak``;
 * ``broker.connections`` — per connection
   ``conn.transport.get_write_buffer_size() + conn._out_bytes`` (outbound bytes
   not yet on the wire: sum and max);
@@ -364,6 +365,18 @@ class IngestdCollector(Collector):
             "ingestd_session_overflow_peak_bytes",
             "The most ingestd_session_overflow_bytes has been since start",
             value=0 if overflow is None else overflow.peak_bytes,
+        )
+        pool = getattr(broker, "pool", None)
+        yield GaugeMetricFamily(
+            "ingestd_session_queue_pool_bytes",
+            "Memory lent to sessions past their own queue bounds (all sessions; bounded by"
+            " mqtt.queue_pool_bytes; payload + topic + object overhead per delivery)",
+            value=0 if pool is None else pool.used,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_session_queue_pool_peak_bytes",
+            "The most ingestd_session_queue_pool_bytes has been since start",
+            value=0 if pool is None else pool.peak,
         )
         yield GaugeMetricFamily(
             "ingestd_retained_messages", "Retained messages stored", value=len(broker.retained)

@@ -40,6 +40,7 @@ from ingestd.broker.router import Router
 from ingestd.broker.session import (
     NEVER_EXPIRES,
     DeliveryJournal,
+    QueuePool,
     Session,
     SubOptions,
     WillSpec,
@@ -76,6 +77,8 @@ class SessionRegistry:
         self.journal: DeliveryJournal | None = None
         # Where sessions put QoS 1/2 deliveries past their memory queue (None: off).
         self.overflow: OverflowStore | None = None
+        # Memory sessions past their own queue bounds borrow before the disk (None: off).
+        self.pool: QueuePool | None = None
 
     def assign_client_id(self) -> str:
         """A client id for a CONNECT with an empty one (unique in this process)."""
@@ -85,7 +88,12 @@ class SessionRegistry:
     def _new_session(self, client_id: str) -> Session:
         m = self.config
         session = Session(
-            client_id, self.stats, m.max_queued_messages, m.max_queued_bytes, self.overflow
+            client_id,
+            self.stats,
+            m.max_queued_messages,
+            m.max_queued_bytes,
+            self.overflow,
+            self.pool,
         )
         session.journal = self.journal
         self.sessions[client_id] = session

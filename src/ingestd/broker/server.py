@@ -43,7 +43,7 @@ from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.registry import SessionRegistry
 from ingestd.broker.retained import RetainedStore
 from ingestd.broker.router import Router
-from ingestd.broker.session import DeliveryJournal, Session
+from ingestd.broker.session import DeliveryJournal, QueuePool, Session
 from ingestd.config import Config
 from ingestd.mqtt.constants import Reason
 
@@ -75,6 +75,9 @@ class Broker:
             self.overflow = OverflowStore(directory, m.overflow_max_bytes)
             self.overflow.start()
         self.registry.overflow = self.overflow
+        # Memory shared by sessions past their own queue bounds, before the disk.
+        self.pool: QueuePool | None = QueuePool(m.queue_pool_bytes) if m.queue_pool_bytes else None
+        self.registry.pool = self.pool
         self.auth = Auth(config.mqtt, self.stats)
         self.connections: set[Channel] = set()
         # CONNECTED channels per peer host (mqtt.max_connections_per_peer).

@@ -65,6 +65,10 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections_per_peer: int = 0
     max_queued_messages: int = 10_000
     max_queued_bytes: int = 16_777_216
+    # Memory (bytes, all sessions together, each queued delivery counted as payload + topic
+    # + ~400 bytes of objects) that a session past its own bounds above may borrow, so a
+    # burst waits in memory rather than making the disk round trip below. 0: none.
+    queue_pool_bytes: int = 67_108_864
     # Disk budget (bytes, all sessions together) for QoS 1/2 deliveries past a session's
     # memory queue: they wait in order in segment files under overflow_dir. Past the budget
     # a delivery is dropped, counted (overflow_full) and logged. 0 turns overflow off (the

@@ -71,6 +71,7 @@ def validate_config(cfg: Config) -> None:
                     "topic_alias_maximum",
                     "auth_failure_limit",
                     "overflow_max_bytes",
+                    "queue_pool_bytes",
                     "max_connections",
                     "max_connections_per_peer",
                 ),
