@@ -445,8 +445,12 @@ class Session:
             d = queue.popleft()
             size = len(d.message.payload) + len(d.message.topic)
             self.queued_bytes -= size
-            if self.pooled:
-                self._unpool(size)
+            if self.pooled:  # give back what the pool lent for the queue's excess
+                give = size + DELIVERY_OVERHEAD
+                if give > self.pooled:
+                    give = self.pooled
+                self.pooled -= give
+                self.pool.used -= give  # type: ignore[union-attr]  # pooled implies a pool
             if d.message.expired(now):
                 self.stats.drop("expired")
                 self._done(d)
@@ -500,13 +504,6 @@ class Session:
         self._done(d)
         self.pump()
         return True
-
-    def _unpool(self, size: int) -> None:
-        """A queued delivery left: give back what the pool lent for the queue's excess."""
-        give = min(self.pooled, size + DELIVERY_OVERHEAD)
-        self.pooled -= give
-        assert self.pool is not None
-        self.pool.used -= give
 
     def clear_pending(self) -> None:
         """Drop every queued and inflight delivery (the session is being discarded)."""
