@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +15,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingestd.config import Config, MqttConfig, ServerConfig
 from pg_fixtures import *  # noqa: F403
 from server_thread import ServerThread
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each run gets its own temporary root (unless --basetemp names one).
+
+    The embedded PostgreSQL runs as a non-root user when the suite runs as root, so
+    pgserver opens the directories above a test's data directory to it
+    (``chmod o+rx``). pytest's shared ``/tmp/pytest-of-<user>`` is reset to 0700 by
+    every other pytest run that starts meanwhile, which took that access away from a
+    concurrent run's PostgreSQL (pg_ctl: Permission denied).
+    """
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="ingestd-pytest-")
+        config._ingestd_basetemp = config.option.basetemp  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = getattr(config, "_ingestd_basetemp", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def make_config(tmp_path: Path, **mqtt: object) -> Config:
