@@ -15,16 +15,19 @@ one process, connections kept open) and prints how many each worker accepted
 
     python -m ingestd.bench.command --scenario ingest --qos 1 --publishers P \\
         --messages M --port <1w or Nw> --dsn <DSN> --table bench_telemetry \\
-        --no-reference --json --processes K
+        --no-reference --json --processes K --inflight W
 
-and prints committed rows/s (the bench counts its run's rows in PostgreSQL:
+(with ``--upstream``: the publishers write to an upstream ingestd broker, ``ingestd
+serve --no-db``, and per run a consumer ``serve --no-listen --workers 1|N`` with
+``[[upstream]] subscriptions = ["$share/bench/..."]`` writes the rows; each of its
+workers is one member of the group) and prints committed rows/s (the bench counts its run's rows in PostgreSQL:
 loss and duplicates too) and the CPU seconds of the server's processes (parent
 and workers, utime + stime from /proc) per 100,000 rows.
 
 Usage (from the repository root, extensions built)::
 
     .venv/bin/python benchmarks/bench_workers.py [--rounds 3] [--messages 25000]
-        [--publishers 8] [--processes 1] [--workers 2] [--skip-spread]
+        [--publishers 8] [--processes 1] [--inflight 64] [--workers 2] [--skip-spread]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -46,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_e2e import free_port  # noqa: E402
-from bench_upstream import wait_port  # noqa: E402
+from bench_upstream import BROKER_CONF, wait_port  # noqa: E402
 
 ROUTE = (
     (ROOT / "benchmarks" / "ingest-bench.toml")
@@ -64,6 +68,13 @@ def cpu_seconds(pid: int) -> float:
     total = one(pid)
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return total + sum(one(int(c)) for c in children)
+
+
+def postgres_cpu(pgdata: Path | None) -> float:
+    """CPU seconds of the embedded PostgreSQL: the postmaster and its live children."""
+    if pgdata is None:
+        return float("nan")
+    return cpu_seconds(int((pgdata / "postmaster.pid").read_text().split()[0]))
 
 
 def connect_packet(client_id: str) -> bytes:
@@ -95,10 +106,17 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=25_000, help="per publisher")
     ap.add_argument("--publishers", type=int, default=8)
     ap.add_argument("--processes", type=int, default=1, help="load generator processes")
+    ap.add_argument("--inflight", type=int, default=64, help="QoS 1 window per publisher")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--connections", type=int, default=400, help="spread: connections per mode")
     ap.add_argument("--skip-spread", action="store_true")
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument(
+        "--upstream",
+        action="store_true",
+        help="ingest through an upstream ingestd broker: the consumer's workers share one"
+        " $share group (a consumer is started per run)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ingestd-bench-workers-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -161,16 +179,62 @@ def main() -> None:
 
             pg = EmbeddedPostgres(tmp / "pg")
             dsn = pg.start()
-        p1, _, port1 = serve("1w", ROUTE + PERSISTENCE_OFF, "--dsn", dsn)
-        pn, _, portn = serve(f"{args.workers}w", ROUTE + PERSISTENCE_OFF, "--dsn", dsn,
-                             "--workers", str(args.workers))  # fmt: skip
+        if args.upstream:
+            # One upstream broker; per run a consumer with 1 or N workers on its $share group.
+            _, _, broker_port = serve("broker", BROKER_CONF.format(window=1024), "--no-db",
+                                      "--http-listen", "")  # fmt: skip
+            consumer_toml = (
+                ROUTE
+                + PERSISTENCE_OFF
+                + f"""
+[[upstream]]
+name = "bench"
+host = "127.0.0.1"
+port = {broker_port}
+subscriptions = ["$share/bench/company/+/machine/+/telemetry"]
+qos = 1
+"""
+            )
+            runs = 0
+
+            def target(workers: int) -> tuple[int, subprocess.Popen[bytes]]:
+                nonlocal runs
+                runs += 1
+                log = tmp / f"consumer-{runs}.log"
+                (tmp / "consumer.toml").write_text(consumer_toml)
+                with open(log, "wb") as out:
+                    c = subprocess.Popen(
+                        [py, "-m", "ingestd", "serve", "--config", str(tmp / "consumer.toml"),
+                         "--data-dir", str(tmp / f"consumer-{runs}"), "--no-listen", "--dsn", dsn,
+                         "--workers", str(workers)],
+                        stdout=out, stderr=out,
+                    )  # fmt: skip
+                procs.append(c)
+                deadline = time.monotonic() + 60
+                while log.read_text().count("upstream connected: bench") < workers:
+                    if c.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(log.read_text()[-2000:])
+                    time.sleep(0.05)
+                return broker_port, c
+        else:
+            p1, _, port1 = serve("1w", ROUTE + PERSISTENCE_OFF, "--dsn", dsn)
+            pn, _, portn = serve(f"{args.workers}w", ROUTE + PERSISTENCE_OFF, "--dsn", dsn,
+                                 "--workers", str(args.workers))  # fmt: skip
+
+            def target(workers: int) -> tuple[int, subprocess.Popen[bytes]]:
+                return (port1, p1) if workers == 1 else (portn, pn)
+
+        pgdata = None if args.dsn else tmp / "pg"
 
         def bench(port: int, pid: int) -> dict[str, Any]:
             cpu0 = cpu_seconds(pid)
+            pg0 = postgres_cpu(pgdata)
+            gen0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             out = subprocess.run(
                 [py, "-m", "ingestd.bench.command", "--scenario", "ingest", "--qos", "1",
                  "--publishers", str(args.publishers), "--messages", str(args.messages),
-                 "--processes", str(args.processes), "--port", str(port), "--dsn", dsn,
+                 "--processes", str(args.processes), "--inflight", str(args.inflight),
+                 "--port", str(port), "--dsn", dsn,
                  "--table", "bench_telemetry", "--no-reference", "--json", "--no-progress"],
                 capture_output=True, check=False, timeout=900,
             )  # fmt: skip
@@ -178,17 +242,23 @@ def main() -> None:
                 raise SystemExit(out.stderr.decode()[-3000:])
             res: dict[str, Any] = json.loads(out.stdout)
             res["server_cpu_s"] = cpu_seconds(pid) - cpu0
+            res["pg_cpu_s"] = postgres_cpu(pgdata) - pg0
+            gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            res["gen_cpu_s"] = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime
             return res
 
         names = ("1 worker", f"{args.workers} workers")
         rates: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
-            order = [(names[0], port1, p1.pid), (names[1], portn, pn.pid)]
+            order = [(names[0], 1), (names[1], args.workers)]
             if r % 2:
                 order.reverse()
-            for name, port, pid in order:
-                res = bench(port, pid)
+            for name, workers in order:
+                port, proc = target(workers)
+                res = bench(port, proc.pid)
+                if args.upstream:
+                    stop(proc)
                 per = res["server_cpu_s"] / res["unique_rows"] * 100_000
                 rates[name].append(res["msgs_per_s"])
                 cpu[name].append(per)
@@ -196,7 +266,8 @@ def main() -> None:
                     f"round {r + 1} {name:9s}: {res['msgs_per_s']:>9,.0f} rows/s"
                     f"  rows {res['rows']} (distinct {res['unique_rows']}, lost {res['lost']},"
                     f" dup {res['duplicates']})  server CPU {res['server_cpu_s']:.2f} s"
-                    f" = {per:.3f} s per 100k rows",
+                    f" = {per:.3f} s per 100k rows; PostgreSQL {res['pg_cpu_s']:.2f} s,"
+                    f" load generator {res['gen_cpu_s']:.2f} s, wall {res['duration_s']:.2f} s",
                     flush=True,
                 )
         a, b = (statistics.median(rates[n]) for n in names)

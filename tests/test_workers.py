@@ -173,11 +173,14 @@ def publish_all(clients: list[Client], per_client: int) -> None:
         assert info.is_published()
 
 
+@pytest.mark.parametrize("sockets", ["reuseport", "inherit"])
 def test_two_workers_every_qos1_message_is_one_row(
-    served: Callable[..., Served], pg_dsn: str
+    served: Callable[..., Served], pg_dsn: str, sockets: str
 ) -> None:
-    s = served(ROUTE, "--workers", "2", "--dsn", pg_dsn, "--listen", "127.0.0.1:0")
+    cfg = ROUTE.replace("[server]\n", f'[server]\nworker_sockets = "{sockets}"\n')
+    s = served(cfg, "--workers", "2", "--dsn", pg_dsn, "--listen", "127.0.0.1:0")
     s.wait_up()
+    assert ("SO_REUSEPORT" if sockets == "reuseport" else "one inherited socket") in s.log
     clients = clients_on_both_workers(s, version=5)
     clients += [Client(s.mqtt_port, version=4) for _ in range(2)]  # 3.1.1 publishers too
     per_client = 200
