@@ -36,7 +36,6 @@ import argparse
 import json
 import re
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_e2e import free_port  # noqa: E402
-from bench_upstream import BROKER_CONF, wait_port  # noqa: E402
+from bench_upstream import BROKER_CONF, cleanup, upstream_section, wait_port  # noqa: E402
 
 ROUTE = (
     (ROOT / "benchmarks" / "ingest-bench.toml")
@@ -186,14 +185,7 @@ def main() -> None:
             consumer_toml = (
                 ROUTE
                 + PERSISTENCE_OFF
-                + f"""
-[[upstream]]
-name = "bench"
-host = "127.0.0.1"
-port = {broker_port}
-subscriptions = ["$share/bench/company/+/machine/+/telemetry"]
-qos = 1
-"""
+                + upstream_section(broker_port, "$share/bench/company/+/machine/+/telemetry")
             )
             runs = 0
 
@@ -278,16 +270,7 @@ qos = 1
             f" CPU per row ratio {cb / ca:.2f}"
         )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        cleanup(procs, pg, tmp, wait=60)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,17 @@ def publish_all(clients: list[Client], per_client: int) -> None:
         assert info.is_published()
 
 
+def publish_on_both_workers(s: Served, per_client: int) -> int:
+    """Clients on both workers publish, then disconnect; how many clients there were."""
+    clients = clients_on_both_workers(s)
+    try:
+        publish_all(clients, per_client)
+    finally:
+        for c in clients:
+            c.disconnect()
+    return len(clients)
+
+
 @pytest.mark.parametrize("sockets", ["reuseport", "inherit"])
 def test_two_workers_every_qos1_message_is_one_row(
     served: Callable[..., Served], pg_dsn: str, sockets: str
@@ -212,13 +223,8 @@ def test_sigterm_stops_every_worker_and_the_embedded_postgresql(
     assert uri is not None
     pids = s.worker_pids()
     assert len(pids) == 2 and s.proc.pid not in pids.values()
-    clients = clients_on_both_workers(s)
-    try:
-        publish_all(clients, 50)
-    finally:
-        for c in clients:
-            c.disconnect()
-    assert len(fetch_sync(uri, "SELECT 1 FROM w_telemetry")) == 50 * len(clients)
+    n = publish_on_both_workers(s, 50)
+    assert len(fetch_sync(uri, "SELECT 1 FROM w_telemetry")) == 50 * n
     # Each worker keeps its spool (and overflow) in a directory of its own.
     assert (s.data_dir / "worker-0" / "spool").is_dir()
     assert (s.data_dir / "worker-1" / "spool").is_dir()
@@ -242,14 +248,9 @@ def test_a_killed_worker_is_restarted_and_its_clients_come_back(
     assert s.worker_pids()[0] == old[0]  # the other worker went on
     assert gone(old[1])
     # Both serve again: a fresh set of clients reaches both and every message is a row.
-    clients = clients_on_both_workers(s)
-    try:
-        publish_all(clients, 50)
-    finally:
-        for c in clients:
-            c.disconnect()
-    wait_rows(pg_dsn, "SELECT 1 FROM w_telemetry", until=lambda r: len(r) >= 50 * len(clients))
-    assert len(fetch_sync(pg_dsn, "SELECT 1 FROM w_telemetry")) == 50 * len(clients)
+    n = publish_on_both_workers(s, 50)
+    wait_rows(pg_dsn, "SELECT 1 FROM w_telemetry", until=lambda r: len(r) >= 50 * n)
+    assert len(fetch_sync(pg_dsn, "SELECT 1 FROM w_telemetry")) == 50 * n
     assert s.stop() == 0
 
 
