@@ -295,6 +295,19 @@ def test_a_paho_client_on_a_killed_worker_resends_what_was_not_acknowledged(
     assert s.stop() == 0
 
 
+def test_a_worker_that_cannot_start_stops_the_service(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
+    """No restart loop for what a restart cannot fix: exit 2 with the worker's reason."""
+    s = served(ROUTE, "--workers", "2", "--dsn", "postgresql://ingestd@127.0.0.1:1/none",
+               "--listen", "127.0.0.1:0")  # fmt: skip
+    assert s.proc.wait(START) == 2
+    log = s.log
+    assert "failed to start (exit status 2): stopping ingestd" in log, log
+    assert re.search(r"ingestd: worker \d: configuration error: cannot connect to", log), log
+    assert "is up" not in log
+
+
 def test_workers_share_an_upstream_shared_subscription(
     served: Callable[..., Served], pg_dsn: str, tmp_path: Path
 ) -> None:
