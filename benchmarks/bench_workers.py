@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import socket
@@ -107,6 +108,12 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1, help="load generator processes")
     ap.add_argument("--inflight", type=int, default=64, help="QoS 1 window per publisher")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--second-flush-ms",
+        type=float,
+        help="ingest.flush_interval_ms of the second server (a control: --workers 1"
+        " --second-flush-ms 25 against one worker at the default 50 ms)",
+    )
     ap.add_argument("--connections", type=int, default=400, help="spread: connections per mode")
     ap.add_argument("--skip-spread", action="store_true")
     ap.add_argument("--skip-ingest", action="store_true")
@@ -144,8 +151,6 @@ def main() -> None:
         procs.remove(p)
 
     try:
-        import os
-
         if not args.skip_spread:
             for mode in ("reuseport", "inherit"):
                 env = dict(os.environ, INGESTD_SERVER__WORKER_SOCKETS=mode)
@@ -189,8 +194,9 @@ def main() -> None:
             )
             runs = 0
 
-            def target(workers: int) -> tuple[int, subprocess.Popen[bytes]]:
+            def target(second: int) -> tuple[int, subprocess.Popen[bytes]]:
                 nonlocal runs
+                workers = args.workers if second else 1
                 runs += 1
                 log = tmp / f"consumer-{runs}.log"
                 (tmp / "consumer.toml").write_text(consumer_toml)
@@ -210,11 +216,14 @@ def main() -> None:
                 return broker_port, c
         else:
             p1, _, port1 = serve("1w", ROUTE + PERSISTENCE_OFF, "--dsn", dsn)
+            env = dict(os.environ)
+            if args.second_flush_ms:
+                env["INGESTD_INGEST__FLUSH_INTERVAL_MS"] = str(args.second_flush_ms)
             pn, _, portn = serve(f"{args.workers}w", ROUTE + PERSISTENCE_OFF, "--dsn", dsn,
-                                 "--workers", str(args.workers))  # fmt: skip
+                                 "--workers", str(args.workers), env=env)  # fmt: skip
 
-            def target(workers: int) -> tuple[int, subprocess.Popen[bytes]]:
-                return (port1, p1) if workers == 1 else (portn, pn)
+            def target(second: int) -> tuple[int, subprocess.Popen[bytes]]:
+                return (portn, pn) if second else (port1, p1)
 
         pgdata = None if args.dsn else tmp / "pg"
 
@@ -239,15 +248,16 @@ def main() -> None:
             res["gen_cpu_s"] = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime
             return res
 
-        names = ("1 worker", f"{args.workers} workers")
+        names = ("1 worker", f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+                 + (f", {args.second_flush_ms:g} ms" if args.second_flush_ms else ""))  # fmt: skip
         rates: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
-            order = [(names[0], 1), (names[1], args.workers)]
+            order = [(names[0], 0), (names[1], 1)]
             if r % 2:
                 order.reverse()
-            for name, workers in order:
-                port, proc = target(workers)
+            for name, second in order:
+                port, proc = target(second)
                 res = bench(port, proc.pid)
                 if args.upstream:
                     stop(proc)
