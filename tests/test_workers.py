@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from ingestd.broker.passwords import hash_password
 from ingestd.config import load_config
 from ingestd.db import EmbeddedPostgres
 from ingestd.errors import ConfigError
@@ -292,6 +293,22 @@ def test_a_paho_client_on_a_killed_worker_resends_what_was_not_acknowledged(
     asyncio.run(run())
     seqs = [r["seq"] for r in fetch_sync(pg_dsn, "SELECT seq FROM w_telemetry")]
     assert set(seqs) == set(range(21))  # none lost; a duplicate would be at-least-once
+    assert s.stop() == 0
+
+
+def test_sighup_to_the_parent_reaches_every_worker(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
+    users = tmp_path / "users"
+    users.write_text(f"dev:{hash_password('pw', 1000)}\n")
+    cfg = ROUTE + f'[mqtt]\npassword_file = "{users}"\n'
+    s = served(cfg, "--workers", "2", "--no-db", "--listen", "127.0.0.1:0")
+    s.wait_up()
+    reloads = r"\[worker (\d)\]: SIGHUP: reloading the password and ACL files"
+    assert not re.findall(reloads, s.log)
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_log(lambda t: set(re.findall(reloads, t)) == {"0", "1"}, "both workers reloading")
+    assert s.proc.poll() is None
     assert s.stop() == 0
 
 
