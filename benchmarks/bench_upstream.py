@@ -87,6 +87,33 @@ def wait_log(text: str, log: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.05)
 
 
+def upstream_section(port: int, subscription: str, receive_maximum: int = 1024) -> str:
+    """The consumer's ``[[upstream]]`` on the bench broker at ``port``."""
+    return f"""
+[[upstream]]
+name = "bench"
+host = "127.0.0.1"
+port = {port}
+subscriptions = ["{subscription}"]
+qos = 1
+receive_maximum = {receive_maximum}
+"""
+
+
+def cleanup(procs: list[subprocess.Popen[bytes]], pg: Any, tmp: Path, wait: float = 30) -> None:
+    """Stop the servers (SIGTERM, then SIGKILL after ``wait`` s), the embedded PostgreSQL, rm tmp."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if pg is not None:
+        pg.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dsn", default="")
@@ -144,16 +171,7 @@ def main() -> None:
         wait_port(port_b, pb, log_b)
         consumer_cfg = tmp / "consumer.toml"
         consumer_cfg.write_text(
-            ROUTE
-            + f"""
-[[upstream]]
-name = "bench"
-host = "127.0.0.1"
-port = {port_b}
-subscriptions = ["company/+/machine/+/telemetry"]
-qos = 1
-receive_maximum = {args.receive_maximum}
-"""
+            ROUTE + upstream_section(port_b, "company/+/machine/+/telemetry", args.receive_maximum)
         )
         pc, lc = serve("consumer", "--config", str(consumer_cfg), "--no-listen", "--dsn", dsn)
         wait_log("upstream connected", lc, pc)
@@ -188,16 +206,7 @@ receive_maximum = {args.receive_maximum}
             f" {u:,.0f} rows/s, ratio {u / d:.2f}"
         )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        cleanup(procs, pg, tmp)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ingestd.transport", "ingestd.broker", "ingestd.ingest", "ingestd.upstream"),
     ("ingestd.http",),
     ("ingestd.app",),
+    ("ingestd.workers",),
     ("ingestd.cli", "ingestd.bench", "ingestd.tune"),
     ("ingestd.__main__",),
 ]

@@ -203,6 +203,38 @@ def test_broker_metrics_from_fake_broker() -> None:
     assert "ingestd_event_loop_lag_seconds" not in m
 
 
+@dataclass
+class FakeUpstream:
+    """What the collector reads of an ingestd.upstream.Upstream."""
+
+    name: str = "site-a"
+    connected: bool = True
+    messages_received: int = 1234
+    acks_pending: int = 12
+    connects: int = 3
+    reconnects: int = 5
+    ack_failures: int = 1
+    sessions_lost: int = 2
+
+
+def fake_upstreams() -> list[FakeUpstream]:
+    return [FakeUpstream(), FakeUpstream(name="site-b", connected=False, sessions_lost=0)]
+
+
+def test_upstream_metrics_from_fake_upstreams() -> None:
+    registry, collector = build_registry(None, process_metrics=False)
+    collector.upstreams = fake_upstreams()
+    m = scrape(registry)
+    up = "ingestd_upstream_"
+    assert value(m, up + "connected", upstream="site-a") == 1
+    assert value(m, up + "connected", upstream="site-b") == 0
+    assert value(m, up + "acks_pending", upstream="site-a") == 12
+    for fam, n in (("messages_received", 1234), ("connects", 3), ("reconnects", 5),
+                   ("ack_failures", 1), ("sessions_lost", 2)):  # fmt: skip
+        assert value(m, up + fam, up + fam + "_total", upstream="site-a") == n
+    assert value(m, up + "sessions_lost", up + "sessions_lost_total", upstream="site-b") == 0
+
+
 def test_session_overflow_gauges() -> None:
     b: Any = fake_broker()
     b.overflow = SimpleNamespace(used_bytes=4096, used_messages=30, peak_bytes=8192)

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,10 +74,21 @@ def _stream(broker: Broker, transport_name: str) -> StreamConnection:
 class App:
     """Owns every long-lived object of the process (no module-level state)."""
 
-    def __init__(self, config: Config, *, database: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        database: bool = True,
+        listen_sockets: dict[tuple[str, str], socket.socket] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.config = config
         # False: broker only (no PostgreSQL, no ingest routes, no presence).
         self.database = database
+        # Worker processes (ingestd.workers): listening sockets the parent bound, by
+        # (kind, configured address), or SO_REUSEPORT on sockets of our own.
+        self.listen_sockets = listen_sockets or {}
+        self.reuse_port = reuse_port
         self.ingest: Any = None
         self.broker: Broker | None = None
         self.servers: list[asyncio.AbstractServer] = []
@@ -229,10 +241,20 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(exc), key=f"server.{kind}_listen") from None
         loop = asyncio.get_running_loop()
+        inherited = self.listen_sockets.get((kind, addr))
         try:
-            server = await loop.create_server(
-                factory, host, port, reuse_address=True, backlog=4096, **kw
-            )
+            if inherited is not None:
+                server = await loop.create_server(factory, sock=inherited, backlog=4096, **kw)
+            else:
+                server = await loop.create_server(
+                    factory,
+                    host,
+                    port,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                    backlog=4096,
+                    **kw,
+                )
         except OSError as exc:
             raise listen_error(kind, host, port, exc) from None
         self.servers.append(server)
@@ -265,16 +287,27 @@ class App:
         log.info("SIGHUP: reloading the password and ACL files")
         return self.broker.reload_auth()
 
-    async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
+    async def run(
+        self, *, lifeline: int | None = None, started: Callable[[], None] | None = None
+    ) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully.
+
+        A worker process (ingestd.workers) passes ``lifeline``, the read end of a
+        pipe its parent holds open: end of file there (the parent is gone) stops it
+        as SIGTERM would; ``started`` is called once the listeners are up.
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # SIGHUP: re-read mqtt.password_file and mqtt.acl_file (a bad file keeps the old one).
         loop.add_signal_handler(signal.SIGHUP, self.reload_auth)
+        if lifeline is not None:
+            loop.add_reader(lifeline, stop.set)
         try:
             await self.start()
+            if started is not None:
+                started()
             await stop.wait()
             log.info("shutting down")
         finally:

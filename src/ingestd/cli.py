@@ -82,6 +82,13 @@ def version() -> None:
     type=click.Choice(["text", "json"]),
     help="Log lines as text (default) or one JSON object per line.",
 )
+@click.option(
+    "--workers",
+    type=int,
+    metavar="N",
+    help="Worker processes sharing the listeners (server.workers; ingest-only traffic,"
+    " docs/scaling.md).",
+)
 def serve(
     listen: tuple[str, ...],
     no_listen: bool,
@@ -94,6 +101,7 @@ def serve(
     no_db: bool,
     log_level: str | None,
     log_format: str | None,
+    workers: int | None,
 ) -> None:
     """Run the broker and ingestion engine until SIGTERM or SIGINT."""
     from ingestd.config import load_config
@@ -121,6 +129,8 @@ def serve(
         overrides["server"]["log_level"] = log_level
     if log_format:
         overrides["server"]["log_format"] = log_format
+    if workers is not None:
+        overrides["server"]["workers"] = workers
     try:
         cfg: Config = load_config(config_path, overrides=overrides)
         # Routes, lookups and tables are validated by compiling them.
@@ -136,6 +146,10 @@ def serve(
     from ingestd.app import App
 
     try:
+        if cfg.server.workers > 1:
+            from ingestd.workers import Supervisor
+
+            sys.exit(Supervisor(cfg, database=not no_db).run())
         import uvloop
 
         uvloop.run(App(cfg, database=not no_db).run())

@@ -42,12 +42,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
-def configure(level: str, fmt: str = "text") -> None:
-    """Root logging for the process: ``level`` (debug..error) in ``fmt`` (text or json)."""
+class _WorkerField(logging.Filter):
+    """Stamps every record with the worker's index (``serve --workers N``)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def configure(level: str, fmt: str = "text", worker: int | None = None) -> None:
+    """Root logging for the process: ``level`` (debug..error) in ``fmt`` (text or json).
+
+    ``worker``: the index of a worker process; text lines then read ``... ingestd
+    [worker 1]: ...`` and JSON objects carry ``"worker": 1``.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    text = TEXT_FORMAT
+    if worker is not None:
+        text = text.replace("%(name)s:", "%(name)s [worker %(worker)s]:")
+        handler.addFilter(_WorkerField(worker))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

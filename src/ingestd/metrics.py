@@ -68,7 +68,7 @@ Upstream connections (``collector.upstreams``, set by the app: one
 ``ingestd.upstream.Upstream`` per ``[[upstream]]``), each labelled
 ``upstream="<name>"``: ``connected`` (``ingestd_upstream_connected``),
 ``messages_received``, ``acks_pending``, ``connects``, ``reconnects``,
-``ack_failures`` (``ingestd_upstream_<attr>[_total]``). Their messages are not
+``ack_failures``, ``sessions_lost`` (``ingestd_upstream_<attr>[_total]``). Their messages are not
 in ``ingestd_messages_received_total`` (PUBLISHes from local clients).
 """
 
@@ -206,6 +206,13 @@ class IngestdCollector(Collector):
                 "ingestd_upstream_ack_failures",
                 "ack_failures",
                 "Connections dropped because a message could not be made durable",
+                1,
+            ),
+            (
+                "ingestd_upstream_sessions_lost",
+                "sessions_lost",
+                "Reconnects that asked to resume a persistent session and found none"
+                " (what the upstream held for us may be lost)",
                 1,
             ),
         ):

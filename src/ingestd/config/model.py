@@ -32,6 +32,17 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_connections: bool = True
     # Seconds granted to flush and close sessions on SIGTERM/SIGINT.
     shutdown_timeout: float = 10.0
+    # Worker processes (`serve --workers N`), each with its own event loop, broker,
+    # ingest engine and database pool, sharing the MQTT listening ports; for
+    # ingest-only traffic: clients on different workers share no sessions, retained
+    # messages or deliveries (docs/scaling.md, "Workers"). Needs persistence.enabled =
+    # false. Worker i serves HTTP on http_listen's port + i and keeps its spool and
+    # overflow files in <data_dir>/worker-<i>.
+    workers: int = 1
+    # How workers share a listening port: "reuseport" (each binds its own socket with
+    # SO_REUSEPORT; the kernel spreads connections by hashing their address and
+    # port) or "inherit" (the parent binds one socket, every worker accepts from it).
+    worker_sockets: Literal["reuseport", "inherit"] = "reuseport"
 
 
 class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -296,7 +307,13 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # (clean_start = false) is found again by this id.
     client_id: str | None = None
     username: str | None = None
+    # At most one of: the password itself, a file holding it (one line; a trailing
+    # newline is ignored; read at start-up), or the name of an environment variable
+    # holding it. Never logged; a missing/unreadable/empty file or an unset
+    # variable stops start-up.
     password: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
     tls: bool = False
     ca_file: str | None = None  # default: the system's trust store
     cert_file: str | None = None  # client certificate (with key_file)

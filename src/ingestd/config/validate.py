@@ -7,10 +7,12 @@ validation (``ingestd.ingest.routes.compile_config``), done where they are used.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 
 import msgspec
 
-from ingestd.config.model import _LOG_LEVELS, Config, MqttConfig
+from ingestd.config.model import _LOG_LEVELS, Config, MqttConfig, UpstreamConfig
 from ingestd.errors import ConfigError
 
 # --------------------------------------------------------------------------
@@ -117,9 +119,47 @@ def validate_config(cfg: Config) -> None:
             key="persistence.ack_after_journal",
         )
     _validate_upstreams(cfg)
+    _validate_workers(cfg)
     # Routes, lookups and tables are validated by compiling them, where the
     # configuration is used (ingestd.ingest.routes.compile_config: `config check`,
     # `db init`, `serve`), so that reading a file does not import the ingest side.
+
+
+MAX_WORKERS = 256
+
+
+def _validate_workers(cfg: Config) -> None:
+    """``server.workers > 1``: refuse what would be wrong across independent processes."""
+    n = cfg.server.workers
+    if not 1 <= n <= MAX_WORKERS:
+        raise ConfigError(f"must be 1..{MAX_WORKERS}, got {n}", key="server.workers")
+    if n == 1:
+        return
+    if cfg.persistence.enabled:
+        # Each worker would restore every persisted session and retained message at
+        # start-up and write its own behind over the same rows.
+        raise ConfigError(
+            f"must be false with server.workers = {n}: sessions and retained messages live"
+            " in one worker's memory, and every worker would restore and overwrite the same"
+            " persisted rows",
+            key="persistence.enabled",
+        )
+    if cfg.server.http_listen:
+        _host, port = parse_listen(cfg.server.http_listen)
+        if port and port + n - 1 > 65535:
+            raise ConfigError(
+                f"worker i listens on port {port} + i: {port + n - 1} is past 65535",
+                key="server.http_listen",
+            )
+    for i, up in enumerate(cfg.upstream):
+        for j, flt in enumerate(up.subscriptions):
+            if not flt.startswith("$share/"):
+                raise ConfigError(
+                    f"with server.workers = {n} every worker subscribes: {flt!r} would ingest"
+                    " each message once per worker; use a shared subscription"
+                    f" ($share/<group>/{flt}) so the workers split the stream",
+                    key=f"upstream[{i}].subscriptions[{j}]",
+                )
 
 
 def _validate_upstreams(cfg: Config) -> None:
@@ -155,7 +195,8 @@ def _validate_upstreams(cfg: Config) -> None:
                 key=f"{at}.client_id",
             )
         ids.add(key)
-        if up.password is not None and up.username is None and up.protocol == 4:
+        password = upstream_password(up, at)
+        if password is not None and up.username is None and up.protocol == 4:
             raise ConfigError(
                 "MQTT 3.1.1 sends a password only with a username", key=f"{at}.password"
             )
@@ -183,3 +224,54 @@ def _validate_upstreams(cfg: Config) -> None:
             raise ConfigError(
                 f"must be >= reconnect_min_s ({up.reconnect_min_s})", key=f"{at}.reconnect_max_s"
             )
+
+
+def upstream_password(
+    up: UpstreamConfig, at: str, env: Mapping[str, str] = os.environ
+) -> str | None:
+    """The password of one ``[[upstream]]``: ``password``, ``password_file`` or ``password_env``.
+
+    Read where it is used (start-up: validation, then the client), never
+    logged. Raises ConfigError naming the key (``upstream[0].password_file``),
+    the file or variable and the reason: more than one source, a file missing,
+    unreadable, not UTF-8 or empty, a variable unset or empty.
+    """
+    sources = [k for k in ("password", "password_file", "password_env") if getattr(up, k)]
+    if len(sources) > 1:
+        raise ConfigError(
+            f"set only one of password, password_file, password_env (got {', '.join(sources)})",
+            key=f"{at}.{sources[1]}",
+        )
+    if up.password_file:
+        path = up.password_file
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(65_536)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read {path}: {e.strerror or e}", key=f"{at}.password_file"
+            ) from None
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text", key=f"{at}.password_file") from None
+        # One line, as secrets are mounted (Docker, Kubernetes): a trailing newline is
+        # the file's, not the password's.
+        text = text.removesuffix("\n").removesuffix("\r")
+        if not text:
+            raise ConfigError(f"{path} is empty", key=f"{at}.password_file")
+        if "\n" in text:
+            raise ConfigError(
+                f"{path} holds more than one line (the password is its only line)",
+                key=f"{at}.password_file",
+            )
+        return text
+    if up.password_env:
+        value = env.get(up.password_env)
+        if not value:
+            raise ConfigError(
+                f"environment variable {up.password_env} is {'empty' if value == '' else 'unset'}",
+                key=f"{at}.password_env",
+            )
+        return value
+    return up.password

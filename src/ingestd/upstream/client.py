@@ -50,6 +50,7 @@ from ingestd._codec import (
 from ingestd.broker.message import Message
 from ingestd.broker.session import Session
 from ingestd.config import UpstreamConfig
+from ingestd.config.validate import upstream_password
 from ingestd.errors import ConfigError, ProtocolError
 from ingestd.mqtt.constants import PacketType, Prop
 from ingestd.upstream.acks import PUBACK, PUBREC, AckFailed, AckQueue
@@ -158,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
                     keepalive=cfg.keepalive,
                     client_id=self.up.client_id,
                     username=cfg.username,
-                    password=cfg.password.encode() if cfg.password is not None else None,
+                    password=self.up.password.encode() if self.up.password is not None else None,
                     properties=props,
                 ),
                 self.version,
@@ -393,8 +394,10 @@ class UpstreamConnection(asyncio.Protocol):
 class Upstream:
     """One configured upstream broker: the reconnect loop and its counters (for metrics)."""
 
-    def __init__(self, config: UpstreamConfig, broker: Broker) -> None:
+    def __init__(self, config: UpstreamConfig, broker: Broker, password: str | None = None) -> None:
         self.config = config
+        # From password, password_file or password_env (read at start-up); never logged.
+        self.password = password
         self.broker = broker
         self.loop = broker.loop
         self.name = config.name
@@ -408,6 +411,9 @@ class Upstream:
         self.connects = 0
         self.reconnects = 0  # connection attempts after the first
         self.ack_failures = 0
+        # Reconnects of a persistent session (clean_start = false) that found no session
+        # at the upstream: what it held for us while we were away is gone.
+        self.sessions_lost = 0
         self.read_pauses = 0  # 3.1.1: reading stopped at receive_maximum pending acks
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
@@ -499,6 +505,24 @@ class Upstream:
             ",".join(cfg.subscriptions),
             extra={"event": "upstream_connect", "upstream": self.name, "peer": where},
         )
+        if not cfg.clean_start and not ack.session_present and self.connects > 1:
+            # We asked to resume and had a session before: the upstream has none. The
+            # messages it was holding for us (queued while we were away, or in flight and
+            # not yet acknowledged by us) are lost, unless another member of a $share
+            # group got them. Causes: the session expired (session_expiry, the broker's own
+            # limit), the broker restarted without persistence, or another client took
+            # the client id over.
+            self.sessions_lost += 1
+            log.warning(
+                "upstream %s at %s: the persistent session for client_id=%r was not found"
+                " (session_present=0): messages the upstream held for us while we were away"
+                " may have been lost (session expired, broker restarted without persistence,"
+                " or the client id was used elsewhere)",
+                self.name,
+                where,
+                self.client_id,
+                extra={"event": "upstream_session_lost", "upstream": self.name},
+            )
         await conn.closed
         self.connected = False
         self.conn = None
@@ -545,8 +569,9 @@ class Upstreams:
     def __init__(self, configs: list[UpstreamConfig], broker: Broker) -> None:
         self.clients: list[Upstream] = []
         for i, c in enumerate(configs):
+            password = upstream_password(c, f"upstream[{i}]")
             try:
-                self.clients.append(Upstream(c, broker))
+                self.clients.append(Upstream(c, broker, password))
             except OSError as e:  # ssl.SSLError too
                 raise ConfigError(
                     f"cannot load TLS files: {e}", key=f"upstream[{i}].ca_file"
