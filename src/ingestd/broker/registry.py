@@ -33,7 +33,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ingestd._trie import SubscriptionTrie
-from ingestd.broker.hooks import BrokerStats, BrokerStore, StoredSession
+from ingestd.broker.hooks import BrokerStats, BrokerStore, EventListener, StoredSession
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.router import Router
@@ -76,6 +76,8 @@ class SessionRegistry:
         self.journal: DeliveryJournal | None = None
         # Where sessions put QoS 1/2 deliveries past their memory queue (None: off).
         self.overflow: OverflowStore | None = None
+        # Lifecycle events for the [[hooks]] (set by the Broker; None: no hook wants any).
+        self.events: EventListener | None = None
 
     def assign_client_id(self) -> str:
         """A client id for a CONNECT with an empty one (unique in this process)."""
@@ -160,7 +162,21 @@ class SessionRegistry:
             self.stats.acl_denied_publish += 1
             log.info("will of %r to %r refused by the ACL", session.client_id, will.topic)
             return False
-        self.router.publish(will.to_message(), None)
+        message = will.to_message()
+        self.router.publish(message, None)
+        events = self.events
+        if events is not None and "will.published" in events.events:
+            events.on_event(
+                "will.published",
+                {
+                    "client_id": session.client_id,
+                    "username": session.username,
+                    "topic": message.topic,
+                    "qos": message.qos,
+                    "retain": message.retain,
+                    "payload": message.payload,
+                },
+            )
         return True
 
     def _fire_delayed_will(self, session: Session) -> None:
@@ -205,6 +221,17 @@ class SessionRegistry:
         log.debug("client %r subscribed to %r (qos %d)", session.client_id, topic_filter, opts.qos)
         self.trie.subscribe(topic_filter, session, opts)
         self._save(session)
+        events = self.events
+        if events is not None and "session.subscribed" in events.events:
+            events.on_event(
+                "session.subscribed",
+                {
+                    "client_id": session.client_id,
+                    "username": session.username,
+                    "filter": topic_filter,
+                    "qos": opts.qos,
+                },
+            )
         return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -213,6 +240,16 @@ class SessionRegistry:
         log.debug("client %r unsubscribed from %r", session.client_id, topic_filter)
         self.trie.unsubscribe(topic_filter, session)
         self._save(session)
+        events = self.events
+        if events is not None and "session.unsubscribed" in events.events:
+            events.on_event(
+                "session.unsubscribed",
+                {
+                    "client_id": session.client_id,
+                    "username": session.username,
+                    "filter": topic_filter,
+                },
+            )
         return True
 
     # -- persistence ------------------------------------------------------

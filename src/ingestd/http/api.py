@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,10 +66,21 @@ RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Api:
     """The /api routes over one broker (``tokens``: bearer tokens, empty: open)."""
 
-    def __init__(self, broker: Any, ingest: Any = None, tokens: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        broker: Any,
+        ingest: Any = None,
+        tokens: list[str] | None = None,
+        *,
+        ingest_wait_s: float = 5.0,
+    ) -> None:
         self.broker = broker
         self.ingest = ingest
         self.tokens = list(tokens or [])
+        # http.ingest_wait_s: how long a webhook batch waits for a saturated engine.
+        self.ingest_wait_s = ingest_wait_s
+        self.webhook_refused = 0  # webhook requests answered 503 for saturation
+        self.webhook_waiting = 0  # webhook requests waiting for room now
         self.request_timeout = 10.0
         # Why the API refuses every request (see check_exposure), or None.
         self.disabled: str | None = None
@@ -201,6 +213,9 @@ class Api:
         else:
             messages = [parse_webhook_message(body, "")]
         self._check_open()
+        if self.ingest is not None:
+            await self._room_for(len(messages))
+            self._check_open()
         futures = []
         for m in messages:
             fut = self.broker.publish(m, None)
@@ -218,6 +233,44 @@ class Api:
         )
         await self._durable(futures, f"a batch of {len(messages)} messages")
         return web.json_response({"ok": True, "accepted": len(messages)})
+
+    async def _room_for(self, n: int) -> None:
+        """Backpressure: return once the ingest engine can take ``n`` more rows without
+        passing its bound (ingest.max_pending_rows), waiting up to http.ingest_wait_s;
+        else 503 with Retry-After. A batch larger than the bound itself goes when
+        nothing is pending, so pending rows never pass max(bound, one batch); nothing
+        awaits between this check and the publishes, so concurrent requests cannot
+        overshoot together."""
+        pending = self.ingest.pending
+        if pending.count == 0 or pending.count + n <= pending.bound:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ingest_wait_s
+        self.webhook_waiting += 1
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        await pending.wait_released()
+                except TimeoutError:
+                    break
+                if pending.count == 0 or pending.count + n <= pending.bound:
+                    return
+        finally:
+            self.webhook_waiting -= 1
+        self.webhook_refused += 1
+        retry = max(1, math.ceil(self.ingest_wait_s))
+        raise ApiError(
+            503,
+            "ingest_saturated",
+            f"the ingest engine holds {pending.count} rows not yet committed (bound"
+            f" ingest.max_pending_rows = {pending.bound}); a batch of {n} did not fit within"
+            f" {self.ingest_wait_s:g} s. Nothing was published; retry after {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
 
     # -- retained ----------------------------------------------------------------
 
