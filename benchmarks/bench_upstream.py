@@ -37,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_e2e import free_port  # noqa: E402
+from bench_e2e import free_port, stop_all  # noqa: E402
 
 ROUTE = (ROOT / "benchmarks" / "ingest-bench.toml").read_text()
 
@@ -188,16 +188,7 @@ receive_maximum = {args.receive_maximum}
             f" {u:,.0f} rows/s, ratio {u / d:.2f}"
         )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, pg, tmp)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import aiohttp
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import bench, free_port, wait_port
+from bench_e2e import bench, free_port, stop_all, wait_port
 
 from ingestd.db import EmbeddedPostgres
 
@@ -235,15 +234,7 @@ def main() -> None:
             f" {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})"
         )
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, pg, tmp)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from ingestd.config import Config, ConfigError, HookConfig, ServerConfig, load_config
+from ingestd.config import (
+    HOOK_EVENTS,
+    Config,
+    ConfigError,
+    HookConfig,
+    ServerConfig,
+    load_config,
+)
 from mqtt_clients import WAIT, Client
 from server_thread import ServerThread
 
@@ -146,14 +153,7 @@ def test_lifecycle_and_message_events_reach_the_receiver(tmp_path: Path, receive
     hook = HookConfig(
         name="nas-sync",
         url=rx.url,
-        events=[
-            "client.connected",
-            "client.disconnected",
-            "will.published",
-            "session.subscribed",
-            "session.unsubscribed",
-            "message.published",
-        ],
+        events=list(HOOK_EVENTS),
         filter=["dev/+/up", "dev/#"],  # overlapping: still one event per message
         headers={"Authorization": "Bearer hook-secret"},
     )

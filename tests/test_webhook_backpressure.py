@@ -21,7 +21,7 @@ import pytest
 
 from mqtt_clients import WAIT
 from pg_fixtures import config_from_toml, fetch_sync
-from server_thread import ServerThread
+from server_thread import ServerThread, start_with_http
 
 ROUTES = """
 [presence]
@@ -42,10 +42,7 @@ n = "payload.n::integer"
 
 @pytest.fixture
 def srv(pg_dsn: str, tmp_path: Path) -> Any:
-    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn)
-    cfg.server.listen = ["127.0.0.1:0"]
-    cfg.server.http_listen = "127.0.0.1:0"
-    st = ServerThread(cfg, database=True).start()
+    st = start_with_http(config_from_toml(ROUTES, tmp_path, pg_dsn))
     yield st, pg_dsn
     st.stop()
 

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.hooks import BrokerStats, BrokerStore, EventListener, StoredSession
@@ -164,19 +164,14 @@ class SessionRegistry:
             return False
         message = will.to_message()
         self.router.publish(message, None)
-        events = self.events
-        if events is not None and "will.published" in events.events:
-            events.on_event(
-                "will.published",
-                {
-                    "client_id": session.client_id,
-                    "username": session.username,
-                    "topic": message.topic,
-                    "qos": message.qos,
-                    "retain": message.retain,
-                    "payload": message.payload,
-                },
-            )
+        self._event(
+            "will.published",
+            session,
+            topic=message.topic,
+            qos=message.qos,
+            retain=message.retain,
+            payload=message.payload,
+        )
         return True
 
     def _fire_delayed_will(self, session: Session) -> None:
@@ -221,17 +216,7 @@ class SessionRegistry:
         log.debug("client %r subscribed to %r (qos %d)", session.client_id, topic_filter, opts.qos)
         self.trie.subscribe(topic_filter, session, opts)
         self._save(session)
-        events = self.events
-        if events is not None and "session.subscribed" in events.events:
-            events.on_event(
-                "session.subscribed",
-                {
-                    "client_id": session.client_id,
-                    "username": session.username,
-                    "filter": topic_filter,
-                    "qos": opts.qos,
-                },
-            )
+        self._event("session.subscribed", session, filter=topic_filter, qos=opts.qos)
         return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -240,17 +225,16 @@ class SessionRegistry:
         log.debug("client %r unsubscribed from %r", session.client_id, topic_filter)
         self.trie.unsubscribe(topic_filter, session)
         self._save(session)
-        events = self.events
-        if events is not None and "session.unsubscribed" in events.events:
-            events.on_event(
-                "session.unsubscribed",
-                {
-                    "client_id": session.client_id,
-                    "username": session.username,
-                    "filter": topic_filter,
-                },
-            )
+        self._event("session.unsubscribed", session, filter=topic_filter)
         return True
+
+    def _event(self, name: str, session: Session, **fields: Any) -> None:
+        """Tell the [[hooks]] about a session's event, if one wants it."""
+        events = self.events
+        if events is not None and name in events.events:
+            events.on_event(
+                name, {"client_id": session.client_id, "username": session.username, **fields}
+            )
 
     # -- persistence ------------------------------------------------------
 
