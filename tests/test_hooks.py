@@ -392,3 +392,21 @@ def test_hook_config_round_trips_through_config_show(tmp_path: Path) -> None:
     again.write_text(dump_config(cfg))
     assert load_config(str(again)).hooks == cfg.hooks
     assert json.loads(json.dumps(cfg.hooks[0].headers)) == {"Authorization": "Bearer t"}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("[mqtt]\nsys_interval = -1\n", "mqtt.sys_interval", "must be >= 0"),
+        ("[http]\nmax_body_bytes = 0\n", "http.max_body_bytes", "must be > 0"),
+        ("[http]\ningest_wait_s = -0.5\n", "http.ingest_wait_s", "must be >= 0"),
+    ],
+)
+def test_bad_sys_and_webhook_settings_name_file_key_and_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(p))
+    assert str(p) in str(ei.value) and f"{key}: {reason}" in str(ei.value), str(ei.value)

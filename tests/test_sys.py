@@ -69,6 +69,16 @@ def test_sys_topics_reach_sys_subscribers_only(
     view.wait(lambda v: v["$SYS/ingestd/clients/connected"] == "4", "four clients")
     view.wait(lambda v: int(v["$SYS/ingestd/uptime"]) >= 0, "uptime")
     assert int(view.values["$SYS/ingestd/subscriptions/count"]) >= 3
+    # A persistent session outlives its connection: counted as disconnected.
+    Client(srv.port, client_id="sys-persistent", session_expiry=300).disconnect()
+    view.wait(
+        lambda v: (
+            v["$SYS/ingestd/clients/disconnected"] == "1"
+            and v["$SYS/ingestd/clients/total"] == "5"
+            and v["$SYS/ingestd/clients/connected"] == "4"
+        ),
+        "one offline session",
+    )
     # Those ticks were routed after `everything` and `plus` subscribed; a barrier on
     # each makes sure any copy of them would have arrived by now.
     everything.barrier()
