@@ -136,3 +136,28 @@ def test_sys_interval_zero_publishes_nothing(
     dash.subscribe("$SYS/#", qos=0)
     dash.expect_nothing()
     assert srv.call(lambda: list(srv.app.broker.retained.match("$SYS/#"))) == []  # type: ignore[union-attr]
+
+
+def test_no_client_writes_sys_even_without_an_acl(
+    server_factory: Callable[..., ServerThread],
+) -> None:
+    """As Mosquitto's acl__check_dollar: the statistics cannot be forged by a client."""
+    srv = server_factory(sys_interval=0.05)
+    dash = Client(srv.port)
+    dash.subscribe("$SYS/ingestd/version", qos=0)
+    (m,) = dash.expect()
+    assert m.payload == __version__.encode()
+    v5 = Client(srv.port)
+    info = v5.c.publish("$SYS/ingestd/version", b"forged", 1, retain=True)
+    info.wait_for_publish(WAIT)
+    v3 = Client(srv.port, version=4)
+    v3.publish("$SYS/ingestd/version", b"forged too", qos=1, retain=True)  # PUBACKed
+    # A will on $SYS is refused at CONNECT (v5: 0x87 Not authorized).
+    Client(srv.port, will=("$SYS/ingestd/version", b"will", 0, True), connect=False).connect(
+        expect_rc=0x87
+    )
+    dash.expect_nothing()
+    assert srv.call(lambda: srv.app.broker.retained.get("$SYS/ingestd/version").payload) == (  # type: ignore[union-attr]
+        __version__.encode()
+    )
+    assert srv.call(lambda: srv.app.broker.stats.acl_denied_publish) == 3  # type: ignore[union-attr]

@@ -295,6 +295,13 @@ def _dollar_mask(topic: str) -> int:
     return READ | WRITE
 
 
+def may_write_dollar(topic: str) -> bool:
+    """May a client publish to ``topic``, which starts with ``$``, as far as
+    ``acl__check_dollar`` goes? Applied with or without an acl_file: no client
+    writes ``$SYS`` (but the bridge state topic) or ``$share``."""
+    return bool(_dollar_mask(topic) & WRITE)
+
+
 class ClientAcl:
     """The ACL of one connected client (username, client id), precompiled.
 

@@ -25,7 +25,7 @@ import logging
 import time
 from collections import deque
 
-from ingestd.broker.acl import AclFile, ClientAcl
+from ingestd.broker.acl import AclFile, ClientAcl, may_write_dollar
 from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
@@ -176,7 +176,10 @@ class Auth:
     @staticmethod
     def may_publish(acl: ClientAcl | None, topic: str) -> bool:
         """May the client with ``acl`` publish to ``topic`` (PUBLISH and Will)?"""
-        return acl is None or acl.may_publish(topic)
+        if acl is None:
+            # No acl_file: anything but what acl__check_dollar refuses ($SYS, $share).
+            return topic[:1] != "$" or may_write_dollar(topic)
+        return acl.may_publish(topic)
 
     @staticmethod
     def may_read(acl: ClientAcl | None, topic: str) -> bool:
