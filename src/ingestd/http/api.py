@@ -250,9 +250,9 @@ class Api:
         """Backpressure: return once the ingest engine can take ``n`` more rows without
         passing its bound (ingest.max_pending_rows), waiting up to http.ingest_wait_s;
         else 503 with Retry-After. A batch larger than the bound itself goes when
-        nothing is pending, so pending rows never pass max(bound, one batch); nothing
-        awaits between this check and the publishes, so concurrent requests cannot
-        overshoot together."""
+        nothing is pending, so the webhook never takes pending rows past max(bound, one
+        batch); nothing awaits between this check and the publishes, so concurrent
+        requests cannot overshoot together."""
         pending = self.ingest.pending
         if pending.count == 0 or pending.count + n <= pending.bound:
             return
