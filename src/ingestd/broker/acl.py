@@ -286,20 +286,13 @@ class _Rules:
         return bits
 
 
-def _dollar_mask(topic: str) -> int:
+def dollar_mask(topic: str) -> int:
     """The accesses ``acl__check_dollar`` lets through to the ACL for ``topic``."""
     if topic.startswith("$SYS"):
         return READ | WRITE if topic_matches(_SYS_BRIDGE_STATE, topic) else READ
     if topic.startswith("$share"):
         return 0
     return READ | WRITE
-
-
-def may_write_dollar(topic: str) -> bool:
-    """May a client publish to ``topic``, which starts with ``$``, as far as
-    ``acl__check_dollar`` goes? Applied with or without an acl_file: no client
-    writes ``$SYS`` (but the bridge state topic) or ``$share``."""
-    return bool(_dollar_mask(topic) & WRITE)
 
 
 class ClientAcl:
@@ -367,7 +360,7 @@ class ClientAcl:
     def _decide(self, topic: str) -> int:
         if not topic or "+" in topic or "#" in topic:
             return 0  # not a topic name: mosquitto_topic_matches_sub matches nothing
-        mask = _dollar_mask(topic) if topic[0] == "$" else READ | WRITE
+        mask = dollar_mask(topic) if topic[0] == "$" else READ | WRITE
         if not mask:
             return 0
         granted = 0

@@ -25,7 +25,7 @@ import logging
 import time
 from collections import deque
 
-from ingestd.broker.acl import AclFile, ClientAcl, may_write_dollar
+from ingestd.broker.acl import WRITE, AclFile, ClientAcl, dollar_mask
 from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
@@ -52,6 +52,13 @@ def check_files(config: MqttConfig) -> None:
         load_password_file(config.password_file)
     if config.acl_file:
         AclFile.load(config.acl_file)
+
+
+def may_write_dollar(topic: str) -> bool:
+    """May a client publish to ``topic``, which starts with ``$``, as far as
+    ``acl__check_dollar`` goes? Applied with or without an acl_file: no client
+    writes ``$SYS`` (but the bridge state topic) or ``$share``."""
+    return bool(dollar_mask(topic) & WRITE)
 
 
 class _DenyAll(ClientAcl):

@@ -62,7 +62,8 @@ from ingestd._codec import (
 )
 from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
-from ingestd.broker.acl import WRITE, ClientAcl, may_write_dollar
+from ingestd.broker.acl import WRITE, ClientAcl
+from ingestd.broker.auth import may_write_dollar
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
