@@ -87,6 +87,27 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def stop_all(
+    procs: list[subprocess.Popen[bytes]],
+    pg: Any = None,
+    tmp: Path | None = None,
+    wait: float = 30,
+) -> None:
+    """The end of a benchmark script: terminate its servers (kill one that does not
+    stop within ``wait`` s), then stop its embedded PostgreSQL and remove its temp dir."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if pg is not None:
+        pg.stop()
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench(args: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "ingestd.bench.command", *args, "--json", "--no-progress"]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
@@ -216,14 +237,7 @@ def main() -> None:
         if a.out:
             Path(a.out).write_text(json.dumps(results, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp=tmp)
 
 
 def machine() -> dict[str, Any]:

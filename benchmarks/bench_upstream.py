@@ -37,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_e2e import free_port  # noqa: E402
+from bench_e2e import free_port, stop_all  # noqa: E402
 
 ROUTE = (ROOT / "benchmarks" / "ingest-bench.toml").read_text()
 
@@ -98,20 +98,6 @@ subscriptions = ["{subscription}"]
 qos = 1
 receive_maximum = {receive_maximum}
 """
-
-
-def cleanup(procs: list[subprocess.Popen[bytes]], pg: Any, tmp: Path, wait: float = 30) -> None:
-    """Stop the servers (SIGTERM, then SIGKILL after ``wait`` s), the embedded PostgreSQL, rm tmp."""
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(wait)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    if pg is not None:
-        pg.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -206,7 +192,7 @@ def main() -> None:
             f" {u:,.0f} rows/s, ratio {u / d:.2f}"
         )
     finally:
-        cleanup(procs, pg, tmp)
+        stop_all(procs, pg, tmp)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_e2e import free_port  # noqa: E402
-from bench_upstream import BROKER_CONF, cleanup, upstream_section, wait_port  # noqa: E402
+from bench_e2e import free_port, stop_all  # noqa: E402
+from bench_upstream import BROKER_CONF, upstream_section, wait_port  # noqa: E402
 
 ROUTE = (
     (ROOT / "benchmarks" / "ingest-bench.toml")
@@ -280,7 +280,7 @@ def main() -> None:
             f" CPU per row ratio {cb / ca:.2f}"
         )
     finally:
-        cleanup(procs, pg, tmp, wait=60)
+        stop_all(procs, pg, tmp, wait=60)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,10 @@ class ServerThread:
         self._thread.join(30)
         if not self.loop.is_running():
             self.loop.close()
+
+
+def start_with_http(config: Config, database: bool = True) -> ServerThread:
+    """A server with MQTT and HTTP on ephemeral loopback ports (the API open there)."""
+    config.server.listen = ["127.0.0.1:0"]
+    config.server.http_listen = "127.0.0.1:0"
+    return ServerThread(config, database=database).start()

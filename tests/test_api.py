@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from ingestd.config import Config, HttpConfig, ServerConfig, load_config
 from mqtt_clients import WAIT, Client, props
 from pg_fixtures import config_from_toml, fetch_sync, wait_rows
-from server_thread import ServerThread
+from server_thread import ServerThread, start_with_http
 
 TOKEN = "s3cret-token"
 
@@ -465,10 +465,7 @@ client_id = "client_id"
 
 @pytest.fixture
 def pg_srv(pg_dsn: str, tmp_path: Path) -> Any:
-    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn)
-    cfg.server.listen = ["127.0.0.1:0"]
-    cfg.server.http_listen = "127.0.0.1:0"
-    st = ServerThread(cfg, database=True).start()
+    st = start_with_http(config_from_toml(ROUTES, tmp_path, pg_dsn))
     yield st, pg_dsn
     st.stop()
 

@@ -112,10 +112,11 @@ def _exported_metric_names() -> tuple[set[str], set[str]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     from ingestd.metrics import LoopLagMonitor, build_registry
-    from test_metrics import FakeEngine, fake_broker, fake_upstreams
+    from test_metrics import FakeEngine, fake_broker, fake_hooks, fake_upstreams
 
     registry, collector = build_registry(fake_broker(), FakeEngine(), LoopLagMonitor())
     collector.upstreams = fake_upstreams()
+    collector.hooks = fake_hooks()
     families, samples = set(), set()
     for fam in text_string_to_metric_families(generate_latest(registry).decode()):
         families.add(fam.name)

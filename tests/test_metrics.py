@@ -129,6 +129,21 @@ class FakeIngestStats:
     rows_lost: int = 0
 
 
+@dataclass
+class FakeHook:
+    name: str
+    queued: int = 0
+    sent: int = 0
+    failed: int = 0
+    dropped: int = 0
+    retries: int = 0
+    depth: int = 0
+
+
+def fake_hooks() -> list[FakeHook]:
+    return [FakeHook("radius", 120, 100, 5, 7, 3, 15), FakeHook("audit")]
+
+
 class FakeEngine:
     def __init__(self) -> None:
         br = batch_rows_histogram()
@@ -315,6 +330,21 @@ def test_ingest_metrics_tolerate_a_minimal_engine() -> None:
     assert value(m, b, b + "_bucket", le="+Inf") == 0
 
 
+def test_hook_metrics_from_fake_hooks() -> None:
+    registry, collector = build_registry(fake_broker(), process_metrics=False)
+    assert "ingestd_hook_events_queued" not in scrape(registry)  # no hooks: no families
+    collector.hooks = fake_hooks()
+    m = scrape(registry)
+    q, s, f, d = (f"ingestd_hook_events_{k}" for k in ("queued", "sent", "failed", "dropped"))
+    assert value(m, q, q + "_total", hook="radius") == 120
+    assert value(m, s, s + "_total", hook="radius") == 100
+    assert value(m, f, f + "_total", hook="radius") == 5
+    assert value(m, d, d + "_total", hook="radius") == 7
+    assert value(m, "ingestd_hook_retries", "ingestd_hook_retries_total", hook="radius") == 3
+    assert value(m, "ingestd_hook_queue_events", hook="radius") == 15
+    assert value(m, d, d + "_total", hook="audit") == 0
+
+
 def test_loop_lag_monitor_records_a_stall() -> None:
     async def main() -> LoopLagMonitor:
         lag = LoopLagMonitor(interval=0.01)
@@ -435,7 +465,10 @@ def test_collector_against_a_real_broker(server: Any) -> None:
     assert [value(m, tx, tx + "_total", qos=str(q)) for q in range(3)] == [1, 1, 0]
     assert value(m, "ingestd_sessions", state="online") == 2
     assert value(m, "ingestd_inflight_messages") == 0
-    assert value(m, "ingestd_retained_messages") == 1
+    # r/c and the $SYS/ingestd/... statistics (retained too, mqtt.sys_interval).
+    sys_retained = server.call(lambda: len(list(app.broker.retained.match("$SYS/#"))))
+    assert sys_retained > 0
+    assert value(m, "ingestd_retained_messages") == 1 + sys_retained
     assert value(m, "ingestd_subscriptions") >= 1
     assert value(m, "ingestd_received_bytes", "ingestd_received_bytes_total") > 0
     assert value(m, "ingestd_sent_bytes", "ingestd_sent_bytes_total") > 0

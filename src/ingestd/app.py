@@ -99,6 +99,7 @@ class App:
         self.registry: Any = None
         self.collector: Any = None
         self.upstreams: Any = None
+        self.sys: Any = None  # the $SYS publisher (mqtt.sys_interval > 0)
         self._stopped = asyncio.Event()
 
     def port(self, kind: str = "mqtt") -> int:
@@ -140,6 +141,24 @@ class App:
                 # Stopped before the engine (extras stop in reverse), while the pool is open.
                 self.extras.append(store)
         await self._start_http(broker)
+        if cfg.hooks:
+            # Before the listeners: the first client's connect is an event too.
+            from ingestd.http.hooks import EventHooks
+
+            hooks = EventHooks(cfg.hooks)
+            for topic_filter, hook_sink in hooks.sinks():
+                broker.add_sink(topic_filter, hook_sink)
+            broker.events = hooks
+            await hooks.start()
+            self.extras.append(hooks)  # stopped after the broker's connections closed
+            self.collector.hooks = hooks.hooks
+        if cfg.mqtt.sys_interval > 0:
+            from ingestd import __version__
+            from ingestd.broker.sysinfo import SysPublisher
+
+            self.sys = SysPublisher(broker, cfg.mqtt.sys_interval, __version__)
+            self.sys.start()
+            self.extras.append(self.sys)
         m = cfg.mqtt
         for addr in cfg.server.listen:
             await self._listen("mqtt", addr, lambda: _stream(broker, "tcp"))
@@ -211,8 +230,9 @@ class App:
             ),
             lambda: None if ingest is None else ingest.database.pool,
         )
-        api = Api(broker, ingest, self.config.http.tokens)
-        self.http = HttpServer(self.registry, ready, api=api)
+        h = self.config.http
+        api = Api(broker, ingest, h.tokens, ingest_wait_s=h.ingest_wait_s)
+        self.http = HttpServer(self.registry, ready, api=api, max_api_body_bytes=h.max_body_bytes)
         try:
             bound_port = await self.http.start(host, port)
         except OSError as exc:

@@ -70,6 +70,11 @@ Upstream connections (``collector.upstreams``, set by the app: one
 ``messages_received``, ``acks_pending``, ``connects``, ``reconnects``,
 ``ack_failures``, ``sessions_lost`` (``ingestd_upstream_<attr>[_total]``). Their messages are not
 in ``ingestd_messages_received_total`` (PUBLISHes from local clients).
+
+Event hooks (``collector.hooks``, set by the app: one ``ingestd.http.hooks.Hook``
+per ``[[hooks]]``), each labelled ``hook="<name>"``: ``queued``, ``sent``,
+``failed``, ``dropped``, ``retries`` (``ingestd_hook_events_<attr>_total``,
+``ingestd_hook_retries_total``) and ``depth`` (``ingestd_hook_queue_events``).
 """
 
 from __future__ import annotations
@@ -140,6 +145,9 @@ class IngestdCollector(Collector):
         # Upstream connections (ingestd.upstream.Upstream: name, connected,
         # messages_received, acks_pending, connects, reconnects, ack_failures).
         self.upstreams: list[Any] = []
+        # Event hooks (ingestd.http.hooks.Hook: name, queued, sent, failed, dropped,
+        # retries, depth).
+        self.hooks: list[Any] = []
         if version is None:
             from ingestd import __version__
 
@@ -166,6 +174,8 @@ class IngestdCollector(Collector):
             yield from self._ingest_metrics(self.engine)
         if self.upstreams:
             yield from self._upstream_metrics(self.upstreams)
+        if self.hooks:
+            yield from self._hook_metrics(self.hooks)
         if self.lag is not None:
             yield GaugeMetricFamily(
                 "ingestd_event_loop_lag_seconds",
@@ -220,6 +230,33 @@ class IngestdCollector(Collector):
             m = cls(name, doc, labels=["upstream"])
             for up in upstreams:
                 m.add_metric([up.name], float(getattr(up, attr, 0) or 0))
+            yield m
+
+    # -- event hooks -----------------------------------------------------------
+
+    def _hook_metrics(self, hooks: list[Any]) -> Iterator[Metric]:
+        for name, attr, doc, family in (
+            ("ingestd_hook_events_queued", "queued", "Events accepted into the hook's queue", 1),
+            ("ingestd_hook_events_sent", "sent", "Events in a POST answered 2xx", 1),
+            (
+                "ingestd_hook_events_failed",
+                "failed",
+                "Events in a POST that failed after its retries",
+                1,
+            ),
+            (
+                "ingestd_hook_events_dropped",
+                "dropped",
+                "Events dropped: the hook's queue was full (max_queue), or left at shutdown",
+                1,
+            ),
+            ("ingestd_hook_retries", "retries", "POSTs tried again after a failure", 1),
+            ("ingestd_hook_queue_events", "depth", "Events waiting or being sent", 0),
+        ):
+            cls = CounterMetricFamily if family else GaugeMetricFamily
+            m = cls(name, doc, labels=["hook"])
+            for hook in hooks:
+                m.add_metric([hook.name], float(getattr(hook, attr, 0) or 0))
             yield m
 
     # -- broker --------------------------------------------------------------

@@ -286,7 +286,7 @@ class _Rules:
         return bits
 
 
-def _dollar_mask(topic: str) -> int:
+def dollar_mask(topic: str) -> int:
     """The accesses ``acl__check_dollar`` lets through to the ACL for ``topic``."""
     if topic.startswith("$SYS"):
         return READ | WRITE if topic_matches(_SYS_BRIDGE_STATE, topic) else READ
@@ -360,7 +360,7 @@ class ClientAcl:
     def _decide(self, topic: str) -> int:
         if not topic or "+" in topic or "#" in topic:
             return 0  # not a topic name: mosquitto_topic_matches_sub matches nothing
-        mask = _dollar_mask(topic) if topic[0] == "$" else READ | WRITE
+        mask = dollar_mask(topic) if topic[0] == "$" else READ | WRITE
         if not mask:
             return 0
         granted = 0

@@ -25,7 +25,7 @@ import logging
 import time
 from collections import deque
 
-from ingestd.broker.acl import AclFile, ClientAcl
+from ingestd.broker.acl import WRITE, AclFile, ClientAcl, dollar_mask
 from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
@@ -52,6 +52,13 @@ def check_files(config: MqttConfig) -> None:
         load_password_file(config.password_file)
     if config.acl_file:
         AclFile.load(config.acl_file)
+
+
+def may_write_dollar(topic: str) -> bool:
+    """May a client publish to ``topic``, which starts with ``$``, as far as
+    ``acl__check_dollar`` goes? Applied with or without an acl_file: no client
+    writes ``$SYS`` (but the bridge state topic) or ``$share``."""
+    return bool(dollar_mask(topic) & WRITE)
 
 
 class _DenyAll(ClientAcl):
@@ -176,7 +183,10 @@ class Auth:
     @staticmethod
     def may_publish(acl: ClientAcl | None, topic: str) -> bool:
         """May the client with ``acl`` publish to ``topic`` (PUBLISH and Will)?"""
-        return acl is None or acl.may_publish(topic)
+        if acl is None:
+            # No acl_file: anything but what acl__check_dollar refuses ($SYS, $share).
+            return topic[:1] != "$" or may_write_dollar(topic)
+        return acl.may_publish(topic)
 
     @staticmethod
     def may_read(acl: ClientAcl | None, topic: str) -> bool:

@@ -63,6 +63,7 @@ from ingestd._codec import (
 from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.acl import WRITE, ClientAcl
+from ingestd.broker.auth import may_write_dollar
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
@@ -706,6 +707,10 @@ class Channel:
             if not bits & WRITE:
                 self._refuse_publish(p, topic)
                 return
+        elif topic[0] == "$" and not may_write_dollar(topic):
+            # No acl_file, and still no client writes $SYS (the broker's statistics).
+            self._refuse_publish(p, topic)
+            return
         message = Message(
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )

@@ -1,9 +1,11 @@
-"""The seams between the broker and what plugs into it (ingest, metrics, persistence).
+"""The seams between the broker and what plugs into it (ingest, metrics, persistence,
+event hooks).
 
 The broker owns the client channels, sessions and the subscription trie. Ingest
 routes are subscribers in that same trie: the broker calls
 :meth:`MessageSink.deliver` for every message whose topic matches a sink's
-filter, once per sink per message.
+filter, once per sink per message. Event hooks (``[[hooks]]``) take lifecycle
+events through :class:`EventListener` and messages as sinks.
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ class BrokerListener(Protocol):
     def on_client_disconnected(
         self, info: ClientInfo, reason: str, will_published: bool
     ) -> None: ...
+
+
+class EventListener(Protocol):
+    """Broker events for the ``[[hooks]]`` (``Broker.events``): must only enqueue.
+
+    ``events`` is the set of event names some hook wants; the broker builds an
+    event's fields (a new dict, never changed afterwards) and calls
+    :meth:`on_event` only for those. Names: ``client.connected``,
+    ``client.disconnected``, ``will.published``, ``session.subscribed``,
+    ``session.unsubscribed`` (``message.published`` goes through sinks).
+    """
+
+    events: frozenset[str]
+
+    def on_event(self, event: str, fields: dict[str, Any]) -> None: ...
 
 
 @dataclass

@@ -30,10 +30,10 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ingestd._trie import SubscriptionTrie
-from ingestd.broker.hooks import BrokerStats, BrokerStore, StoredSession
+from ingestd.broker.hooks import BrokerStats, BrokerStore, EventListener, StoredSession
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.router import Router
@@ -79,6 +79,8 @@ class SessionRegistry:
         self.overflow: OverflowStore | None = None
         # Memory sessions past their own queue bounds borrow before the disk (None: off).
         self.pool: QueuePool | None = None
+        # Lifecycle events for the [[hooks]] (set by the Broker; None: no hook wants any).
+        self.events: EventListener | None = None
 
     def assign_client_id(self) -> str:
         """A client id for a CONNECT with an empty one (unique in this process)."""
@@ -168,7 +170,16 @@ class SessionRegistry:
             self.stats.acl_denied_publish += 1
             log.info("will of %r to %r refused by the ACL", session.client_id, will.topic)
             return False
-        self.router.publish(will.to_message(), None)
+        message = will.to_message()
+        self.router.publish(message, None)
+        self._event(
+            "will.published",
+            session,
+            topic=message.topic,
+            qos=message.qos,
+            retain=message.retain,
+            payload=message.payload,
+        )
         return True
 
     def _fire_delayed_will(self, session: Session) -> None:
@@ -213,6 +224,7 @@ class SessionRegistry:
         log.debug("client %r subscribed to %r (qos %d)", session.client_id, topic_filter, opts.qos)
         self.trie.subscribe(topic_filter, session, opts)
         self._save(session)
+        self._event("session.subscribed", session, filter=topic_filter, qos=opts.qos)
         return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -221,7 +233,16 @@ class SessionRegistry:
         log.debug("client %r unsubscribed from %r", session.client_id, topic_filter)
         self.trie.unsubscribe(topic_filter, session)
         self._save(session)
+        self._event("session.unsubscribed", session, filter=topic_filter)
         return True
+
+    def _event(self, name: str, session: Session, **fields: Any) -> None:
+        """Tell the [[hooks]] about a session's event, if one wants it."""
+        events = self.events
+        if events is not None and name in events.events:
+            events.on_event(
+                name, {"client_id": session.client_id, "username": session.username, **fields}
+            )
 
     # -- persistence ------------------------------------------------------
 

@@ -64,7 +64,8 @@ class Router:
         if message.retain:
             if not self.retained.set(message):
                 self.stats.drop("retained_store_full")
-            elif self.store is not None:
+            elif self.store is not None and not message.topic.startswith("$SYS/"):
+                # ($SYS/ retained messages describe this process: kept in memory only.)
                 if message.payload:
                     self.store.retained_set(message)
                 else:

@@ -35,6 +35,7 @@ from ingestd.broker.hooks import (
     BrokerListener,
     BrokerStats,
     BrokerStore,
+    EventListener,
     MessageSink,
     StoredSession,
 )
@@ -120,6 +121,15 @@ class Broker:
         self.router.ack_after_journal = on
 
     @property
+    def events(self) -> EventListener | None:
+        """Where lifecycle events go for the ``[[hooks]]`` (None: no hook wants any)."""
+        return self.registry.events
+
+    @events.setter
+    def events(self, events: EventListener | None) -> None:
+        self.registry.events = events
+
+    @property
     def sessions(self) -> dict[str, Session]:
         """Every session by client id (the registry's)."""
         return self.registry.sessions
@@ -132,6 +142,11 @@ class Broker:
 
     def remove_sinks(self) -> None:
         self.router.remove_sinks()
+
+    @property
+    def ingest(self) -> Any:
+        """The ingest engine (None without a database): read by $SYS and the webhook."""
+        return self._ingest
 
     def set_ingest(self, ingest: Any) -> None:
         """The ingest engine whose ``saturated`` flag pauses publishers (backpressure)."""
@@ -218,6 +233,22 @@ class Broker:
                 listener.on_client_connected(conn.info)  # type: ignore[arg-type]
             except Exception:
                 log.exception("listener failed on connect")
+        events = self.registry.events
+        if events is not None and "client.connected" in events.events and conn.info is not None:
+            info = conn.info
+            events.on_event(
+                "client.connected",
+                {
+                    "client_id": info.client_id,
+                    "username": info.username,
+                    "peer": info.peer,
+                    "protocol": _PROTOCOL_NAMES.get(v, v),
+                    "clean_start": info.clean_start,
+                    "keepalive": conn.keepalive,
+                    "transport": info.transport,
+                    "connected_at": info.connected_at,
+                },
+            )
 
     def connection_closed(self, conn: Channel, reason: str) -> None:
         """A CONNECTED channel ended: wills, session expiry, presence."""
@@ -253,6 +284,20 @@ class Broker:
                     listener.on_client_disconnected(info, reason, will_published)
                 except Exception:
                     log.exception("listener failed on disconnect")
+            events = self.registry.events
+            if events is not None and "client.disconnected" in events.events:
+                events.on_event(
+                    "client.disconnected",
+                    {
+                        "client_id": info.client_id,
+                        "username": info.username,
+                        "peer": info.peer,
+                        "protocol": _PROTOCOL_NAMES.get(info.protocol_version),
+                        "reason": reason,
+                        "will_published": will_published,
+                        "connected_at": info.connected_at,
+                    },
+                )
 
     # -- backpressure from ingest -------------------------------------------
 

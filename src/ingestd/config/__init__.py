@@ -20,9 +20,11 @@ from ingestd.config.dump import dump_config
 from ingestd.config.loader import load_config, parse_text_value
 from ingestd.config.model import (
     ENV_PREFIX,
+    HOOK_EVENTS,
     ColumnSpec,
     Config,
     DatabaseConfig,
+    HookConfig,
     HttpConfig,
     IndexSpec,
     IngestConfig,
@@ -39,10 +41,12 @@ from ingestd.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "HOOK_EVENTS",
     "ColumnSpec",
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "HookConfig",
     "HttpConfig",
     "IndexSpec",
     "IngestConfig",

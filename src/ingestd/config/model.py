@@ -49,6 +49,13 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The JSON API on server.http_listen: bearer tokens (required beyond loopback)."""
 
     tokens: list[str] = msgspec.field(default_factory=list)
+    # Largest /api request body (bytes); a larger one is answered 413 without being read.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # POST /api/ingest/webhook while the ingest engine holds ingest.max_pending_rows rows
+    # (or the batch would take it past them): the request waits up to this many seconds
+    # for the engine to drain, then is answered 503 with Retry-After (nothing published).
+    # 0: answer 503 at once.
+    ingest_wait_s: float = 5.0
 
 
 class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,6 +119,9 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout: float = 10.0
     # Empty client ids get an assigned id with this prefix.
     assigned_id_prefix: str = "auto-"
+    # Seconds between publishes of the $SYS/ingestd/... statistics (retained, QoS 0;
+    # docs/api.md). 0 turns them off.
+    sys_interval: float = 10.0
 
 
 # --------------------------------------------------------------------------
@@ -344,6 +354,47 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     local_publish: bool = True
 
 
+HOOK_EVENTS = (
+    "client.connected",
+    "client.disconnected",
+    "will.published",
+    "session.subscribed",
+    "session.unsubscribed",
+    "message.published",
+)
+
+
+class HookConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One event hook (``[[hooks]]``, repeatable): broker events POSTed as JSON to a URL.
+
+    The broker only appends an event to the hook's bounded queue; a task per hook
+    sends it (several per POST, as a JSON array). See docs/api.md, "Event hooks".
+    """
+
+    # Names the hook in logs and metrics (label hook="<name>").
+    name: str
+    # http:// or https:// URL the events are POSTed to.
+    url: str
+    # Which of HOOK_EVENTS to send.
+    events: list[str]
+    # message.published: the topic filters whose messages are sent (one or a list).
+    filter: str | list[str] | None = None
+    # Extra request headers, e.g. { Authorization = "Bearer ..." }.
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    # Seconds one POST may take (connect, send, answer) before it counts as failed.
+    timeout_s: float = 5.0
+    # A failed POST (connection error, timeout, 408, 429 or 5xx) is tried again this
+    # many times, after retry_initial_ms doubling up to retry_max_ms; then its events
+    # are counted as failed. Other 4xx answers fail at once.
+    retries: int = 3
+    retry_initial_ms: float = 200.0
+    retry_max_ms: float = 5000.0
+    # Events waiting to be sent; past it a new event is dropped and counted.
+    max_queue: int = 10_000
+    # Events per POST (a JSON array of up to this many).
+    batch_max: int = 100
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration of one ingestd process."""
 
@@ -358,6 +409,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     # Brokers to consume from as an MQTT client (upstream mode).
     upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
+    # Broker events POSTed to HTTP endpoints.
+    hooks: list[HookConfig] = msgspec.field(default_factory=list)
 
 
 # Sections that take INGESTD_<SECTION>__<KEY> environment overrides.

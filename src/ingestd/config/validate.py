@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 
 import msgspec
 
-from ingestd.config.model import _LOG_LEVELS, Config, MqttConfig, UpstreamConfig
+from ingestd.config.model import _LOG_LEVELS, HOOK_EVENTS, Config, MqttConfig, UpstreamConfig
 from ingestd.errors import ConfigError
 
 # --------------------------------------------------------------------------
@@ -76,6 +77,7 @@ def validate_config(cfg: Config) -> None:
                     "queue_pool_bytes",
                     "max_connections",
                     "max_connections_per_peer",
+                    "sys_interval",
                 ),
             )
     if not cfg.mqtt.allow_anonymous and not cfg.mqtt.password_file:
@@ -118,8 +120,11 @@ def validate_config(cfg: Config) -> None:
             " waits for the delivery journal",
             key="persistence.ack_after_journal",
         )
+    _positive(cfg.http.max_body_bytes, "http.max_body_bytes")
+    _positive(cfg.http.ingest_wait_s, "http.ingest_wait_s", allow_zero=True)
     _validate_upstreams(cfg)
     _validate_workers(cfg)
+    _validate_hooks(cfg)
     # Routes, lookups and tables are validated by compiling them, where the
     # configuration is used (ingestd.ingest.routes.compile_config: `config check`,
     # `db init`, `serve`), so that reading a file does not import the ingest side.
@@ -275,3 +280,90 @@ def upstream_password(
             )
         return value
     return up.password
+
+
+# A header field name (RFC 9110 token) and value (no CR, LF or NUL).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+
+def _validate_hooks(cfg: Config) -> None:
+    """``[[hooks]]``: names unique, URLs http(s), known events, filters valid, bounds > 0."""
+    from yarl import URL
+
+    from ingestd._trie import validate_topic_filter
+
+    seen: set[str] = set()
+    for i, hook in enumerate(cfg.hooks):
+        at = f"hooks[{i}]"
+        if not hook.name or not _TOKEN.match(hook.name):
+            raise ConfigError(
+                "must be a non-empty name of letters, digits and -_. (a metric label)",
+                key=f"{at}.name",
+            )
+        if hook.name in seen:
+            raise ConfigError(f"duplicate hook name {hook.name!r}", key=f"{at}.name")
+        seen.add(hook.name)
+        try:
+            url = URL(hook.url)
+        except ValueError as e:
+            raise ConfigError(f"not a URL: {e}", key=f"{at}.url") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(
+                f"must be an http:// or https:// URL with a host, got {hook.url!r}",
+                key=f"{at}.url",
+            )
+        if not hook.events:
+            raise ConfigError(
+                f"at least one event is needed, of: {', '.join(HOOK_EVENTS)}", key=f"{at}.events"
+            )
+        for j, event in enumerate(hook.events):
+            if event not in HOOK_EVENTS:
+                raise ConfigError(
+                    f"unknown event {event!r}; expected one of: {', '.join(HOOK_EVENTS)}",
+                    key=f"{at}.events[{j}]",
+                )
+        filters = hook_filters(hook.filter)
+        if "message.published" in hook.events and not filters:
+            raise ConfigError(
+                "message.published needs the topic filters whose messages are sent",
+                key=f"{at}.filter",
+            )
+        if filters and "message.published" not in hook.events:
+            raise ConfigError(
+                "a filter only applies to the message.published event", key=f"{at}.filter"
+            )
+        for flt in filters:
+            if not validate_topic_filter(flt) or flt.startswith("$share/"):
+                raise ConfigError(
+                    f"invalid topic filter {flt!r} (no $share/ groups)", key=f"{at}.filter"
+                )
+        for name, value in hook.headers.items():
+            if not _TOKEN.match(name):
+                raise ConfigError(f"invalid header name {name!r}", key=f"{at}.headers")
+            if _BAD_VALUE.search(value):
+                raise ConfigError(
+                    f"header {name!r}: value has CR, LF or NUL", key=f"{at}.headers.{name}"
+                )
+            if name.lower() in ("content-type", "content-length", "host", "transfer-encoding"):
+                raise ConfigError(
+                    f"header {name!r} is set by ingestd itself", key=f"{at}.headers.{name}"
+                )
+        _positive(hook.timeout_s, f"{at}.timeout_s")
+        _positive(hook.retries, f"{at}.retries", allow_zero=True)
+        _positive(hook.retry_initial_ms, f"{at}.retry_initial_ms")
+        _positive(hook.retry_max_ms, f"{at}.retry_max_ms")
+        if hook.retry_max_ms < hook.retry_initial_ms:
+            raise ConfigError(
+                f"must be >= retry_initial_ms ({hook.retry_initial_ms:g})",
+                key=f"{at}.retry_max_ms",
+            )
+        _positive(hook.max_queue, f"{at}.max_queue")
+        _positive(hook.batch_max, f"{at}.batch_max")
+
+
+def hook_filters(value: str | list[str] | None) -> list[str]:
+    """A hook's ``filter`` setting as a list (one filter, several, or none)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)

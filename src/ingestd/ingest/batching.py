@@ -52,7 +52,7 @@ class PendingRows:
     :attr:`saturated` for back-pressure.
     """
 
-    __slots__ = ("_resume", "bound", "count", "low_water")
+    __slots__ = ("_released", "_resume", "bound", "count", "low_water")
 
     def __init__(self, bound: int) -> None:
         self.count = 0
@@ -61,6 +61,8 @@ class PendingRows:
         # so the broker does not flap between pausing and resuming).
         self.low_water = max(0, (bound * 3) // 4)
         self._resume: asyncio.Event | None = None
+        # Completed at the next release (webhook requests waiting for room).
+        self._released: asyncio.Future[None] | None = None
 
     @property
     def saturated(self) -> bool:
@@ -82,6 +84,18 @@ class PendingRows:
         self.count -= n
         if self.count <= self.low_water and self._resume is not None:
             self._resume.set()
+        w = self._released
+        if w is not None:
+            self._released = None
+            if not w.done():
+                w.set_result(None)
+
+    async def wait_released(self) -> None:
+        """Return at the next :meth:`release` (of any number of rows)."""
+        if self._released is None:
+            self._released = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter's timeout must not cancel the others' wait.
+        await asyncio.shield(self._released)
 
 
 # Converts and persists one closed batch: (batcher, messages, routes, future, previous task).
