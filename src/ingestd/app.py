@@ -177,6 +177,7 @@ class App:
     async def _start_http(self, broker: Broker) -> None:
         """/metrics, /healthz, /readyz and the JSON API (server.http_listen; empty disables)."""
         from ingestd.http import Api, HttpServer, readiness_probe
+        from ingestd.http.console import ConsoleRoutes
         from ingestd.metrics import LoopLagMonitor, build_registry
 
         self.lag = LoopLagMonitor()
@@ -200,7 +201,8 @@ class App:
             lambda: None if ingest is None else ingest.database.pool,
         )
         api = Api(broker, ingest, self.config.http.tokens)
-        self.http = HttpServer(self.registry, ready, api=api)
+        console = ConsoleRoutes() if self.config.http.console else None
+        self.http = HttpServer(self.registry, ready, api=api, console=console)
         try:
             bound_port = await self.http.start(host, port)
         except OSError as exc:
