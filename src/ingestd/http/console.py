@@ -1,7 +1,7 @@
 """The web console at ``/``: three static files (HTML, JS, CSS) from the package.
 
 No build step and nothing from elsewhere: ``static/index.html``,
-``static/console.js`` and ``static/console.css`` are package data, read once
+``static/console.js``, ``static/console.css`` (and ``favicon.svg``) are package data, read once
 and served from memory. The page reads ``/api/stats``, ``/api/devices``,
 ``/api/dead-letters`` and ``/api/retained`` and publishes through
 ``POST /api/publish``, so it needs a bearer token wherever the API does (it
@@ -26,6 +26,7 @@ FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/console.js": ("console.js", "text/javascript; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 
 SECURITY_HEADERS = {

@@ -17,7 +17,8 @@ async function api(path, options = {}) {
   let body = null;
   try { body = await resp.json(); } catch (e) { body = null; }
   if (resp.status === 401) {
-    $("token-form").hidden = false;
+    // A request sent before the token was entered must not ask again.
+    if (sessionStorage.getItem(TOKEN_KEY) === token) $("token-form").hidden = false;
     throw new NeedToken("the API needs a bearer token");
   }
   if (!resp.ok) {
@@ -55,11 +56,13 @@ function ago(iso) {
   return new Date(iso).toLocaleString();
 }
 
-function stateSummary(state) {
+function stateSummary(state, clientId) {
+  // One line per row; the column holding the client id itself is left out.
   const parts = [];
   for (const [table, rows] of Object.entries(state || {})) {
     for (const r of rows) {
-      parts.push(table + ": " + Object.entries(r).map(([k, v]) => k + "=" + JSON.stringify(v)).join(" "));
+      const fields = Object.entries(r).filter(([, v]) => v !== clientId && v !== null);
+      parts.push(table + ": " + fields.map(([k, v]) => k + "=" + (typeof v === "string" ? v : JSON.stringify(v))).join(" "));
     }
   }
   return parts.join("\n");
@@ -126,7 +129,7 @@ async function refreshDevices() {
     cell(tr, d.username);
     cell(tr, d.peer);
     cell(tr, d.protocol);
-    cell(tr, stateSummary(d.state));
+    cell(tr, stateSummary(d.state, d.client_id));
     tr.addEventListener("click", () => showDevice(d.client_id).catch(report));
   });
 }
