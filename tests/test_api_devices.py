@@ -15,6 +15,7 @@ import pytest
 
 from ingestd.config import RouteConfig, load_config
 from ingestd.errors import ConfigError
+from ingestd.http.devices import presence_page_sql
 from ingestd.ingest.routes import compile_config
 from ingestd.ingest.schema import schema_sql
 from mqtt_clients import Client
@@ -251,6 +252,30 @@ def test_stats_count_rows_and_dead_letters_per_route(fleet: Any) -> None:
     assert (routes["status"]["dead_letters"], routes["site"]["dead_letters"]) == (1, 0)
     assert routes["status"]["device_state"] == "device_id"
     assert fetch_sync(dsn, "SELECT count(*) FROM dev_status")[0][0] == 1
+
+
+def test_a_page_of_a_large_presence_table_is_an_index_range(fleet: Any) -> None:
+    """The console polls /api/devices: its query must not read the whole table."""
+    srv, dsn = fleet
+    fetch_sync(
+        dsn,
+        "INSERT INTO dev_presence (client_id, online) SELECT 'x-' || lpad(i::text, 6, '0'),"
+        " i % 3 = 0 FROM generate_series(1, 50000) AS i",
+    )
+    fetch_sync(dsn, "ANALYZE dev_presence")
+    for q in [
+        {},
+        {"cursor": "x-025000"},
+        {"client_id_prefix": "x-0123"},
+        {"online": "true", "cursor": "x-040000"},
+    ]:
+        sql, args = presence_page_sql("dev_presence", q, 200)
+        (plan,) = fetch_sync(dsn, "EXPLAIN (FORMAT JSON) " + sql, *args)
+        text = plan[0]
+        assert "Seq Scan" not in text and "dev_presence_client_id_c_idx" in text, (q, text)
+    page = devices(Api(srv), "?client_id_prefix=x-0123&limit=5")
+    assert [d["client_id"] for d in page["devices"]] == [f"x-0123{i:02d}" for i in range(5)]
+    assert page["next"] == "x-012304"
 
 
 # -- the route option ---------------------------------------------------------------

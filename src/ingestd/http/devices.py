@@ -109,6 +109,38 @@ def _prefix_end(prefix: str) -> str | None:
     return None
 
 
+def presence_page_sql(table: str, q: Any, limit: int) -> tuple[str, list[Any]]:
+    """The query of one page of the presence table: ``limit + 1`` rows after the cursor,
+    in byte order of client id (one range of the ``client_id COLLATE "C"`` index)."""
+    cid = 'client_id COLLATE "C"'
+    clauses: list[str] = []
+    args: list[Any] = []
+
+    def arg(v: Any) -> str:
+        args.append(v)
+        return f"${len(args)}"
+
+    if "cursor" in q:
+        clauses.append(f"{cid} > {arg(q['cursor'])}")
+    prefix = q.get("client_id_prefix", "")
+    if prefix:
+        clauses.append(f"{cid} >= {arg(prefix)}")
+        end = _prefix_end(prefix)
+        if end is not None:
+            clauses.append(f"{cid} < {arg(end)}")
+        clauses.append(f"starts_with(client_id, {arg(prefix)})")
+    if "username" in q:
+        clauses.append(f"username = {arg(q['username'])}")
+    if "online" in q:
+        clauses.append(f"online = {arg(_bool(q['online'], 'online'))}")
+    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    sql = (
+        f"SELECT {', '.join(PRESENCE_FIELDS)} FROM {_quote(table)}{where}"
+        f" ORDER BY {cid} LIMIT {limit + 1}"
+    )
+    return sql, args
+
+
 class DeviceRoutes:
     """``GET /api/devices`` and ``GET /api/devices/{client_id}`` over a broker and engine."""
 
@@ -251,33 +283,7 @@ class DeviceRoutes:
         return web.json_response({"devices": devices, "next": next_cursor}, dumps=_dumps)
 
     async def _fetch_page(self, pool: Any, q: Any, limit: int) -> list[dict[str, Any]]:
-        table = _quote(self.ingest.config.presence.table)
-        cid = 'client_id COLLATE "C"'
-        clauses: list[str] = []
-        args: list[Any] = []
-
-        def arg(v: Any) -> str:
-            args.append(v)
-            return f"${len(args)}"
-
-        if "cursor" in q:
-            clauses.append(f"{cid} > {arg(q['cursor'])}")
-        prefix = q.get("client_id_prefix", "")
-        if prefix:
-            clauses.append(f"{cid} >= {arg(prefix)}")
-            end = _prefix_end(prefix)
-            if end is not None:
-                clauses.append(f"{cid} < {arg(end)}")
-            clauses.append(f"starts_with(client_id, {arg(prefix)})")
-        if "username" in q:
-            clauses.append(f"username = {arg(q['username'])}")
-        if "online" in q:
-            clauses.append(f"online = {arg(_bool(q['online'], 'online'))}")
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        sql = (
-            f"SELECT {', '.join(PRESENCE_FIELDS)} FROM {table}{where}"
-            f" ORDER BY {cid} LIMIT {limit + 1}"
-        )
+        sql, args = presence_page_sql(self.ingest.config.presence.table, q, limit)
         return [self._row(tuple(r)) for r in await pool.fetch(sql, *args)]
 
     # -- GET /api/devices/{client_id} -----------------------------------------------
