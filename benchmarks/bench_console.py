@@ -16,7 +16,9 @@ every 5 s, as shipped). Prints every run, the medians and open/closed ratios
 of msgs/s and of messages per broker CPU-second (the steadier of the two on
 a shared machine),
 and the cost of one /api/devices?limit=200 request relative to /healthz
-(same run, sequential requests). Loopback only; every run is bounded.
+(same run, sequential requests). HAMMER=1 replaces the browser by one thread
+sending the console's four requests back to back without a pause (a worst
+case, far above the page's polling). Loopback only; every run is bounded.
 """
 
 from __future__ import annotations
@@ -28,17 +30,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import INGESTD_CONF, bench, free_port, wait_port
+from bench_e2e import INGESTD_CONF, bench, free_port, start_embedded_pg, wait_port
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 MESSAGES = os.environ.get("MESSAGES", "20000")
 PRESENCE = int(os.environ.get("PRESENCE", "100000"))
+# 1: instead of the browser, one thread sends the console's four requests back to back.
+HAMMER = os.environ.get("HAMMER") == "1"
 HERE = Path(__file__).resolve().parent
 
 BROWSER = """
@@ -56,25 +61,6 @@ with sync_playwright() as p:
     while True:
         page.wait_for_timeout(1000)
 """
-
-
-def start_pg(tmp: Path) -> tuple[subprocess.Popen[str], str]:
-    pg = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import signal, sys, time\n"
-            "from ingestd.db import EmbeddedPostgres\n"
-            f"e = EmbeddedPostgres({str(tmp / 'pg')!r})\n"
-            "print(e.start(), flush=True)\n"
-            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-            "while True: time.sleep(1)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert pg.stdout is not None
-    return pg, pg.stdout.readline().strip()
 
 
 def serve(config: Path, dsn: str, data: Path) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -127,6 +113,17 @@ async def fill_presence(dsn: str, n: int) -> None:
         await conn.close()
 
 
+def hammer(http: int, stop: threading.Event) -> None:
+    """The console's requests back to back, with no pause (HAMMER=1): a worst case."""
+    base = f"http://127.0.0.1:{http}"
+    paths = ["/api/stats", "/api/devices?limit=200", "/api/dead-letters?limit=20"]
+    paths.append("/api/retained?limit=50")
+    while not stop.is_set():
+        for path in paths:
+            with urllib.request.urlopen(base + path, timeout=30) as r:
+                r.read()
+
+
 def request_ms(url: str, n: int = 50) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -138,7 +135,7 @@ def request_ms(url: str, n: int = 50) -> float:
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="console-bench-"))
     (tmp / "f.toml").write_text(INGESTD_CONF)
-    pg, dsn = start_pg(tmp)
+    pg, dsn = start_embedded_pg(sys.executable, tmp / "pg")
     procs: list[subprocess.Popen[Any]] = [pg]
     results: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -188,7 +185,11 @@ def main() -> None:
             for rnd in range(ROUNDS):
                 for console in ("closed", "open") if rnd % 2 == 0 else ("open", "closed"):
                     browser = None
-                    if console == "open":
+                    stop = threading.Event()
+                    poller = threading.Thread(target=hammer, args=(http, stop), daemon=True)
+                    if console == "open" and HAMMER:
+                        poller.start()
+                    elif console == "open":
                         browser = subprocess.Popen(
                             [sys.executable, "-c", BROWSER, f"http://127.0.0.1:{http}/"],
                             stdout=subprocess.PIPE,
@@ -199,6 +200,9 @@ def main() -> None:
                     try:
                         r = bench([*common, *args])
                     finally:
+                        stop.set()
+                        if poller.is_alive():
+                            poller.join(30)
                         if browser is not None:
                             browser.terminate()
                             browser.wait(30)

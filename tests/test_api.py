@@ -463,12 +463,17 @@ client_id = "client_id"
 """
 
 
-@pytest.fixture
-def pg_srv(pg_dsn: str, tmp_path: Path) -> Any:
-    cfg = config_from_toml(ROUTES, tmp_path, pg_dsn)
+def start_pg_server(toml: str, tmp_path: Path, dsn: str) -> ServerThread:
+    """A server of ``toml`` on ephemeral MQTT and HTTP ports, with the database."""
+    cfg = config_from_toml(toml, tmp_path, dsn)
     cfg.server.listen = ["127.0.0.1:0"]
     cfg.server.http_listen = "127.0.0.1:0"
-    st = ServerThread(cfg, database=True).start()
+    return ServerThread(cfg, database=True).start()
+
+
+@pytest.fixture
+def pg_srv(pg_dsn: str, tmp_path: Path) -> Any:
+    st = start_pg_server(ROUTES, tmp_path, pg_dsn)
     yield st, pg_dsn
     st.stop()
 

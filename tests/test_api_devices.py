@@ -19,9 +19,9 @@ from ingestd.http.devices import presence_page_sql
 from ingestd.ingest.routes import compile_config
 from ingestd.ingest.schema import schema_sql
 from mqtt_clients import Client
-from pg_fixtures import config_from_toml, fetch_sync, wait_for, wait_rows
+from pg_fixtures import fetch_sync, wait_for, wait_rows
 from server_thread import ServerThread
-from test_api import Api, error_of, make_config
+from test_api import Api, error_of, make_config, start_pg_server
 
 FLEET = """
 [presence]
@@ -58,10 +58,7 @@ note = "payload.note::text"
 
 @pytest.fixture
 def fleet(pg_dsn: str, tmp_path: Path) -> Any:
-    cfg = config_from_toml(FLEET, tmp_path, pg_dsn)
-    cfg.server.listen = ["127.0.0.1:0"]
-    cfg.server.http_listen = "127.0.0.1:0"
-    st = ServerThread(cfg, database=True).start()
+    st = start_pg_server(FLEET, tmp_path, pg_dsn)
     yield st, pg_dsn
     st.stop()
 

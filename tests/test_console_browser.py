@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from mqtt_clients import WAIT, Client
-from pg_fixtures import config_from_toml, wait_rows
-from server_thread import ServerThread
+from pg_fixtures import wait_rows
+from test_api import start_pg_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -66,10 +66,7 @@ updated_at = "received_at"
 
 @pytest.fixture
 def console_srv(pg_dsn: str, tmp_path: Path) -> Any:
-    cfg = config_from_toml(CONFIG, tmp_path, pg_dsn)
-    cfg.server.listen = ["127.0.0.1:0"]
-    cfg.server.http_listen = "127.0.0.1:0"
-    st = ServerThread(cfg, database=True).start()
+    st = start_pg_server(CONFIG, tmp_path, pg_dsn)
     yield st, pg_dsn
     st.stop()
 

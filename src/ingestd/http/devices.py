@@ -147,6 +147,7 @@ class DeviceRoutes:
     def __init__(self, broker: Any, ingest: Any) -> None:
         self.broker = broker
         self.ingest = ingest
+        self._tables: dict[str, tuple[str, list[str]]] | None = None
 
     # -- sources ------------------------------------------------------------------
 
@@ -160,14 +161,15 @@ class DeviceRoutes:
 
     def _state_tables(self) -> dict[str, tuple[str, list[str]]]:
         """table -> (device column, its columns) of every device-state route."""
+        if self._tables is not None:
+            return self._tables
         out: dict[str, tuple[str, list[str]]] = {}
-        compiled = getattr(self.ingest, "compiled", None)
-        if compiled is None:
-            return out
-        for route in compiled.routes:
+        compiled: Any = getattr(self.ingest, "compiled", None)
+        for route in [] if compiled is None else compiled.routes:
             col = route.device_column
             if col is not None and route.table not in out:
                 out[route.table] = (col, list(compiled.tables[route.table].columns))
+        self._tables = out
         return out
 
     def _pending(self) -> dict[str, tuple[Any, ...]]:
@@ -199,6 +201,11 @@ class DeviceRoutes:
         return device
 
     @staticmethod
+    def _unknown(client_id: str) -> dict[str, Any]:
+        """A device the presence table does not know (yet): every field, None."""
+        return {f: None for f in PRESENCE_FIELDS} | {"client_id": client_id}
+
+    @staticmethod
     def _row(values: Any) -> dict[str, Any]:
         return {f: jsonable(v) for f, v in zip(PRESENCE_FIELDS, values, strict=True)}
 
@@ -208,17 +215,16 @@ class DeviceRoutes:
         if pool is None or not client_ids:
             return out
         for table, (col, cols) in self._state_tables().items():
+            for c in client_ids:
+                out[c][table] = []
+            # At most MAX_STATE_ROWS per device, each through the index on the column.
             sql = (
-                f"SELECT {', '.join(_quote(c) for c in cols)} FROM {_quote(table)}"
-                f" WHERE {_quote(col)} = ANY($1::text[]) LIMIT {len(client_ids) * MAX_STATE_ROWS}"
+                f"SELECT d.id AS _device, t.* FROM unnest($1::text[]) AS d(id)"
+                f" CROSS JOIN LATERAL (SELECT {', '.join(_quote(c) for c in cols)}"
+                f" FROM {_quote(table)} WHERE {_quote(col)} = d.id LIMIT {MAX_STATE_ROWS}) AS t"
             )
             for r in await pool.fetch(sql, client_ids):
-                rows = out[r[col]].setdefault(table, [])
-                if len(rows) < MAX_STATE_ROWS:
-                    rows.append({c: jsonable(r[c]) for c in cols})
-        for c in client_ids:
-            for table in self._state_tables():
-                out[c].setdefault(table, [])
+                out[r["_device"]][table].append({c: jsonable(r[c]) for c in cols})
         return out
 
     # -- GET /api/devices -----------------------------------------------------------
@@ -254,7 +260,7 @@ class DeviceRoutes:
         more = False
         if pool is None:
             candidates = [
-                self._live({"client_id": c, "online": None})
+                self._live(self._unknown(c))
                 for c in heapq.nsmallest(
                     limit + 1,
                     (c for c, s in self.broker.sessions.items() if keep(c, s.username)),
@@ -306,7 +312,7 @@ class DeviceRoutes:
         session = self.broker.sessions.get(client_id)
         if device is None and session is None:
             raise ApiError(404, "not_found", f"no device with client id {client_id!r}")
-        device = self._live(device or {"client_id": client_id, "online": None})
+        device = self._live(device or self._unknown(client_id))
         device.update(self._session_details(session))
         device["state"] = (await self._state(pool, [client_id]))[client_id]
         return web.json_response(device, dumps=_dumps)
