@@ -21,7 +21,7 @@ from ingestd.ingest.schema import schema_sql
 from mqtt_clients import Client
 from pg_fixtures import fetch_sync, wait_for, wait_rows
 from server_thread import ServerThread
-from test_api import Api, error_of, make_config, start_pg_server
+from test_api import Api, error_of, make_config, pg_server
 
 FLEET = """
 [presence]
@@ -58,9 +58,7 @@ note = "payload.note::text"
 
 @pytest.fixture
 def fleet(pg_dsn: str, tmp_path: Path) -> Any:
-    st = start_pg_server(FLEET, tmp_path, pg_dsn)
-    yield st, pg_dsn
-    st.stop()
+    yield from pg_server(FLEET, tmp_path, pg_dsn)
 
 
 def devices(api: Api, query: str = "") -> dict[str, Any]:

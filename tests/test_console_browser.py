@@ -19,7 +19,8 @@ import pytest
 
 from mqtt_clients import WAIT, Client
 from pg_fixtures import wait_rows
-from test_api import start_pg_server
+from test_api import pg_server
+from test_api_devices import FLEET
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -40,35 +41,13 @@ pytestmark = pytest.mark.skipif(
     reason=f"{CHROMIUM} is absent (apt-get install chromium; .ci/run installs it as root)",
 )
 
-CONFIG = f"""
-[http]
-tokens = ["{TOKEN}"]
-[presence]
-enabled = true
-table = "console_presence"
-flush_interval_ms = 50
-[ingest]
-flush_interval_ms = 50
-[[routes]]
-name = "status"
-topic = "devices/{{id}}/status"
-table = "console_status"
-kind = "latest"
-key = ["device_id"]
-device_state = true
-[routes.columns]
-device_id = "topic.id"
-status = "payload.status::text"
-battery = "payload.battery::double precision"
-updated_at = "received_at"
-"""
+# test_api_devices.py's fleet (presence, device-state routes), behind a token.
+CONFIG = f'[http]\ntokens = ["{TOKEN}"]\n' + FLEET
 
 
 @pytest.fixture
 def console_srv(pg_dsn: str, tmp_path: Path) -> Any:
-    st = start_pg_server(CONFIG, tmp_path, pg_dsn)
-    yield st, pg_dsn
-    st.stop()
+    yield from pg_server(CONFIG, tmp_path, pg_dsn)
 
 
 def test_console_shows_devices_and_publishes(console_srv: Any, tmp_path: Path) -> None:
@@ -79,13 +58,13 @@ def test_console_shows_devices_and_publishes(console_srv: Any, tmp_path: Path) -
     base = f"http://127.0.0.1:{srv.app.port('http')}"
     device = Client(srv.port, client_id="sensor-1", version=5)
     device.subscribe("cmd/sensor-1/#", qos=1)
-    device.publish("devices/sensor-1/status", json.dumps({"status": "running", "battery": 87.5}), 1)
-    device.publish("devices/sensor-1/status", b"not json", qos=1)  # a dead letter to list
+    device.publish("dev/sensor-1/status", json.dumps({"status": "running", "level": 87.5}), 1)
+    device.publish("dev/sensor-1/status", b"not json", qos=1)  # a dead letter to list
     device.publish("devices/sensor-1/config", json.dumps({"interval_s": 10}), 1, retain=True)
     gone = Client(srv.port, client_id="sensor-2", version=4)
     gone.disconnect()
-    wait_rows(dsn, "SELECT 1 FROM console_presence WHERE client_id = 'sensor-2' AND NOT online")
-    wait_rows(dsn, "SELECT 1 FROM console_status WHERE device_id = 'sensor-1'")
+    wait_rows(dsn, "SELECT 1 FROM dev_presence WHERE client_id = 'sensor-2' AND NOT online")
+    wait_rows(dsn, "SELECT 1 FROM dev_status WHERE device_id = 'sensor-1'")
 
     problems: list[str] = []
     with sync_playwright() as p:
@@ -111,7 +90,7 @@ def test_console_shows_devices_and_publishes(console_srv: Any, tmp_path: Path) -
                 timeout=WAIT_MS
             )
             page.locator("#dead td.error", has_text="payload").first.wait_for(timeout=WAIT_MS)
-            page.locator("#routes td", has_text="console_status").first.wait_for(timeout=WAIT_MS)
+            page.locator("#routes td", has_text="dev_status").first.wait_for(timeout=WAIT_MS)
             page.locator("#retained td", has_text="devices/sensor-1/config").wait_for(
                 timeout=WAIT_MS
             )
