@@ -15,7 +15,7 @@ import pytest
 
 from ingestd.config import RouteConfig, load_config
 from ingestd.errors import ConfigError
-from ingestd.http.devices import presence_page_sql
+from ingestd.http.devices import presence_page_sql, state_sql
 from ingestd.ingest.routes import compile_config
 from ingestd.ingest.schema import schema_sql
 from mqtt_clients import Client
@@ -268,8 +268,21 @@ def test_a_page_of_a_large_presence_table_is_an_index_range(fleet: Any) -> None:
         (plan,) = fetch_sync(dsn, "EXPLAIN (FORMAT JSON) " + sql, *args)
         text = plan[0]
         assert "Seq Scan" not in text and "dev_presence_client_id_c_idx" in text, (q, text)
+    # The device-state look-up of a composite key goes through the index on its column.
+    fetch_sync(
+        dsn,
+        "INSERT INTO dev_site (site, device_id, note) SELECT 's' || (i % 7), 'x-' ||"
+        " lpad(i::text, 6, '0'), 'n' FROM generate_series(1, 50000) AS i",
+    )
+    fetch_sync(dsn, "ANALYZE dev_site")
+    sql = state_sql("dev_site", "device_id", ["site", "device_id", "note"])
+    (plan,) = fetch_sync(dsn, "EXPLAIN (FORMAT JSON) " + sql, ["x-000001", "x-000002"])
+    assert "Seq Scan" not in plan[0] and "dev_site_device_id_idx" in plan[0], plan[0]
     page = devices(Api(srv), "?client_id_prefix=x-0123&limit=5")
     assert [d["client_id"] for d in page["devices"]] == [f"x-0123{i:02d}" for i in range(5)]
+    assert page["devices"][1]["state"]["dev_site"] == [
+        {"site": "s2", "device_id": "x-012301", "note": "n"}
+    ]
     assert page["next"] == "x-012304"
 
 

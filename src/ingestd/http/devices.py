@@ -141,6 +141,16 @@ def presence_page_sql(table: str, q: Any, limit: int) -> tuple[str, list[Any]]:
     return sql, args
 
 
+def state_sql(table: str, column: str, columns: list[str]) -> str:
+    """The rows of a device-state table for the client ids in ``$1``: at most
+    MAX_STATE_ROWS per device, each found through the index on ``column``."""
+    return (
+        f"SELECT d.id AS _device, t.* FROM unnest($1::text[]) AS d(id)"
+        f" CROSS JOIN LATERAL (SELECT {', '.join(_quote(c) for c in columns)}"
+        f" FROM {_quote(table)} WHERE {_quote(column)} = d.id LIMIT {MAX_STATE_ROWS}) AS t"
+    )
+
+
 class DeviceRoutes:
     """``GET /api/devices`` and ``GET /api/devices/{client_id}`` over a broker and engine."""
 
@@ -217,13 +227,7 @@ class DeviceRoutes:
         for table, (col, cols) in self._state_tables().items():
             for c in client_ids:
                 out[c][table] = []
-            # At most MAX_STATE_ROWS per device, each through the index on the column.
-            sql = (
-                f"SELECT d.id AS _device, t.* FROM unnest($1::text[]) AS d(id)"
-                f" CROSS JOIN LATERAL (SELECT {', '.join(_quote(c) for c in cols)}"
-                f" FROM {_quote(table)} WHERE {_quote(col)} = d.id LIMIT {MAX_STATE_ROWS}) AS t"
-            )
-            for r in await pool.fetch(sql, client_ids):
+            for r in await pool.fetch(state_sql(table, col, cols), client_ids):
                 out[r["_device"]][table].append({c: jsonable(r[c]) for c in cols})
         return out
 
