@@ -13,6 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -463,11 +464,17 @@ client_id = "client_id"
 """
 
 
+def pg_server(toml: str, tmp_path: Path, dsn: str) -> Iterator[tuple[ServerThread, str]]:
+    """For a fixture: a server of ``toml`` on ephemeral MQTT and HTTP ports, with the
+    database; yields (server, dsn) and stops it."""
+    st = start_with_http(config_from_toml(toml, tmp_path, dsn))
+    yield st, dsn
+    st.stop()
+
+
 @pytest.fixture
 def pg_srv(pg_dsn: str, tmp_path: Path) -> Any:
-    st = start_with_http(config_from_toml(ROUTES, tmp_path, pg_dsn))
-    yield st, pg_dsn
-    st.stop()
+    yield from pg_server(ROUTES, tmp_path, pg_dsn)
 
 
 def rows(dsn: str) -> list[tuple[Any, ...]]:

@@ -208,6 +208,7 @@ class App:
     async def _start_http(self, broker: Broker) -> None:
         """/metrics, /healthz, /readyz and the JSON API (server.http_listen; empty disables)."""
         from ingestd.http import Api, HttpServer, readiness_probe
+        from ingestd.http.console import ConsoleRoutes
         from ingestd.metrics import LoopLagMonitor, build_registry
 
         self.lag = LoopLagMonitor()
@@ -232,7 +233,10 @@ class App:
         )
         h = self.config.http
         api = Api(broker, ingest, h.tokens, ingest_wait_s=h.ingest_wait_s)
-        self.http = HttpServer(self.registry, ready, api=api, max_api_body_bytes=h.max_body_bytes)
+        console = ConsoleRoutes() if h.console else None
+        self.http = HttpServer(
+            self.registry, ready, api=api, max_api_body_bytes=h.max_body_bytes, console=console
+        )
         try:
             bound_port = await self.http.start(host, port)
         except OSError as exc:

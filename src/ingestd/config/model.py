@@ -56,6 +56,9 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # for the engine to drain, then is answered 503 with Retry-After (nothing published).
     # 0: answer 503 at once.
     ingest_wait_s: float = 5.0
+    # The web console at "/" (static files; it reads and publishes through /api, so it
+    # needs a token wherever the API does).
+    console: bool = True
 
 
 class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -274,6 +277,10 @@ class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     filter: list[str] | None = None
     columns: dict[str, str | ColumnSpec]
     indexes: list[list[str] | IndexSpec] = msgspec.field(default_factory=list)
+    # A "latest" table that holds device state: GET /api/devices shows its row next to
+    # the device whose MQTT client id equals the row's device column. true: the key's
+    # one column is that column; a string names it (a text key column).
+    device_state: bool | str = False
 
 
 class LookupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -1,4 +1,4 @@
-"""The HTTP listener: /metrics, /healthz, /readyz and the JSON API under /api (aiohttp)."""
+"""The HTTP listener: /metrics, /healthz, /readyz, the JSON API under /api and the console at / (aiohttp)."""
 
 from ingestd.http.api import Api
 from ingestd.http.app import ApiError

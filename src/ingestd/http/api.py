@@ -1,4 +1,4 @@
-"""The JSON API under /api: publish, webhook ingest, retained messages, sessions.
+"""The JSON API under /api: publish, webhook ingest, retained, sessions, devices, stats.
 
 Every message enters through ``Broker.publish`` exactly as an MQTT PUBLISH
 does, so subscribers receive it and ingest routes store it. A QoS 1/2 message
@@ -37,6 +37,8 @@ from ingestd.http.bodies import (
     render_properties,
 )
 from ingestd.http.deadletters import DeadLetterRoutes
+from ingestd.http.devices import DeviceRoutes
+from ingestd.http.stats import stats_summary
 
 log = logging.getLogger("ingestd.http.api")
 
@@ -86,6 +88,7 @@ class Api:
         # Why the API refuses every request (see check_exposure), or None.
         self.disabled: str | None = None
         self.dead = DeadLetterRoutes(ingest)
+        self.devices = DeviceRoutes(broker, ingest)
 
     def check_exposure(self, host: str) -> None:
         """An open API on a listener reachable beyond this machine stays off.
@@ -113,6 +116,9 @@ class Api:
             ("DELETE", "/api/retained/{topic:.+}", self.delete_retained),
             ("GET", "/api/sessions", self.list_sessions),
             ("DELETE", "/api/sessions/{client_id:.+}", self.delete_session),
+            ("GET", "/api/devices", self.devices.list_devices),
+            ("GET", "/api/devices/{client_id:.+}", self.devices.get_device),
+            ("GET", "/api/stats", self.stats),
             ("GET", "/api/dead-letters", self.dead.list),
             ("POST", "/api/dead-letters/replay", self.replay_dead_letters),
             ("GET", "/api/openapi.json", self.openapi),
@@ -372,6 +378,11 @@ class Api:
         body = await self._json_body(request)
         self._check_open()
         return await self.dead.replay(request, body, self._who(request))
+
+    # -- GET /api/stats -----------------------------------------------------------
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(stats_summary(self.broker, self.ingest))
 
     # -- GET /api/openapi.json ---------------------------------------------------
 

@@ -132,6 +132,7 @@ def build_app(server: HttpServer) -> web.Application:
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["Server"] = "ingestd"
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
         keep = response.keep_alive if response.keep_alive is not None else request.keep_alive
         response.headers["Connection"] = "keep-alive" if keep else "close"
 
@@ -140,6 +141,8 @@ def build_app(server: HttpServer) -> web.Application:
     server.health.register(app)
     if server.api is not None:
         server.api.register(app)
+    if server.console is not None:
+        server.console.register(app)
     return app
 
 

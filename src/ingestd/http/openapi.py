@@ -142,6 +142,133 @@ _SESSIONS = {
     },
 }
 
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_DEVICE = {
+    "type": "object",
+    "properties": {
+        "client_id": _STR,
+        "online": {"type": "boolean"},
+        "username": {"type": ["string", "null"]},
+        "peer": {"type": ["string", "null"]},
+        "protocol": {"enum": ["3.1", "3.1.1", "5.0", None]},
+        "protocol_version": {"type": ["integer", "null"]},
+        "connected_at": _TIME,
+        "last_seen": _TIME,
+        "disconnect_reason": {"type": ["string", "null"]},
+        "state": {
+            "type": "object",
+            "description": "device-state table -> its rows whose device column is this client id",
+            "additionalProperties": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+}
+_DEVICE_DETAIL = {
+    "allOf": [
+        _DEVICE,
+        {
+            "type": "object",
+            "properties": {
+                "session": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "expiry_interval": {"type": "integer"},
+                        "clean_start": {"type": ["boolean", "null"]},
+                        "keepalive": {"type": ["integer", "null"]},
+                        "transport": {"type": ["string", "null"]},
+                    },
+                },
+                "subscriptions": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "filter": _STR,
+                            "qos": _QOS,
+                            "no_local": {"type": "boolean"},
+                            "retain_as_published": {"type": "boolean"},
+                            "retain_handling": {"enum": [0, 1, 2]},
+                            "subscription_identifier": {"type": ["integer", "null"]},
+                        },
+                    },
+                },
+                "queued": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "inflight": {"type": "integer"},
+                        "memory": {"type": "integer"},
+                        "overflow": {"type": "integer"},
+                    },
+                },
+                "will": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "topic": _STR,
+                        "qos": _QOS,
+                        "retain": {"type": "boolean"},
+                        "delay": {"type": "integer"},
+                        "bytes": {"type": "integer"},
+                        "truncated": {"type": "boolean"},
+                        "payload": _STR,
+                        "payload_encoding": {"enum": ["plain", "base64"]},
+                    },
+                },
+            },
+        },
+    ]
+}
+_STATS = {
+    "type": "object",
+    "properties": {
+        "time": {"type": "number", "description": "server time, Unix seconds"},
+        "broker": {
+            "type": "object",
+            "properties": {
+                k: {"type": "integer"}
+                for k in (
+                    "connections",
+                    "sessions",
+                    "messages_received",
+                    "messages_delivered",
+                    "bytes_received",
+                    "bytes_sent",
+                    "dropped",
+                    "retained",
+                    "subscriptions",
+                )
+            },
+        },
+        "ingest": {
+            "type": ["object", "null"],
+            "properties": {
+                "messages": {"type": "integer"},
+                "rows": {"type": "integer"},
+                "rows_by_table": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "pending_rows": {"type": "integer"},
+                "saturated": {"type": "boolean"},
+                "spool_bytes": {"type": "integer"},
+                "dead_letters": {"type": "integer"},
+                "database_errors": {"type": "integer"},
+                "database": {"type": "boolean"},
+            },
+        },
+        "routes": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": _STR,
+                    "topic": _STR,
+                    "table": _STR,
+                    "kind": {"enum": ["append", "latest"]},
+                    "device_state": {"type": ["string", "null"]},
+                    "table_rows": {"type": "integer"},
+                    "dead_letters": {"type": "integer"},
+                },
+            },
+        },
+    },
+}
+
 _LIMIT = {
     "name": "limit",
     "in": "query",
@@ -233,6 +360,56 @@ PATHS: dict[str, dict[str, Any]] = {
                 "409": _error("The session is offline"),
                 **_COMMON_ERRORS,
             },
+        }
+    },
+    "/api/devices": {
+        "get": {
+            "summary": "Devices: presence, live connection and device-state rows, by client id",
+            "description": "Ordered by client id (byte order); pass `next` back as `cursor`."
+            " A page may hold fewer than `limit` devices when `online` is given.",
+            "parameters": [
+                {"name": "online", "in": "query", "schema": {"type": "boolean"}},
+                {"name": "username", "in": "query", "schema": _STR},
+                {"name": "client_id_prefix", "in": "query", "schema": _STR},
+                {"name": "cursor", "in": "query", "schema": _STR},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "devices": {"type": "array", "items": _DEVICE},
+                            "next": {"type": ["string", "null"]},
+                        },
+                    }
+                ),
+                "400": _error("A malformed or unknown query parameter"),
+                **_COMMON_ERRORS,
+            },
+        }
+    },
+    "/api/devices/{client_id}": {
+        "get": {
+            "summary": "One device: presence, session, subscriptions, queue, will, state",
+            "parameters": [
+                {"name": "client_id", "in": "path", "required": True, "schema": _STR},
+            ],
+            "responses": {
+                "200": _json(_DEVICE_DETAIL),
+                "404": _error("No presence row and no session for that client id"),
+                **_COMMON_ERRORS,
+            },
+        }
+    },
+    "/api/stats": {
+        "get": {
+            "summary": "Broker and ingest counters (the /metrics sources) as JSON",
+            "responses": {"200": _json(_STATS), **_COMMON_ERRORS},
         }
     },
     "/api/dead-letters": {

@@ -2,7 +2,8 @@
 
 It serves the operational endpoints (:mod:`ingestd.http.health`: /metrics,
 /healthz, /readyz) and, when given an :class:`~ingestd.http.api.Api`, the
-JSON API under ``/api`` (:mod:`ingestd.http.api`). aiohttp brings a fuzzed
+JSON API under ``/api`` (:mod:`ingestd.http.api`) and, when given a
+:class:`~ingestd.http.console.ConsoleRoutes`, the web console at ``/``. aiohttp brings a fuzzed
 HTTP/1.1 parser (llhttp), keep-alive and pipelining, chunked request bodies
 and graceful shutdown; this class only sets its limits:
 
@@ -29,6 +30,7 @@ from ingestd.http.health import HealthRoutes, ReadyFn
 
 if TYPE_CHECKING:
     from ingestd.http.api import Api
+    from ingestd.http.console import ConsoleRoutes
 
 log = logging.getLogger("ingestd.http")
 
@@ -52,7 +54,8 @@ _wire_log.addFilter(_MalformedRequestsAtDebug())
 
 
 class HttpServer:
-    """Serve /metrics, /healthz, /readyz and (with ``api``) the JSON API.
+    """Serve /metrics, /healthz, /readyz, (with ``api``) the JSON API and (with
+    ``console``) the web console.
 
     ``registry`` is the registry whose collectors ``/metrics`` exposes;
     ``ready`` is awaited by ``/readyz`` (bounded by ``ready_timeout``; an
@@ -65,6 +68,7 @@ class HttpServer:
         ready: ReadyFn | None = None,
         *,
         api: Api | None = None,
+        console: ConsoleRoutes | None = None,
         ready_timeout: float = 5.0,
         max_head_bytes: int = 16384,
         max_body_bytes: int = 65536,
@@ -77,6 +81,7 @@ class HttpServer:
         self.registry = registry
         self.health = HealthRoutes(registry, ready, ready_timeout)
         self.api = api
+        self.console = console
         if api is not None:
             api.request_timeout = request_timeout
         self.max_head_bytes = max_head_bytes

@@ -53,6 +53,8 @@ class Presence:
         self._rows: dict[str, tuple[Any, ...]] = {}
         # client_id -> last publish time (epoch seconds), for touch_on_publish
         self._touched: dict[str, float] = {}
+        # The rows a flush is writing (until it commits or fails).
+        self._writing: dict[str, tuple[Any, ...]] = {}
         self._wake = asyncio.Event()
         self.writes = 0
         self.errors = 0
@@ -73,6 +75,15 @@ class Presence:
     @property
     def pending(self) -> int:
         return len(self._rows) + len(self._touched)
+
+    def pending_rows(self) -> dict[str, tuple[Any, ...]]:
+        """Changes not yet written: client id -> row (``PRESENCE_COLUMNS`` order).
+
+        Includes the rows of a flush still in progress (not yet committed). For
+        reading on the event loop (``GET /api/devices``); callers must not change it."""
+        if self._writing:
+            return {**self._writing, **self._rows}
+        return self._rows
 
     def connected(self, info: ClientInfo) -> None:
         t = _fromts(info.connected_at, _UTC)
@@ -117,6 +128,7 @@ class Presence:
         """Write pending changes. On failure they stay pending (merged with newer ones)."""
         rows, self._rows = self._rows, {}
         touched, self._touched = self._touched, {}
+        self._writing = rows
         try:
             async with pool.acquire() as conn, conn.transaction():
                 if rows:
@@ -134,6 +146,8 @@ class Presence:
                 if t > self._touched.get(k, 0.0):
                     self._touched[k] = t
             raise
+        finally:
+            self._writing = {}
 
     async def run(self, pool: asyncpg.Pool, backoff_max_s: float) -> None:
         """Flush every interval until cancelled; back off while the database is down."""

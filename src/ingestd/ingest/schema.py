@@ -80,7 +80,13 @@ def presence_spec(name: str) -> TableSpec:
         "latest",
         ("client_id",),
         dict(PRESENCE_COLUMNS),
-        [IndexDef(("online",))],
+        [
+            IndexDef(("online",)),
+            # GET /api/devices pages and filters by client id in byte order (a prefix is
+            # then one range of this index, whatever the database's default collation).
+            IndexDef(("client_id",), name=f"{name.split('.')[-1]}_client_id_c_idx", collate="C"),
+            IndexDef(("username",)),
+        ],
         "presence.table",
     )
 
@@ -117,10 +123,11 @@ def table_ddl(spec: TableSpec) -> list[str]:
     ]
     for idx in spec.indexes:
         using = f" USING {idx.method}" if idx.method != "btree" else ""
+        collate = f" COLLATE {quote_ident(idx.collate)}" if idx.collate else ""
         stmts.append(
             f"CREATE {'UNIQUE ' if idx.unique else ''}INDEX IF NOT EXISTS "
             f"{quote_ident(index_name(spec.name, idx))} ON {quote_ident(spec.name)}{using} "
-            f"({', '.join(quote_ident(c) for c in idx.columns)})"
+            f"({', '.join(quote_ident(c) + collate for c in idx.columns)})"
         )
     return stmts
 

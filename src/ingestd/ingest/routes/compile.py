@@ -127,14 +127,13 @@ def _compile_config(cfg: Config) -> CompiledConfig:
             raise ConfigError(f"duplicate route name {route.name!r}", key=f"{rkey}.name")
         names.add(route.name)
         cols = {c.name: c.pgtype for c in route.columns}
-        spec = TableSpec(
-            route.table,
-            route.kind,
-            route.key,
-            cols,
-            _index_defs(rc.indexes, f"{rkey}.indexes", cols),
-            rkey,
-        )
+        indexes = _index_defs(rc.indexes, f"{rkey}.indexes", cols)
+        dev = route.device_column
+        if dev is not None and route.key[0] != dev:
+            # GET /api/devices looks rows up by this column: the primary key only
+            # serves that when it comes first.
+            indexes.append(IndexDef((dev,)))
+        spec = TableSpec(route.table, route.kind, route.key, cols, indexes, rkey)
         _merge_table(tables, spec, rkey)
         routes.append(route)
     reserved = {cfg.ingest.dead_letter_table: "ingest.dead_letter_table"}
@@ -333,6 +332,7 @@ def compile_route(
                     )
     elif key_cols:
         raise ConfigError("only 'latest' routes have a key", key=f"{key}.key")
+    device_column = _device_column(rc, key_cols, columns, key)
     for c in columns:
         if c.required:
             c.read = Required(c.read, c.name)
@@ -349,4 +349,36 @@ def compile_route(
         decoder=b.decoder,
         needs_levels=b.needs_levels,
         check=_template_checker(tpl) if (custom or tpl.needs_check) else None,
+        device_column=device_column,
     )
+
+
+def _device_column(
+    rc: RouteConfig, key_cols: tuple[str, ...], columns: list[Column], key: str
+) -> str | None:
+    """The column ``device_state`` names (the device's MQTT client id), or None."""
+    ds = rc.device_state
+    if ds is False:
+        return None
+    where = f"{key}.device_state"
+    if rc.kind != "latest":
+        raise ConfigError("device_state needs kind = 'latest' (one row per device)", key=where)
+    if ds is True:
+        if len(key_cols) != 1:
+            raise ConfigError(
+                f"the key {list(key_cols)} has several columns: name the one holding the"
+                ' device\'s client id (device_state = "<column>")',
+                key=where,
+            )
+        ds = key_cols[0]
+    if ds not in key_cols:
+        raise ConfigError(
+            f"device_state column {ds!r} is not a key column (key: {list(key_cols)})", key=where
+        )
+    pgtype = next(c.pgtype for c in columns if c.name == ds)
+    if pgtype != "text":
+        raise ConfigError(
+            f"device_state column {ds!r} is {pgtype}; it must be text (it holds a client id)",
+            key=where,
+        )
+    return ds

@@ -40,12 +40,13 @@ class Column:
 
 @dataclass(slots=True)
 class IndexDef:
-    """An index to create: columns, unique, method, name."""
+    """An index to create: columns, unique, method, name (and a collation for all columns)."""
 
     columns: tuple[str, ...]
     unique: bool = False
     method: str = "btree"
     name: str | None = None
+    collate: str | None = None
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Route:
         "column_names",
         "columns",
         "decoder",
+        "device_column",
         "filters",
         "getters",
         "index",
@@ -99,8 +101,11 @@ class Route:
         decoder: msgspec.json.Decoder[Any] | None,
         needs_levels: bool,
         check: Callable[[list[str]], None] | None,
+        device_column: str | None = None,
     ) -> None:
         self.index = index
+        # device_state: the text key column that holds a device's MQTT client id.
+        self.device_column = device_column
         self.name = name
         self.template = template
         self.filters = filters
