@@ -14,8 +14,10 @@ message received by any subscriber.
 The ingest scenario counts the run's rows in PostgreSQL instead (``--dsn``):
 its rate is the number of distinct rows stored divided by the time from "go"
 to the row-count query that first saw them all. Unless disabled it then
-measures a same-run reference into the same table: a plain asyncpg
-``copy_records_to_table`` loop (see :mod:`ingestd.bench.database`).
+measures same-run references into the same table (see
+:mod:`ingestd.bench.database`): a plain asyncpg ``copy_records_to_table``
+loop, and the run's own rows pre-encoded by PostgreSQL as binary COPY streams
+sent over one connection and over ``reference_connections`` connections.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ingestd.bench.database import (
     ReferenceSkipped,
     RowCount,
     count_rows,
+    measure_binary_reference,
     measure_reference,
 )
 from ingestd.bench.worker import Plan, worker_main
@@ -90,6 +93,14 @@ class Result:
     reference_rows_per_s: float | None = None
     reference_batch: int | None = None
     vs_reference: float | None = None
+    # ingest: the run's own rows, pre-encoded as binary COPY by PostgreSQL before the
+    # clock starts, reference_batch rows per lone COPY over one connection, and over
+    # binary_reference_connections connections at once; the run's rows/s as multiples
+    binary_reference_rows_per_s: float | None = None
+    vs_binary_reference: float | None = None
+    binary_reference_connections: int | None = None
+    binary_reference_parallel_rows_per_s: float | None = None
+    vs_binary_reference_parallel: float | None = None
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -151,12 +162,17 @@ def run(
     phase_timeout: float | None = None,
     reference: bool | None = None,
     reference_batch: int = 5000,
+    reference_connections: int = 2,
 ) -> Result:
     """Run one scenario once; raises :class:`BenchFailed` when a worker fails.
 
     ``reference`` (ingest scenario with a ``dsn`` only; default: on there)
-    measures the plain-COPY reference after the rows are verified.
+    measures the references after the rows are verified: the plain-COPY loop,
+    then the pre-encoded binary COPYs over one connection and over
+    ``reference_connections`` (if more than one).
     """
+    if reference_connections < 1:
+        raise ValueError("reference_connections must be at least 1")
     if not plan.run_id:
         plan.run_id = uuid.uuid4().hex[:8]
     if plan.messages is None and plan.duration is None:
@@ -259,6 +275,7 @@ def run(
         if reference and db is not None:
             # After the workers have exited, so that they take no CPU from it.
             _reference(res, plan, db, table, reference_batch)
+            _binary_reference(res, plan, db, dsn, table, reference_batch, reference_connections)
         return res
     finally:
         for pr in procs:
@@ -382,6 +399,55 @@ def _reference(res: Result, plan: Plan, db: _Database, table: str, batch: int) -
     res.vs_reference = res.msgs_per_s / rate if rate > 0 else None
 
 
+def _binary_reference(
+    res: Result,
+    plan: Plan,
+    db: _Database,
+    dsn: str | None,
+    table: str,
+    batch: int,
+    connections: int,
+) -> None:
+    """Measure the pre-encoded binary COPY references (one connection, then several)."""
+    import asyncpg
+
+    if not res.rows:
+        return  # the records reference has said so already
+    for n in sorted({1, connections}):
+        extra: list[Any] = []
+        try:
+            if n > 1:
+                assert dsn is not None
+                extra = [db.run(asyncpg.connect(dsn)) for _ in range(n - 1)]
+            got = db.run(
+                measure_binary_reference(
+                    [db.conn, *extra], table, plan.run_id, f"{plan.run_id}-bin{n}", batch
+                )
+            )
+        except ReferenceSkipped as e:
+            res.notes.append(f"binary reference skipped: {e}")
+            return
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+            res.notes.append(f"binary reference failed: {type(e).__name__}: {e}")
+            return
+        finally:
+            for c in extra:
+                db.run(c.close(timeout=5))
+        if got.rows != res.rows:
+            res.notes.append(
+                f"binary reference over {n} connection(s) stored {got.rows:,} of {res.rows:,} rows"
+            )
+            return
+        vs = res.msgs_per_s / got.rows_per_s if got.rows_per_s > 0 else None
+        res.reference_batch = batch
+        if n == 1:
+            res.binary_reference_rows_per_s, res.vs_binary_reference = got.rows_per_s, vs
+        else:
+            res.binary_reference_connections = n
+            res.binary_reference_parallel_rows_per_s = got.rows_per_s
+            res.vs_binary_reference_parallel = vs
+
+
 class _Status:
     """The one-line progress display on stderr."""
 
@@ -429,6 +495,10 @@ def _fmt(v: Any, digits: int = 0) -> str:
     return str(v)
 
 
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def table_rows(r: Result) -> list[tuple[str, str]]:
     lat = r.latency_ms
     rows = [
@@ -471,6 +541,27 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
                 + f" (plain COPY, {_fmt(r.reference_batch)}-row batches)",
             ),
             ("vs reference", "-" if r.vs_reference is None else f"{r.vs_reference:.2f}x"),
+        ]
+    if r.binary_reference_rows_per_s is not None:
+        rows += [
+            (
+                "binary reference rows/s",
+                _fmt(r.binary_reference_rows_per_s)
+                + f" (pre-encoded binary COPY, {_fmt(r.reference_batch)}-row COPYs, 1 connection)",
+            ),
+            ("vs binary reference", _x(r.vs_binary_reference)),
+        ]
+    if r.binary_reference_parallel_rows_per_s is not None:
+        rows += [
+            (
+                f"binary reference x{r.binary_reference_connections} rows/s",
+                _fmt(r.binary_reference_parallel_rows_per_s)
+                + f" (the same over {r.binary_reference_connections} connections at once)",
+            ),
+            (
+                f"vs binary reference x{r.binary_reference_connections}",
+                _x(r.vs_binary_reference_parallel),
+            ),
         ]
     if lat:
         kind = f" ({r.latency_kind})" if r.latency_kind else ""
