@@ -1069,3 +1069,60 @@ def test_binary_reference_sends_what_postgresql_encoded(ingest_server: tuple[Any
                 await x.close()
 
     asyncio.run(go())
+
+
+def test_tree_cpu_seconds_counts_live_and_reaped_children() -> None:
+    """A parent's tree CPU takes in a live child's CPU, and keeps it once the child is reaped."""
+    import subprocess
+    import sys
+
+    from ingestd.bench.procstat import cpu_seconds, tree_cpu_seconds
+
+    me = os.getpid()
+    before = tree_cpu_seconds(me)
+    burn = (
+        "import sys, time\n"
+        "while time.process_time() < 0.3: pass\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+        own = cpu_seconds(child.pid)
+        assert own >= 0.29
+        alive = tree_cpu_seconds(me)
+        assert alive - before >= own
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(30)
+    # Reaped: its time moved into our cutime/cstime.
+    assert tree_cpu_seconds(me) - before >= own
+
+
+@pytest.mark.pg
+def test_ingest_cpu_accounting_with_the_postmaster(ingest_server: tuple[Any, str]) -> None:
+    srv, dsn = ingest_server
+    backend = pg_value(dsn, "SELECT pg_backend_pid()")
+    stat = Path(f"/proc/{backend}/stat")
+    # The postmaster is the parent of every backend (a remote server: our own tree instead).
+    pg_pid = int(stat.read_text().rsplit(")", 1)[1].split()[1]) if stat.exists() else os.getpid()
+    res = run(ingest_plan(srv.port), dsn=dsn, pid=os.getpid(), pg_pid=pg_pid)
+    assert res.errors == [] and res.notes == []
+    assert (res.rows, res.lost) == (1000, 0)
+    assert res.postgres_cpu_s is not None and res.postgres_cpu_s >= 0
+    assert res.binary_reference_cpu_s is not None and res.binary_reference_cpu_s >= 0
+    assert res.broker_cpu_s is not None
+    total = res.broker_cpu_s + res.postgres_cpu_s + res.loadgen_cpu_s
+    assert total > 0  # the load generator alone takes CPU
+    assert res.cpu_vs_binary_reference == pytest.approx(res.binary_reference_cpu_s / total)
+    table = format_table([res])
+    assert "PostgreSQL CPU s" in table and "CPU vs binary reference" in table
+    assert "binary reference CPU s" in table
+    # Without pg_pid there is no PostgreSQL accounting.
+    res = run(ingest_plan(srv.port, messages=20), dsn=dsn)
+    assert res.postgres_cpu_s is None and res.cpu_vs_binary_reference is None
+    assert res.binary_reference_cpu_s is None and "PostgreSQL CPU s" not in format_table([res])

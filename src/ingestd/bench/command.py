@@ -164,6 +164,13 @@ def parse_target(text: str) -> tuple[str, int]:
     "ingest.max_concurrent_copies, 2 by default, is a fair match).",
 )
 @click.option(
+    "--pg-pid",
+    type=int,
+    help="PID of a local PostgreSQL's postmaster (ingest scenario): its CPU seconds (all its "
+    "backends) during the run and the binary reference, and the run's total CPU (broker + "
+    "PostgreSQL + load generator) against the reference's.",
+)
+@click.option(
     "--drain-timeout",
     default=5.0,
     show_default=True,
@@ -225,6 +232,7 @@ def bench(
     reference: bool | None,
     reference_batch: int,
     reference_connections: int,
+    pg_pid: int | None,
     drain_timeout: float,
     persistent_sessions: bool,
     stall_subscriber: float,
@@ -298,6 +306,7 @@ def bench(
             "reference": reference,
             "reference_batch": reference_batch,
             "reference_connections": reference_connections,
+            "pg_pid": pg_pid,
         }
         if compare_with:
             other = parse_target(compare_with)

@@ -236,6 +236,7 @@ class BinaryReference:
     rows: int  # rows the reference stored (counted after the clock stopped)
     streams: int  # COPY statements
     connections: int
+    cpu_s: float | None = None  # what ``cpu`` read over the timed COPYs
 
 
 async def encode_run_rows(
@@ -278,6 +279,7 @@ async def measure_binary_reference(
     run_id: str,
     ref_run_id: str,
     batch: int,
+    cpu: Callable[[], float] | None = None,
 ) -> BinaryReference:
     """Rows/s of pre-encoded binary COPYs of the run's rows, ``batch`` rows per lone COPY,
     spread round-robin over ``conns`` (each sends its share one after another; all
@@ -285,7 +287,9 @@ async def measure_binary_reference(
 
     Inserts the rows marked ``run = ref_run_id`` and deletes them again (also
     when a COPY fails). Raises :class:`ReferenceSkipped` when there is nothing to
-    measure or the rows cannot be marked.
+    measure or the rows cannot be marked. ``cpu`` (CPU seconds so far, e.g. of
+    the PostgreSQL server and this process) is read just before and after the
+    timed COPYs.
     """
     if not conns:
         raise ValueError("at least one connection is needed")
@@ -304,7 +308,9 @@ async def measure_binary_reference(
             )
 
     sql_count = f"SELECT count(*) FROM {quote_table(table)} WHERE run = $1"
+    cpu_s = None
     try:
+        c0 = cpu() if cpu is not None else 0.0
         t0 = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as tg:  # a failed COPY cancels the others
@@ -313,7 +319,9 @@ async def measure_binary_reference(
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
         elapsed = time.perf_counter() - t0
+        if cpu is not None:
+            cpu_s = cpu() - c0
         stored = int(await conns[0].fetchval(sql_count, ref_run_id))
     finally:
         await conns[0].execute(f"DELETE FROM {quote_table(table)} WHERE run = $1", ref_run_id)
-    return BinaryReference(stored / max(elapsed, 1e-9), stored, len(streams), len(conns))
+    return BinaryReference(stored / max(elapsed, 1e-9), stored, len(streams), len(conns), cpu_s)

@@ -101,6 +101,14 @@ class Result:
     binary_reference_connections: int | None = None
     binary_reference_parallel_rows_per_s: float | None = None
     vs_binary_reference_parallel: float | None = None
+    # ingest with pg_pid (a local PostgreSQL): the server's CPU seconds from "go" until
+    # the last publisher is done (with after-commit acks every row is committed by
+    # then; the counting query is left out); the one-connection binary reference's CPU
+    # seconds (PostgreSQL + this process, over its timed COPYs); and that as a
+    # multiple of what the run cost in all (broker + PostgreSQL + load generator)
+    postgres_cpu_s: float | None = None
+    binary_reference_cpu_s: float | None = None
+    cpu_vs_binary_reference: float | None = None
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -163,13 +171,15 @@ def run(
     reference: bool | None = None,
     reference_batch: int = 5000,
     reference_connections: int = 2,
+    pg_pid: int | None = None,
 ) -> Result:
     """Run one scenario once; raises :class:`BenchFailed` when a worker fails.
 
     ``reference`` (ingest scenario with a ``dsn`` only; default: on there)
     measures the references after the rows are verified: the plain-COPY loop,
     then the pre-encoded binary COPYs over one connection and over
-    ``reference_connections`` (if more than one).
+    ``reference_connections`` (if more than one). ``pg_pid`` (the postmaster
+    of a local PostgreSQL) adds its CPU seconds to the accounting.
     """
     if reference_connections < 1:
         raise ValueError("reference_connections must be at least 1")
@@ -219,6 +229,7 @@ def run(
             procs.append(_Proc(p, parent, w))
         _collect(procs, "ready", limit)
         cpu0 = procstat.cpu_seconds(pid) if pid else None
+        pg0 = procstat.tree_cpu_seconds(pg_pid) if pg_pid and verify else None
         t0 = time.monotonic_ns()
         deadline = t0 + int(plan.duration * 1e9) if plan.duration else None
         for pr in procs:
@@ -249,6 +260,9 @@ def run(
                 sent_by_pub.update(info["sent"])
             res.sent = sum(sent_by_pub.values())
             expected_per_sub = res.sent
+            if pg_pid and pg0 is not None:
+                # Before counting: a count(*) over a big table costs more than the run.
+                res.postgres_cpu_s = procstat.tree_cpu_seconds(pg_pid) - pg0
             if db is not None:
                 # While the workers wait (idle): their teardown is not in the rows/s.
                 counted = db.count_rows(table, plan.run_id, res.sent, plan.drain_timeout)
@@ -275,7 +289,9 @@ def run(
         if reference and db is not None:
             # After the workers have exited, so that they take no CPU from it.
             _reference(res, plan, db, table, reference_batch)
-            _binary_reference(res, plan, db, dsn, table, reference_batch, reference_connections)
+            _binary_reference(
+                res, plan, db, dsn, table, reference_batch, reference_connections, pg_pid
+            )
         return res
     finally:
         for pr in procs:
@@ -407,9 +423,14 @@ def _binary_reference(
     table: str,
     batch: int,
     connections: int,
+    pg_pid: int | None = None,
 ) -> None:
     """Measure the pre-encoded binary COPY references (one connection, then several)."""
     import asyncpg
+
+    def cpu() -> float:
+        assert pg_pid is not None
+        return procstat.tree_cpu_seconds(pg_pid) + time.process_time()
 
     if not res.rows:
         return  # the records reference has said so already
@@ -421,7 +442,12 @@ def _binary_reference(
                 extra = [db.run(asyncpg.connect(dsn)) for _ in range(n - 1)]
             got = db.run(
                 measure_binary_reference(
-                    [db.conn, *extra], table, plan.run_id, f"{plan.run_id}-bin{n}", batch
+                    [db.conn, *extra],
+                    table,
+                    plan.run_id,
+                    f"{plan.run_id}-bin{n}",
+                    batch,
+                    cpu if pg_pid and n == 1 else None,
                 )
             )
         except ReferenceSkipped as e:
@@ -442,6 +468,11 @@ def _binary_reference(
         res.reference_batch = batch
         if n == 1:
             res.binary_reference_rows_per_s, res.vs_binary_reference = got.rows_per_s, vs
+            res.binary_reference_cpu_s = got.cpu_s
+            spent = [res.broker_cpu_s, res.postgres_cpu_s]
+            if got.cpu_s is not None and all(x is not None for x in spent):
+                total = sum(x for x in spent if x is not None) + res.loadgen_cpu_s
+                res.cpu_vs_binary_reference = got.cpu_s / total if total > 0 else None
         else:
             res.binary_reference_connections = n
             res.binary_reference_parallel_rows_per_s = got.rows_per_s
@@ -563,6 +594,13 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
                 _x(r.vs_binary_reference_parallel),
             ),
         ]
+    if r.binary_reference_cpu_s is not None:
+        rows.append(
+            (
+                "binary reference CPU s",
+                _fmt(r.binary_reference_cpu_s, 2) + " (PostgreSQL + client, 1 connection)",
+            )
+        )
     if lat:
         kind = f" ({r.latency_kind})" if r.latency_kind else ""
         rows.append(
@@ -575,6 +613,17 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
     rows += [
         ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
         ("msgs per broker CPU s", _fmt(r.msgs_per_broker_cpu_s)),
+    ]
+    if r.postgres_cpu_s is not None:
+        rows.append(("PostgreSQL CPU s", _fmt(r.postgres_cpu_s, 2)))
+    if r.cpu_vs_binary_reference is not None:
+        rows.append(
+            (
+                "CPU vs binary reference",
+                f"{r.cpu_vs_binary_reference:.2f}x (its CPU s / broker + PostgreSQL + loadgen)",
+            )
+        )
+    rows += [
         (
             "loadgen CPU s",
             _fmt(r.loadgen_cpu_s, 2)
