@@ -196,6 +196,8 @@ def main() -> None:
                             dsn,
                             "--table",
                             "bench_telemetry",
+                            "--pg-pid",
+                            (tmp / "pg" / "postmaster.pid").read_text().split()[0],
                         ],
                     )
                     res.setdefault(f"ingest_{inflight}_{name}", []).append(r)
@@ -203,8 +205,11 @@ def main() -> None:
                         f"ingest inflight {inflight} {name}: {r.get('msgs_per_s', 0):,.0f} rows/s"
                         f" vs reference {r.get('vs_reference') or 0:.2f}x,"
                         f" vs binary reference {r.get('vs_binary_reference') or 0:.2f}x"
-                        f" (x2: {r.get('vs_binary_reference_parallel') or 0:.2f}x), broker CPU"
-                        f" {r.get('broker_cpu_s', 0):.2f} s, lost {r.get('lost')}",
+                        f" (x2: {r.get('vs_binary_reference_parallel') or 0:.2f}x), CPU s broker"
+                        f" {r.get('broker_cpu_s') or 0:.2f} PostgreSQL"
+                        f" {r.get('postgres_cpu_s') or 0:.2f} loadgen {r.get('loadgen_cpu_s') or 0:.2f},"
+                        f" binary reference CPU s {r.get('binary_reference_cpu_s') or 0:.2f}"
+                        f" (CPU vs it {r.get('cpu_vs_binary_reference') or 0:.2f}x), lost {r.get('lost')}",
                         flush=True,
                     )
         OUT.write_text(json.dumps(res, indent=1))
