@@ -1126,3 +1126,30 @@ def test_ingest_cpu_accounting_with_the_postmaster(ingest_server: tuple[Any, str
     res = run(ingest_plan(srv.port, messages=20), dsn=dsn)
     assert res.postgres_cpu_s is None and res.cpu_vs_binary_reference is None
     assert res.binary_reference_cpu_s is None and "PostgreSQL CPU s" not in format_table([res])
+
+
+def _fake_stat(root: Path, pid: int, ppid: int, ticks: tuple[int, int, int, int]) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    u, s, cu, cs = ticks
+    (d / "stat").write_text(
+        f"{pid} (post gres) S {ppid} 1 1 0 -1 0 0 0 0 0 {u} {s} {cu} {cs} 20 0\n"
+    )
+
+
+@pytest.mark.parametrize("children_lists", [True, False])
+def test_tree_cpu_seconds_from_a_fake_proc(tmp_path: Path, children_lists: bool) -> None:
+    """Own + reaped children's + live children's ticks; grandchildren and strangers not.
+    With the kernel's children lists, or by scanning parents where there are none."""
+    from ingestd.bench.procstat import tree_cpu_seconds
+
+    hz = os.sysconf("SC_CLK_TCK")
+    _fake_stat(tmp_path, 10, 1, (100, 20, 300, 40))
+    _fake_stat(tmp_path, 11, 10, (5, 6, 700, 800))  # its cutime is not ours
+    _fake_stat(tmp_path, 12, 10, (7, 8, 0, 0))
+    _fake_stat(tmp_path, 13, 11, (1000, 1000, 0, 0))  # a grandchild
+    _fake_stat(tmp_path, 14, 1, (2000, 2000, 0, 0))  # not ours
+    if children_lists:
+        (tmp_path / "10" / "task" / "10").mkdir(parents=True)
+        (tmp_path / "10" / "task" / "10" / "children").write_text("11 12 99 ")  # 99: gone
+    assert tree_cpu_seconds(10, tmp_path) == pytest.approx((100 + 20 + 300 + 40 + 11 + 15) / hz)

@@ -28,17 +28,39 @@ def tree_cpu_seconds(pid: int, proc: str | Path = "/proc") -> float:
     text = Path(proc, str(pid), "stat").read_text()
     rest = text[text.rindex(")") + 2 :].split()
     ticks = sum(int(x) for x in rest[11:15])  # utime, stime, cutime, cstime
+    for child in _children(pid, proc):
+        try:
+            t = Path(proc, str(child), "stat").read_text()
+        except OSError:
+            continue  # gone (its time is in our cutime once reaped)
+        r = t[t.rindex(")") + 2 :].split()
+        ticks += int(r[11]) + int(r[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int, proc: str | Path) -> list[int]:
+    """Live children of ``pid``: the kernel's per-thread lists (fast), else a scan of
+    every process's parent (kernels without /proc/<pid>/task/<tid>/children)."""
+    task = Path(proc, str(pid), "task")
+    try:
+        return [
+            int(c)
+            for tid in os.listdir(task)
+            for c in (task / tid / "children").read_text().split()
+        ]
+    except FileNotFoundError:
+        pass
+    kids = []
     for d in os.listdir(proc):
         if not d.isdigit() or d == str(pid):
             continue
         try:
             t = Path(proc, d, "stat").read_text()
         except OSError:
-            continue  # gone
-        r = t[t.rindex(")") + 2 :].split()
-        if int(r[1]) == pid:  # ppid
-            ticks += int(r[11]) + int(r[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            continue
+        if int(t[t.rindex(")") + 2 :].split()[1]) == pid:  # ppid
+            kids.append(int(d))
+    return kids
 
 
 def rss_bytes(pid: int, proc: str | Path = "/proc") -> int:
