@@ -12,7 +12,10 @@ Runs, with the NEW build's `ingestd bench`:
   alternating ROUNDS rounds (`--compare`);
 * ingest, 10 x IMSG (20000) QoS 1 JSON messages into benchmarks/ingest-bench.toml's route
   (after-commit), `--inflight` 64 and 1000, old and new alternating, one embedded
-  PostgreSQL shared by both, each run with its same-run COPY reference.
+  PostgreSQL shared by both, each run with its same-run references (the records COPY loop
+  and the pre-encoded binary COPYs over 1 and 2 connections).
+
+ONLY=ingest skips the fan-in part.
 
 Writes every result as JSON to OUT (default ./bench_ab.json). Loopback only; every run
 is bounded by its message count. Needs `mosquitto` on PATH.
@@ -88,7 +91,7 @@ def main() -> None:
             pids[name] = pr.pid
         for p in (mp, *ports.values()):
             wait_port(p)
-        for q in (0, 1):
+        for q in () if os.environ.get("ONLY") == "ingest" else (0, 1):
             common = [
                 "--scenario",
                 "fan-in",
@@ -179,13 +182,20 @@ def main() -> None:
                             dsn,
                             "--table",
                             "bench_telemetry",
+                            "--pg-pid",
+                            (tmp / "pg" / "postmaster.pid").read_text().split()[0],
                         ],
                     )
                     res.setdefault(f"ingest_{inflight}_{name}", []).append(r)
                     print(
                         f"ingest inflight {inflight} {name}: {r.get('msgs_per_s', 0):,.0f} rows/s"
-                        f" vs reference {r.get('vs_reference', 0):.2f}x, broker CPU"
-                        f" {r.get('broker_cpu_s', 0):.2f} s, lost {r.get('lost')}",
+                        f" vs reference {r.get('vs_reference') or 0:.2f}x,"
+                        f" vs binary reference {r.get('vs_binary_reference') or 0:.2f}x"
+                        f" (x2: {r.get('vs_binary_reference_parallel') or 0:.2f}x), CPU s broker"
+                        f" {r.get('broker_cpu_s') or 0:.2f} PostgreSQL"
+                        f" {r.get('postgres_cpu_s') or 0:.2f} loadgen {r.get('loadgen_cpu_s') or 0:.2f},"
+                        f" binary reference CPU s {r.get('binary_reference_cpu_s') or 0:.2f}"
+                        f" (CPU vs it {r.get('cpu_vs_binary_reference') or 0:.2f}x), lost {r.get('lost')}",
                         flush=True,
                     )
         OUT.write_text(json.dumps(res, indent=1))

@@ -134,3 +134,50 @@ def test_latest_table_batches_wait_for_the_previous_one() -> None:
         assert eng.batches == [["dev/0"], ["dev/1"], ["dev/2"], ["dev/3"]]
 
     asyncio.run(main())
+
+
+def test_a_free_copy_slot_takes_a_small_batch_at_once() -> None:
+    """A batch goes on the next loop turn while a COPY slot is free, even with another
+    writer of the table busy (two overlapping COPYs, whose commits PostgreSQL can
+    flush together, measured faster than one bigger one: docs/benchmarks.md); with
+    every slot busy, rows wait and go as one batch when a writer finishes."""
+
+    async def until(cond: Any) -> None:
+        for _ in range(10_000):
+            if cond():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("condition not met")
+
+    async def main() -> None:
+        pending = PendingRows(1000)
+        eng = FakeEngine(pending)
+        spec, route = _compiled()
+        # flush_interval: far beyond the test, so only free slots and finishing
+        # writers flush.
+        b = TableBatcher(
+            spec,
+            [route],
+            100,
+            60.0,
+            max_concurrent_copies=2,
+            pending=pending,
+            process=eng.process,
+            track=eng.track,
+        )
+        b.add(route, Message("dev/0", b"", 1), True)
+        await until(lambda: eng.running == 1)
+        b.add(route, Message("dev/1", b"", 1), True)
+        await until(lambda: eng.running == 2)
+        # Both slots busy: these wait, as messages, for a writer to finish.
+        for i in range(2, 5):
+            b.add(route, Message(f"dev/{i}", b"", 1), True)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        assert eng.running == 2 and len(b.msgs) == 3
+        eng.gate.set()
+        await until(lambda: len(eng.batches) == 3 and not eng.tasks)
+        assert eng.batches == [["dev/0"], ["dev/1"], ["dev/2", "dev/3", "dev/4"]]
+        assert pending.count == 0
+
+    asyncio.run(main())

@@ -747,6 +747,20 @@ def test_ingest_scenario_verifies_rows_and_measures_the_reference(
     assert "reference rows/s" in table and "vs reference" in table
     assert f"{res.vs_reference:.2f}x" in table
     assert res.to_dict()["reference_rows_per_s"] == res.reference_rows_per_s
+    # The pre-encoded binary references ran over 1 and 2 connections (notes == [] above:
+    # each stored exactly the run's rows), and their rows are gone again too.
+    assert res.binary_reference_rows_per_s is not None and res.binary_reference_rows_per_s > 0
+    assert res.vs_binary_reference == pytest.approx(
+        res.msgs_per_s / res.binary_reference_rows_per_s
+    )
+    assert res.binary_reference_connections == 2
+    assert res.binary_reference_parallel_rows_per_s is not None
+    assert res.vs_binary_reference_parallel == pytest.approx(
+        res.msgs_per_s / res.binary_reference_parallel_rows_per_s
+    )
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run LIKE '%-bin%'") == 0
+    assert "binary reference rows/s" in table and "vs binary reference x2" in table
+    assert f"{res.vs_binary_reference:.2f}x" in table
 
 
 @pytest.mark.pg
@@ -790,6 +804,10 @@ def test_ingest_reference_skipped_for_a_column_it_cannot_fill(
     assert "reference skipped" in res.notes[0] and "'spot'" in res.notes[0]
     assert "point" in res.notes[0]
     assert "note (" in format_table([res])
+    # PostgreSQL encodes the binary reference's rows itself: any column type will do.
+    assert res.binary_reference_rows_per_s is not None
+    assert res.binary_reference_parallel_rows_per_s is not None
+    assert res.reference_batch == 5000
 
 
 @pytest.mark.pg
@@ -816,11 +834,29 @@ def test_ingest_cli_reference_and_no_reference(ingest_server: tuple[Any, str]) -
     assert (data["sent"], data["rows"], data["lost"]) == (200, 200, 0)
     assert data["reference_rows_per_s"] > 0 and data["reference_batch"] == 64
     assert data["vs_reference"] == pytest.approx(data["msgs_per_s"] / data["reference_rows_per_s"])
+    assert data["binary_reference_rows_per_s"] > 0 and data["notes"] == []
+    assert data["binary_reference_connections"] == 2
+    r = CliRunner().invoke(
+        bench, [*common, "--json", "--reference-batch", "7", "--reference-connections", "3"]
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["notes"] == [] and data["binary_reference_connections"] == 3
+    assert data["vs_binary_reference_parallel"] == pytest.approx(
+        data["msgs_per_s"] / data["binary_reference_parallel_rows_per_s"]
+    )
+    r = CliRunner().invoke(bench, [*common, "--json", "--reference-connections", "1"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["binary_reference_rows_per_s"] > 0
+    assert data["binary_reference_connections"] is None
+    assert data["binary_reference_parallel_rows_per_s"] is None
     r = CliRunner().invoke(bench, [*common, "--json", "--no-reference"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert (data["sent"], data["rows"], data["lost"]) == (200, 200, 0)
     assert data["reference_rows_per_s"] is None and data["vs_reference"] is None
+    assert data["binary_reference_rows_per_s"] is None and data["vs_binary_reference"] is None
     r = CliRunner().invoke(bench, common)
     assert r.exit_code == 0, r.output
     assert "reference rows/s" in r.output and "vs reference" in r.output
@@ -829,6 +865,7 @@ def test_ingest_cli_reference_and_no_reference(ingest_server: tuple[Any, str]) -
     assert "rows/s" in r.output and "reference" not in r.output
     # Only the runs' own rows are left.
     assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run LIKE '%-ref'") == 0
+    assert pg_value(dsn, "SELECT count(*) FROM bench_telemetry WHERE run LIKE '%-bin%'") == 0
 
 
 @pytest.mark.pg
@@ -929,3 +966,195 @@ def test_against_mosquitto(mosquitto: tuple[int, int], qos: int, version: int) -
     assert res.acked == 2000
     assert res.broker_cpu_s is not None
     assert TOPIC_FILTER == "company/+/machine/+/telemetry"
+
+
+# -- the pre-encoded binary reference ---------------------------------------------------
+
+
+def _copy_stream(rows: list[list[bytes | None]]) -> bytes:
+    """A binary COPY stream built by hand (the format as PostgreSQL documents it)."""
+    out = bytearray(b"PGCOPY\n\xff\r\n\x00" + bytes(8))
+    for r in rows:
+        out += len(r).to_bytes(2, "big")
+        for v in r:
+            out += (-1).to_bytes(4, "big", signed=True) if v is None else len(v).to_bytes(4, "big")
+            out += v or b""
+    return bytes(out + b"\xff\xff")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.one_of(st.none(), st.binary(max_size=12)), min_size=0, max_size=4),
+        max_size=30,
+    ),
+    st.integers(1, 8),
+)
+def test_split_copy_binary_cuts_at_row_boundaries(rows, per) -> None:
+    from ingestd.bench.database import split_copy_binary
+
+    parts = split_copy_binary(_copy_stream(rows), per)
+    expected = [rows[i : i + per] for i in range(0, len(rows), per)]
+    assert parts == [_copy_stream(chunk) for chunk in expected]
+
+
+def test_split_copy_binary_refuses_a_malformed_stream() -> None:
+    from ingestd.bench.database import split_copy_binary
+
+    good = _copy_stream([[b"ab", None], [b"c", b""]])
+    with pytest.raises(ValueError, match="not a binary COPY stream"):
+        split_copy_binary(b"PGCOPX" + good[6:], 2)
+    with pytest.raises(ValueError, match="without its trailer"):
+        split_copy_binary(good[:-2], 2)
+    with pytest.raises(ValueError, match="inside a row"):
+        split_copy_binary(good[:-4], 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        split_copy_binary(good, 0)
+
+
+@pytest.mark.pg
+def test_binary_reference_sends_what_postgresql_encoded(ingest_server: tuple[Any, str]) -> None:
+    """The reference re-sends the run's own rows (PostgreSQL's encoding, any column type,
+    NULLs included) under its own run id, counts them, and deletes them again."""
+    import asyncio
+
+    import asyncpg
+
+    from ingestd.bench.database import (
+        ReferenceSkipped,
+        encode_run_rows,
+        measure_binary_reference,
+    )
+
+    _, dsn = ingest_server
+
+    async def go() -> None:
+        conns = [await asyncpg.connect(dsn) for _ in range(3)]
+        c = conns[0]
+        try:
+            await c.execute(
+                "CREATE TABLE bin_ref (id bigserial, run text, pub integer, seq bigint,"
+                " spot point, doc jsonb, amount numeric(8, 2), at timestamptz DEFAULT now())"
+            )
+            await c.execute(
+                "INSERT INTO bin_ref (run, pub, seq, spot, doc, amount)"
+                " SELECT 'r9', g % 4, g / 4, CASE WHEN g % 3 = 0 THEN NULL"
+                " ELSE point(g, -g) END, jsonb_build_object('g', g), g / 7.0"
+                " FROM generate_series(0, 1234) g"
+            )
+            cols, data = await encode_run_rows(c, "bin_ref", "r9", "r9-x")
+            assert cols == ["run", "pub", "seq", "spot", "doc", "amount"]
+            for n, batch in ((1, 100), (3, 7)):
+                got = await measure_binary_reference(conns[:n], "bin_ref", "r9", "r9-b", batch)
+                assert (got.rows, got.connections) == (1235, n)
+                assert got.streams == -(-1235 // batch) and got.rows_per_s > 0
+                assert await c.fetchval("SELECT count(*) FROM bin_ref WHERE run = 'r9-b'") == 0
+            # What went in was the run's rows, value for value: copy once more and compare.
+            from ingestd.bench.database import split_copy_binary
+
+            stream = split_copy_binary(data, 10_000)[0]
+            await c.copy_to_table(
+                "bin_ref", source=memoryview(stream), columns=cols, format="binary"
+            )
+            diff = await c.fetchval(
+                "SELECT count(*) FROM (SELECT pub, seq, spot::text, doc, amount FROM bin_ref"
+                " WHERE run = 'r9' EXCEPT SELECT pub, seq, spot::text, doc, amount FROM bin_ref"
+                " WHERE run = 'r9-x') d"
+            )
+            assert diff == 0
+            assert await c.fetchval("SELECT count(*) FROM bin_ref WHERE run = 'r9-x'") == 1235
+            with pytest.raises(ReferenceSkipped, match="no rows"):
+                await measure_binary_reference(conns[:1], "bin_ref", "nothing", "n-b", 10)
+            await c.execute("CREATE TABLE bin_short (run varchar(3), pub integer)")
+            with pytest.raises(ReferenceSkipped, match="column run"):
+                await measure_binary_reference(conns[:1], "bin_short", "abc", "abc-b", 10)
+        finally:
+            await c.execute("DROP TABLE IF EXISTS bin_ref, bin_short")
+            for x in conns:
+                await x.close()
+
+    asyncio.run(go())
+
+
+def test_tree_cpu_seconds_counts_live_and_reaped_children() -> None:
+    """A parent's tree CPU takes in a live child's CPU, and keeps it once the child is reaped."""
+    import subprocess
+    import sys
+
+    from ingestd.bench.procstat import cpu_seconds, tree_cpu_seconds
+
+    me = os.getpid()
+    before = tree_cpu_seconds(me)
+    burn = (
+        "import sys, time\n"
+        "while time.process_time() < 0.3: pass\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+        own = cpu_seconds(child.pid)
+        assert own >= 0.29
+        alive = tree_cpu_seconds(me)
+        assert alive - before >= own
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(30)
+    # Reaped: its time moved into our cutime/cstime.
+    assert tree_cpu_seconds(me) - before >= own
+
+
+@pytest.mark.pg
+def test_ingest_cpu_accounting_with_the_postmaster(ingest_server: tuple[Any, str]) -> None:
+    srv, dsn = ingest_server
+    backend = pg_value(dsn, "SELECT pg_backend_pid()")
+    stat = Path(f"/proc/{backend}/stat")
+    # The postmaster is the parent of every backend (a remote server: our own tree instead).
+    pg_pid = int(stat.read_text().rsplit(")", 1)[1].split()[1]) if stat.exists() else os.getpid()
+    res = run(ingest_plan(srv.port), dsn=dsn, pid=os.getpid(), pg_pid=pg_pid)
+    assert res.errors == [] and res.notes == []
+    assert (res.rows, res.lost) == (1000, 0)
+    assert res.postgres_cpu_s is not None and res.postgres_cpu_s >= 0
+    assert res.binary_reference_cpu_s is not None and res.binary_reference_cpu_s >= 0
+    assert res.broker_cpu_s is not None
+    total = res.broker_cpu_s + res.postgres_cpu_s + res.loadgen_cpu_s
+    assert total > 0  # the load generator alone takes CPU
+    assert res.cpu_vs_binary_reference == pytest.approx(res.binary_reference_cpu_s / total)
+    table = format_table([res])
+    assert "PostgreSQL CPU s" in table and "CPU vs binary reference" in table
+    assert "binary reference CPU s" in table
+    # Without pg_pid there is no PostgreSQL accounting.
+    res = run(ingest_plan(srv.port, messages=20), dsn=dsn)
+    assert res.postgres_cpu_s is None and res.cpu_vs_binary_reference is None
+    assert res.binary_reference_cpu_s is None and "PostgreSQL CPU s" not in format_table([res])
+
+
+def _fake_stat(root: Path, pid: int, ppid: int, ticks: tuple[int, int, int, int]) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    u, s, cu, cs = ticks
+    (d / "stat").write_text(
+        f"{pid} (post gres) S {ppid} 1 1 0 -1 0 0 0 0 0 {u} {s} {cu} {cs} 20 0\n"
+    )
+
+
+@pytest.mark.parametrize("children_lists", [True, False])
+def test_tree_cpu_seconds_from_a_fake_proc(tmp_path: Path, children_lists: bool) -> None:
+    """Own + reaped children's + live children's ticks; grandchildren and strangers not.
+    With the kernel's children lists, or by scanning parents where there are none."""
+    from ingestd.bench.procstat import tree_cpu_seconds
+
+    hz = os.sysconf("SC_CLK_TCK")
+    _fake_stat(tmp_path, 10, 1, (100, 20, 300, 40))
+    _fake_stat(tmp_path, 11, 10, (5, 6, 700, 800))  # its cutime is not ours
+    _fake_stat(tmp_path, 12, 10, (7, 8, 0, 0))
+    _fake_stat(tmp_path, 13, 11, (1000, 1000, 0, 0))  # a grandchild
+    _fake_stat(tmp_path, 14, 1, (2000, 2000, 0, 0))  # not ours
+    if children_lists:
+        (tmp_path / "10" / "task" / "10").mkdir(parents=True)
+        (tmp_path / "10" / "task" / "10" / "children").write_text("11 12 99 ")  # 99: gone
+    assert tree_cpu_seconds(10, tmp_path) == pytest.approx((100 + 20 + 300 + 40 + 11 + 15) / hz)

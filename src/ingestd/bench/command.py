@@ -141,16 +141,34 @@ def parse_target(text: str) -> tuple[str, int]:
 @click.option(
     "--reference/--no-reference",
     default=None,
-    help="After the ingest run, measure a plain asyncpg copy_records_to_table loop (one "
-    "connection, --reference-batch rows per transaction, as many rows as the run stored) into "
-    "the same table, and print the run's rows/s as a multiple of it (default: on with --dsn).",
+    help="After the ingest run, measure into the same table a plain asyncpg "
+    "copy_records_to_table loop (one connection, --reference-batch rows per transaction, as many "
+    "rows as the run stored), then the run's own rows pre-encoded by PostgreSQL as binary COPY "
+    "(--reference-batch rows per lone COPY) over one connection and over "
+    "--reference-connections, and print the run's rows/s as a multiple of each "
+    "(default: on with --dsn).",
 )
 @click.option(
     "--reference-batch",
     default=5000,
     show_default=True,
     type=click.IntRange(1),
-    help="Rows per COPY transaction of the reference.",
+    help="Rows per COPY of the references.",
+)
+@click.option(
+    "--reference-connections",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Connections the parallel binary reference spreads its COPYs over (ingestd's "
+    "ingest.max_concurrent_copies, 2 by default, is a fair match).",
+)
+@click.option(
+    "--pg-pid",
+    type=int,
+    help="PID of a local PostgreSQL's postmaster (ingest scenario): its CPU seconds (all its "
+    "backends) during the run and the binary reference, and the run's total CPU (broker + "
+    "PostgreSQL + load generator) against the reference's.",
 )
 @click.option(
     "--drain-timeout",
@@ -213,6 +231,8 @@ def bench(
     table: str,
     reference: bool | None,
     reference_batch: int,
+    reference_connections: int,
+    pg_pid: int | None,
     drain_timeout: float,
     persistent_sessions: bool,
     stall_subscriber: float,
@@ -285,6 +305,8 @@ def bench(
             "table": table,
             "reference": reference,
             "reference_batch": reference_batch,
+            "reference_connections": reference_connections,
+            "pg_pid": pg_pid,
         }
         if compare_with:
             other = parse_target(compare_with)

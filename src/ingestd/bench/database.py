@@ -1,4 +1,4 @@
-"""PostgreSQL side of the ingest scenario: counting the run's rows, and the plain-COPY reference.
+"""PostgreSQL side of the ingest scenario: counting the run's rows, and the same-run references.
 
 The ingest scenario stores each message as one row of ``table`` with columns
 ``run`` (the run id), ``pub`` and ``seq``. :func:`count_rows` polls until
@@ -9,6 +9,16 @@ what a plain client does without a broker in between: one asyncpg
 connection, rows built before the clock starts, one
 ``copy_records_to_table`` per batch in its own transaction. Its rows carry
 a run id of their own and are deleted afterwards.
+
+:func:`measure_binary_reference` measures PostgreSQL's own floor for the
+same rows: the rows the run stored, read back with ``COPY (SELECT ...) TO
+STDOUT (FORMAT binary)`` (PostgreSQL encodes them; the ``run`` column
+rewritten to a run id of its own) and cut into ``batch``-row COPY streams
+before the clock starts; timed, each stream is one lone ``COPY ... FROM
+STDIN (FORMAT binary)`` (its own transaction, one commit per batch as
+ingestd's), over one connection or spread round-robin over several
+connections sending concurrently. The rows are counted after the clock
+stops (all of them must be there) and deleted.
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ class RowCount:
     rows: int  # rows of the run
     unique: int  # distinct (pub, seq) of the run
     t_seen_ns: int  # time.monotonic_ns() just before the query that first saw ``rows``
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_table(table: str) -> str:
@@ -168,3 +182,146 @@ async def measure_reference(
     finally:
         await conn.execute(f"DELETE FROM {quote_table(table)} WHERE run = $1", run_id)
     return len(records) / max(elapsed, 1e-9)
+
+
+# The binary COPY format (PostgreSQL docs, "COPY", binary format): an 11-byte
+# signature, 32-bit flags and header-extension length; per row a 16-bit field count
+# and per field a 32-bit length (-1: NULL) and the value; a 16-bit -1 trailer.
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_TRAILER = b"\xff\xff"
+
+
+def split_copy_binary(data: bytes, rows_per_stream: int) -> list[bytes]:
+    """Cut one binary COPY stream into streams of at most ``rows_per_stream`` rows
+    (each with the header and the trailer). Raises ValueError for a malformed stream."""
+    if rows_per_stream < 1:
+        raise ValueError("rows_per_stream must be at least 1")
+    if len(data) < 21 or not data.startswith(COPY_SIGNATURE):
+        raise ValueError("not a binary COPY stream")
+    ext = int.from_bytes(data[15:19], "big")
+    start = 19 + ext
+    header = data[:start]
+    mv = memoryview(data)
+    out: list[bytes] = []
+    pos = start
+    first = pos
+    rows = 0
+    n = len(data)
+    while True:
+        if pos + 2 > n:
+            raise ValueError("binary COPY stream ends without its trailer")
+        fields = int.from_bytes(mv[pos : pos + 2], "big", signed=True)
+        if fields == -1:
+            break
+        pos += 2
+        for _ in range(fields):
+            if pos + 4 > n:
+                raise ValueError("binary COPY stream ends inside a row")
+            size = int.from_bytes(mv[pos : pos + 4], "big", signed=True)
+            pos += 4 + max(size, 0)
+        if pos > n:
+            raise ValueError("binary COPY stream ends inside a row")
+        rows += 1
+        if rows == rows_per_stream:
+            out.append(header + mv[first:pos] + _TRAILER)
+            first, rows = pos, 0
+    if rows:
+        out.append(header + mv[first:pos] + _TRAILER)
+    return out
+
+
+@dataclass
+class BinaryReference:
+    rows_per_s: float
+    rows: int  # rows the reference stored (counted after the clock stopped)
+    streams: int  # COPY statements
+    connections: int
+    cpu_s: float | None = None  # what ``cpu`` read over the timed COPYs
+
+
+async def encode_run_rows(
+    conn: Any, table: str, run_id: str, new_run_id: str
+) -> tuple[list[str], bytes]:
+    """(columns, stream): the run's rows as PostgreSQL encodes them for binary COPY, with
+    ``run`` = ``new_run_id`` (columns COPY can fill; ordered by pub, seq when present)."""
+    cols = await conn.fetch(_COLUMNS_SQL, quote_table(table))
+    names = [c["attname"] for c in cols]
+    if "run" not in names:
+        raise ReferenceSkipped(f"table {table} has no column run (without a default) to mark rows")
+    run_type = next(c for c in cols if c["attname"] == "run")
+    if run_type["typname"] not in _TEXT_TYPES or (
+        run_type["typname"] == "varchar" and 0 <= run_type["atttypmod"] - 4 < len(new_run_id)
+    ):
+        raise ReferenceSkipped(f"column run is {run_type['type']}, cannot hold {new_run_id!r}")
+    select = ", ".join(
+        f"$2::{c['type']} AS run" if c["attname"] == "run" else _quote_ident(c["attname"])
+        for c in cols
+    )
+    order = " ORDER BY pub, seq" if {"pub", "seq"} <= set(names) else ""
+    chunks: list[bytes] = []
+
+    async def take(b: bytes) -> None:
+        chunks.append(b)
+
+    await conn.copy_from_query(
+        f"SELECT {select} FROM {quote_table(table)} WHERE run = $1{order}",
+        run_id,
+        new_run_id,
+        output=take,
+        format="binary",
+    )
+    return names, b"".join(chunks)
+
+
+async def measure_binary_reference(
+    conns: list[Any],
+    table: str,
+    run_id: str,
+    ref_run_id: str,
+    batch: int,
+    cpu: Callable[[], float] | None = None,
+) -> BinaryReference:
+    """Rows/s of pre-encoded binary COPYs of the run's rows, ``batch`` rows per lone COPY,
+    spread round-robin over ``conns`` (each sends its share one after another; all
+    start together).
+
+    Inserts the rows marked ``run = ref_run_id`` and deletes them again (also
+    when a COPY fails). Raises :class:`ReferenceSkipped` when there is nothing to
+    measure or the rows cannot be marked. ``cpu`` (CPU seconds so far, e.g. of
+    the PostgreSQL server and this process) is read just before and after the
+    timed COPYs.
+    """
+    if not conns:
+        raise ValueError("at least one connection is needed")
+    columns, data = await encode_run_rows(conns[0], table, run_id, ref_run_id)
+    streams = split_copy_binary(data, batch)
+    if not streams:
+        raise ReferenceSkipped("the run stored no rows")
+    parts = table.split(".")
+    name, schema = parts[-1], (parts[-2] if len(parts) > 1 else None)
+    shares = [streams[i :: len(conns)] for i in range(len(conns))]
+
+    async def send(conn: Any, share: list[bytes]) -> None:
+        for s in share:
+            await conn.copy_to_table(
+                name, source=memoryview(s), columns=columns, schema_name=schema, format="binary"
+            )
+
+    sql_count = f"SELECT count(*) FROM {quote_table(table)} WHERE run = $1"
+    cpu_s = None
+    try:
+        c0 = cpu() if cpu is not None else 0.0
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.TaskGroup() as tg:  # a failed COPY cancels the others
+                for c, sh in zip(conns, shares, strict=True):
+                    tg.create_task(send(c, sh))
+        except ExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+        elapsed = time.perf_counter() - t0
+        if cpu is not None:
+            cpu_s = cpu() - c0
+        stored = int(await conns[0].fetchval(sql_count, ref_run_id))
+    finally:
+        await conns[0].execute(f"DELETE FROM {quote_table(table)} WHERE run = $1", ref_run_id)
+    return BinaryReference(stored / max(elapsed, 1e-9), stored, len(streams), len(conns), cpu_s)

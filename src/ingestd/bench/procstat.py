@@ -16,6 +16,53 @@ def cpu_seconds(pid: int, proc: str | Path = "/proc") -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int, proc: str | Path = "/proc") -> float:
+    """CPU seconds of ``pid``, its exited children it has waited for, and its live children.
+
+    For a PostgreSQL postmaster this is the server's CPU: every backend is a
+    child, and an exited backend's time moves into the postmaster's cutime and
+    cstime when it is reaped. (A backend older than the first reading that exits
+    before the second is counted whole: read around an interval in which the
+    connections of interest are opened, or stay open.)
+    """
+    text = Path(proc, str(pid), "stat").read_text()
+    rest = text[text.rindex(")") + 2 :].split()
+    ticks = sum(int(x) for x in rest[11:15])  # utime, stime, cutime, cstime
+    for child in _children(pid, proc):
+        try:
+            t = Path(proc, str(child), "stat").read_text()
+        except OSError:
+            continue  # gone (its time is in our cutime once reaped)
+        r = t[t.rindex(")") + 2 :].split()
+        ticks += int(r[11]) + int(r[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int, proc: str | Path) -> list[int]:
+    """Live children of ``pid``: the kernel's per-thread lists (fast), else a scan of
+    every process's parent (kernels without /proc/<pid>/task/<tid>/children)."""
+    task = Path(proc, str(pid), "task")
+    try:
+        return [
+            int(c)
+            for tid in os.listdir(task)
+            for c in (task / tid / "children").read_text().split()
+        ]
+    except FileNotFoundError:
+        pass
+    kids = []
+    for d in os.listdir(proc):
+        if not d.isdigit() or d == str(pid):
+            continue
+        try:
+            t = Path(proc, d, "stat").read_text()
+        except OSError:
+            continue
+        if int(t[t.rindex(")") + 2 :].split()[1]) == pid:  # ppid
+            kids.append(int(d))
+    return kids
+
+
 def rss_bytes(pid: int, proc: str | Path = "/proc") -> int:
     """Resident set size (VmRSS) of ``pid`` in bytes."""
     for line in Path(proc, str(pid), "status").read_text().splitlines():

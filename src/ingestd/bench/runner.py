@@ -14,8 +14,10 @@ message received by any subscriber.
 The ingest scenario counts the run's rows in PostgreSQL instead (``--dsn``):
 its rate is the number of distinct rows stored divided by the time from "go"
 to the row-count query that first saw them all. Unless disabled it then
-measures a same-run reference into the same table: a plain asyncpg
-``copy_records_to_table`` loop (see :mod:`ingestd.bench.database`).
+measures same-run references into the same table (see
+:mod:`ingestd.bench.database`): a plain asyncpg ``copy_records_to_table``
+loop, and the run's own rows pre-encoded by PostgreSQL as binary COPY streams
+sent over one connection and over ``reference_connections`` connections.
 """
 
 from __future__ import annotations
@@ -27,74 +29,41 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, TextIO
 
 from ingestd.bench import procstat
 from ingestd.bench.accounting import merge_samples, percentiles
 from ingestd.bench.database import (
+    BinaryReference,
     ReferenceSkipped,
     RowCount,
     count_rows,
+    measure_binary_reference,
     measure_reference,
 )
+from ingestd.bench.results import Result, format_table, table_rows
 from ingestd.bench.worker import Plan, worker_main
+
+__all__ = [
+    "SCENARIOS",
+    "BenchFailed",
+    "Result",
+    "compare",
+    "default_processes",
+    "format_table",
+    "median",
+    "run",
+    "stderr_progress",
+    "table_rows",
+]
 
 SCENARIOS = ("fan-in", "fan-out", "publish-only", "ingest", "connections", "latency")
 
 
 class BenchFailed(Exception):
     """A worker failed or a phase did not complete."""
-
-
-@dataclass
-class Result:
-    scenario: str
-    target: str
-    mqtt_version: int
-    qos: int
-    publishers: int
-    subscribers: int
-    processes: int
-    payload_size: int
-    sent: int = 0
-    acked: int = 0
-    expected: int = 0
-    delivered: int = 0  # distinct messages received, summed over subscribers
-    received: int = 0
-    lost: int = 0
-    duplicates: int = 0
-    duration_s: float = 0.0  # go -> last message received (or last publish confirmed)
-    publish_duration_s: float = 0.0  # go -> last publisher done
-    msgs_per_s: float = 0.0  # the headline rate of the scenario (see `rate_of`)
-    rate_of: str = ""
-    publish_rate: float = 0.0
-    latency_ms: dict[str, float | None] = field(default_factory=dict)
-    latency_kind: str = ""  # "end-to-end" or "publish->ack"
-    broker_pid: int | None = None
-    broker_cpu_s: float | None = None
-    msgs_per_broker_cpu_s: float | None = None
-    loadgen_cpu_s: float = 0.0
-    # Highest CPU utilisation of any worker over a 0.2 s window (1.0 = one core busy):
-    # near 1.0 the load generator itself may be the bottleneck.
-    loadgen_peak_util: float = 0.0
-    connected: int | None = None
-    connect_failed: int | None = None
-    connect_rate: float | None = None
-    rss_per_connection_bytes: float | None = None
-    rows: int | None = None
-    unique_rows: int | None = None
-    # ingest: a plain COPY loop into the same table in the same run, and the
-    # scenario's rows/s as a multiple of it
-    reference_rows_per_s: float | None = None
-    reference_batch: int | None = None
-    vs_reference: float | None = None
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _Database:
@@ -151,12 +120,19 @@ def run(
     phase_timeout: float | None = None,
     reference: bool | None = None,
     reference_batch: int = 5000,
+    reference_connections: int = 2,
+    pg_pid: int | None = None,
 ) -> Result:
     """Run one scenario once; raises :class:`BenchFailed` when a worker fails.
 
     ``reference`` (ingest scenario with a ``dsn`` only; default: on there)
-    measures the plain-COPY reference after the rows are verified.
+    measures the references after the rows are verified: the plain-COPY loop,
+    then the pre-encoded binary COPYs over one connection and over
+    ``reference_connections`` (if more than one). ``pg_pid`` (the postmaster
+    of a local PostgreSQL) adds its CPU seconds to the accounting.
     """
+    if reference_connections < 1:
+        raise ValueError("reference_connections must be at least 1")
     if not plan.run_id:
         plan.run_id = uuid.uuid4().hex[:8]
     if plan.messages is None and plan.duration is None:
@@ -203,6 +179,7 @@ def run(
             procs.append(_Proc(p, parent, w))
         _collect(procs, "ready", limit)
         cpu0 = procstat.cpu_seconds(pid) if pid else None
+        pg0 = procstat.tree_cpu_seconds(pg_pid) if pg_pid and verify else None
         t0 = time.monotonic_ns()
         deadline = t0 + int(plan.duration * 1e9) if plan.duration else None
         for pr in procs:
@@ -233,6 +210,9 @@ def run(
                 sent_by_pub.update(info["sent"])
             res.sent = sum(sent_by_pub.values())
             expected_per_sub = res.sent
+            if pg_pid and pg0 is not None:
+                # Before counting: a count(*) over a big table costs more than the run.
+                res.postgres_cpu_s = procstat.tree_cpu_seconds(pg_pid) - pg0
             if db is not None:
                 # While the workers wait (idle): their teardown is not in the rows/s.
                 counted = db.count_rows(table, plan.run_id, res.sent, plan.drain_timeout)
@@ -259,6 +239,9 @@ def run(
         if reference and db is not None:
             # After the workers have exited, so that they take no CPU from it.
             _reference(res, plan, db, table, reference_batch)
+            _binary_reference(
+                res, plan, db, dsn, table, reference_batch, reference_connections, pg_pid
+            )
         return res
     finally:
         for pr in procs:
@@ -362,24 +345,96 @@ def _apply_row_count(res: Result, counted: RowCount, t0: int) -> None:
     res.rate_of = "rows/s"
 
 
-def _reference(res: Result, plan: Plan, db: _Database, table: str, batch: int) -> None:
-    """Measure the plain-COPY reference (as many rows as the run stored) into ``res``."""
+def _measured(res: Result, db: _Database, what: str, coro: Any) -> Any:
+    """Run one reference measurement; a skip or a database error becomes a note
+    (and None)."""
     import asyncpg
 
-    ref_run = f"{plan.run_id}-ref"
     try:
-        rate = db.run(
-            measure_reference(db.conn, table, res.rows or 0, ref_run, plan.publishers, batch)
-        )
+        return db.run(coro)
     except ReferenceSkipped as e:
-        res.notes.append(f"reference skipped: {e}")
-        return
+        res.notes.append(f"{what} skipped: {e}")
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
-        res.notes.append(f"reference failed: {type(e).__name__}: {e}")
+        res.notes.append(f"{what} failed: {type(e).__name__}: {e}")
+    return None
+
+
+def _reference(res: Result, plan: Plan, db: _Database, table: str, batch: int) -> None:
+    """Measure the plain-COPY reference (as many rows as the run stored) into ``res``."""
+    rate = _measured(
+        res,
+        db,
+        "reference",
+        measure_reference(
+            db.conn, table, res.rows or 0, f"{plan.run_id}-ref", plan.publishers, batch
+        ),
+    )
+    if rate is None:
         return
     res.reference_rows_per_s = rate
     res.reference_batch = batch
     res.vs_reference = res.msgs_per_s / rate if rate > 0 else None
+
+
+def _binary_reference(
+    res: Result,
+    plan: Plan,
+    db: _Database,
+    dsn: str | None,
+    table: str,
+    batch: int,
+    connections: int,
+    pg_pid: int | None = None,
+) -> None:
+    """Measure the pre-encoded binary COPY references (one connection, then several)."""
+    import asyncpg
+
+    def cpu() -> float:
+        assert pg_pid is not None
+        return procstat.tree_cpu_seconds(pg_pid) + time.process_time()
+
+    async def measure(n: int) -> BinaryReference:
+        extra: list[Any] = []
+        try:
+            for _ in range(n - 1):
+                assert dsn is not None
+                extra.append(await asyncpg.connect(dsn))
+            return await measure_binary_reference(
+                [db.conn, *extra],
+                table,
+                plan.run_id,
+                f"{plan.run_id}-bin{n}",
+                batch,
+                cpu if pg_pid and n == 1 else None,
+            )
+        finally:
+            for c in extra:
+                await c.close(timeout=5)
+
+    if not res.rows:
+        return  # the records reference has said so already
+    for n in sorted({1, connections}):
+        got: BinaryReference | None = _measured(res, db, "binary reference", measure(n))
+        if got is None:
+            return
+        if got.rows != res.rows:
+            res.notes.append(
+                f"binary reference over {n} connection(s) stored {got.rows:,} of {res.rows:,} rows"
+            )
+            return
+        vs = res.msgs_per_s / got.rows_per_s if got.rows_per_s > 0 else None
+        res.reference_batch = batch
+        if n == 1:
+            res.binary_reference_rows_per_s, res.vs_binary_reference = got.rows_per_s, vs
+            res.binary_reference_cpu_s = got.cpu_s
+            spent = [res.broker_cpu_s, res.postgres_cpu_s]
+            if got.cpu_s is not None and all(x is not None for x in spent):
+                total = sum(x for x in spent if x is not None) + res.loadgen_cpu_s
+                res.cpu_vs_binary_reference = got.cpu_s / total if total > 0 else None
+        else:
+            res.binary_reference_connections = n
+            res.binary_reference_parallel_rows_per_s = got.rows_per_s
+            res.vs_binary_reference_parallel = vs
 
 
 class _Status:
@@ -414,108 +469,6 @@ class _Status:
         self.tick()
         self.out.write("\n")
         self.out.flush()
-
-
-# -- output ------------------------------------------------------------------------
-
-
-def _fmt(v: Any, digits: int = 0) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def table_rows(r: Result) -> list[tuple[str, str]]:
-    lat = r.latency_ms
-    rows = [
-        ("target", r.target),
-        ("scenario", f"{r.scenario} (MQTT {'5' if r.mqtt_version == 5 else '3.1.1'}, QoS {r.qos})"),
-        ("clients", f"{r.publishers} pub / {r.subscribers} sub, {r.processes} process(es)"),
-    ]
-    if r.scenario == "connections":
-        rows += [
-            ("connected", _fmt(r.connected)),
-            ("failed", _fmt(r.connect_failed)),
-            ("connections/s", _fmt(r.connect_rate)),
-            (
-                "RSS per connection",
-                _fmt(r.rss_per_connection_bytes) + " B"
-                if r.rss_per_connection_bytes is not None
-                else "-",
-            ),
-            ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
-        ]
-        return rows
-    rows += [
-        ("sent", _fmt(r.sent)),
-        ("acked", _fmt(r.acked) if r.qos else "- (QoS 0)"),
-        ("delivered", _fmt(r.delivered)),
-        ("expected", _fmt(r.expected)),
-        ("lost", _fmt(r.lost)),
-        ("duplicates", _fmt(r.duplicates)),
-        (r.rate_of or "msgs/s", _fmt(r.msgs_per_s)),
-        ("publish rate", _fmt(r.publish_rate) + " msgs/s"),
-        ("duration", _fmt(r.duration_s, 2) + " s"),
-    ]
-    if r.rows is not None:
-        rows.append(("rows (distinct)", f"{_fmt(r.rows)} ({_fmt(r.unique_rows)})"))
-    if r.reference_rows_per_s is not None:
-        rows += [
-            (
-                "reference rows/s",
-                _fmt(r.reference_rows_per_s)
-                + f" (plain COPY, {_fmt(r.reference_batch)}-row batches)",
-            ),
-            ("vs reference", "-" if r.vs_reference is None else f"{r.vs_reference:.2f}x"),
-        ]
-    if lat:
-        kind = f" ({r.latency_kind})" if r.latency_kind else ""
-        rows.append(
-            (
-                "latency ms" + kind,
-                " / ".join(_fmt(lat.get(k), 2) for k in ("p50", "p90", "p99", "max"))
-                + "  (p50/p90/p99/max)",
-            )
-        )
-    rows += [
-        ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
-        ("msgs per broker CPU s", _fmt(r.msgs_per_broker_cpu_s)),
-        (
-            "loadgen CPU s",
-            _fmt(r.loadgen_cpu_s, 2)
-            + f" (peak {r.loadgen_peak_util * 100:.0f}% of a core in one process)",
-        ),
-    ]
-    return rows
-
-
-def format_table(results: list[Result], ratio: tuple[str, float] | None = None) -> str:
-    """Results side by side, one column per run (rows matched by label)."""
-    cols = [dict(table_rows(r)) for r in results]
-    labels: list[str] = []
-    for c in cols:
-        labels += [label for label in c if label not in labels]
-    widths = [max(len(label) for label in labels)]
-    for c in cols:
-        widths.append(max(len(v) for v in c.values()))
-    lines = []
-    for label in labels:
-        cells = [label.ljust(widths[0])]
-        for j, c in enumerate(cols):
-            cells.append(c.get(label, "").rjust(widths[j + 1]))
-        lines.append("  ".join(cells).rstrip())
-    for r in results:
-        for e in r.errors[:5]:
-            lines.append(f"error ({r.target}): {e.strip().splitlines()[-1] if e.strip() else e}")
-        for n in r.notes[:5]:
-            lines.append(f"note ({r.target}): {n}")
-    if ratio is not None:
-        lines.append(f"{ratio[0]}: {ratio[1]:.2f}x")
-    return "\n".join(lines)
 
 
 def median(xs: list[float]) -> float:
