@@ -199,7 +199,7 @@ class App:
             ),
             lambda: None if ingest is None else ingest.database.pool,
         )
-        api = Api(broker, ingest, self.config.http.tokens)
+        api = Api(broker, ingest, self.config.http.tokens, self.config.http)
         self.http = HttpServer(self.registry, ready, api=api)
         try:
             bound_port = await self.http.start(host, port)
