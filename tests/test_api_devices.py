@@ -436,3 +436,50 @@ def test_user_tokens_and_schemes_load_from_toml(tmp_path: Path) -> None:
     again.write_text(dump_config(cfg))
     assert load_config(str(again)) == cfg
 
+
+FAST_PATH_ROUTES = """
+[server]
+http_listen = "127.0.0.1:0"
+[presence]
+enabled = false
+
+[[routes]]
+name = "machine_telemetry"
+topic = "company/{company}/machine/{machine}/telemetry"
+table = "dev_telemetry"
+[routes.columns]
+machine = "topic.machine"
+t = "payload.t::double precision"
+
+[[devices.schemes]]
+name = "machines"
+match = "company/{company_id}/machine/{machine_id}/#"
+command_topic = "company/{company_id}/machine/{machine_id}/command/{name}"
+"""
+
+
+def test_variables_are_learned_from_publishes_the_fast_path_takes(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    from pg_fixtures import config_from_toml, wait_rows
+
+    cfg = config_from_toml(FAST_PATH_ROUTES, tmp_path, pg_dsn)
+    cfg.server.listen = ["127.0.0.1:0"]
+    st = ServerThread(cfg, database=True).start()
+    try:
+        dev = Client(st.port, version=4)
+        dev.subscribe("company/acme/machine/m-1/command/#", qos=1)
+        for i in range(3):
+            dev.publish("company/acme/machine/m-1/telemetry", json.dumps({"t": i}), qos=1)
+        wait_rows(pg_dsn, "SELECT count(*) FROM dev_telemetry", until=lambda r: r[0][0] == 3)
+        taken = st.call(lambda: sum(c.inbound.taken for c in st.app.broker.connections))  # type: ignore[union-attr]
+        assert taken == 3  # every telemetry PUBLISH took the compiled fast path
+        out = Api(st).ok("POST", f"/api/devices/{dev.client_id}/commands/calibrate", {})
+        assert (out["topic"], out["delivery"]) == (
+            "company/acme/machine/m-1/command/calibrate",
+            "delivered",
+        )
+        (m,) = dev.expect()
+        assert m.topic == "company/acme/machine/m-1/command/calibrate"
+    finally:
+        st.stop()

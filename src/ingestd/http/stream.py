@@ -14,8 +14,8 @@ With a token tied to a user the user's ACL decides: a filter that can match
 nothing the user may read is refused (403), and each message is checked with
 ``may_read`` (as for an MQTT subscriber). At most ``http.stream_max_clients``
 streams are open at once (503 beyond). A comment line every
-``KEEPALIVE_S`` keeps proxies from closing an idle stream and finds a
-client that went away.
+``KEEPALIVE_S`` keeps proxies from closing an idle stream; a client that
+went away is noticed within ``CHECK_S`` (its subscriptions leave the trie).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ingestd.http.api")
 
 KEEPALIVE_S = 15.0
+CHECK_S = 1.0
 MAX_FILTERS = 16
 DROP_REASON = "api_stream_slow"
 
@@ -130,13 +131,22 @@ class StreamRoutes:
             await resp.prepare(request)
             await resp.write(f": ingestd stream of {json.dumps(filters)}\n\n".encode())
             reported = 0
+            quiet_since = time.monotonic()
             while not sink.closed:
                 try:
-                    async with asyncio.timeout(KEEPALIVE_S):
+                    async with asyncio.timeout(CHECK_S):
                         await sink.event.wait()
                 except TimeoutError:
-                    await resp.write(b": keepalive\n\n")
+                    # aiohttp does not cancel a handler whose client left: look every
+                    # CHECK_S, so a gone client's subscriptions go within a second.
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        break
+                    if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                        await resp.write(b": keepalive\n\n")
+                        quiet_since = time.monotonic()
                     continue
+                quiet_since = time.monotonic()
                 sink.event.clear()
                 out = []
                 now = time.monotonic()
