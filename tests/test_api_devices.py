@@ -483,3 +483,55 @@ def test_variables_are_learned_from_publishes_the_fast_path_takes(
         assert m.topic == "company/acme/machine/m-1/command/calibrate"
     finally:
         st.stop()
+
+
+def test_rpc_reply_under_an_acl_that_grants_devices_their_own_reply_topics(
+    tmp_path: Path,
+) -> None:
+    from ingestd.config import MqttConfig
+
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "pattern readwrite barrier/%c\n"
+        "pattern read devices/%c/commands/#\n"
+        "pattern write ingestd/rpc/%c/#\n"
+    )
+    cfg = Config(
+        server=ServerConfig(
+            listen=["127.0.0.1:0"], http_listen="127.0.0.1:0", data_dir=str(tmp_path)
+        ),
+        mqtt=MqttConfig(acl_file=str(acl)),
+    )
+    st = ServerThread(cfg).start()
+    try:
+        api = Api(st)
+        dev = Client(st.port, version=5)
+        dev.subscribe(f"devices/{dev.client_id}/commands/#", qos=1)
+        answer_v5(dev, reply={"ok": True})
+        out = api.ok("POST", f"/api/devices/{dev.client_id}/rpc", {"payload_json": {}})
+        assert out["reply"]["payload"] == {"ok": True}
+        # Another client may not answer in its place: its reply is refused by the ACL.
+        thief = Client(st.port, version=5)
+        seen: queue.Queue[Any] = queue.Queue()
+        dev.c.on_message = lambda c, u, m: seen.put(m)
+        results: queue.Queue[tuple[int, Any]] = queue.Queue()
+        t = threading.Thread(
+            target=lambda: results.put(
+                api.call("POST", f"/api/devices/{dev.client_id}/rpc", {"timeout_ms": 500})[::2]
+            )
+        )
+        t.start()
+        req = seen.get(timeout=WAIT)
+        thief.publish(
+            req.properties.ResponseTopic,
+            b"forged",
+            qos=1,
+            properties=props(CorrelationData=req.properties.CorrelationData),
+        )
+        status, data = results.get(timeout=WAIT)
+        t.join(WAIT)
+        error_of(status, data, 504, "rpc_timeout")
+        denied = st.call(lambda: st.app.broker.stats.acl_denied_publish)  # type: ignore[union-attr]
+        assert denied >= 1
+    finally:
+        st.stop()

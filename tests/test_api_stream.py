@@ -280,3 +280,52 @@ def test_a_user_token_writes_with_the_users_rights(srv: ServerThread) -> None:
     (m,) = sub.expect()
     assert m.topic == "bob/x"
     assert admin.ok("GET", "/api/sessions")["sessions"]
+
+
+def test_a_user_token_lists_only_readable_retained_messages(srv: ServerThread) -> None:
+    admin = Api(srv, token=ADMIN)
+    for topic in ("alice/r", "bob/r", "shared/r"):
+        admin.ok("POST", "/api/publish", {"topic": topic, "payload": "v", "retain": True})
+    listed = Api(srv, token=ALICE).ok("GET", "/api/retained?filter=%23")
+    assert [m["topic"] for m in listed["messages"]] == ["alice/r", "shared/r"]
+    assert len(admin.ok("GET", "/api/retained?filter=%23")["messages"]) == 3
+    status, _, data = Api(srv, token=ALICE).call("DELETE", "/api/retained/bob/r")
+    error_of(status, data, 403, "forbidden")
+
+
+def test_shutdown_ends_streams_and_answers_waiting_rpcs(tmp_path: Path) -> None:
+    import threading
+
+    st = ServerThread(make_config(tmp_path)).start()
+    stopped = False
+    try:
+        api = Api(st, token=ADMIN)
+        dev = Client(st.port, version=5)
+        dev.subscribe(f"devices/{dev.client_id}/commands/rpc", qos=1)
+        answers: list[Any] = []
+        t = threading.Thread(
+            target=lambda: answers.append(
+                api.call("POST", f"/api/devices/{dev.client_id}/rpc", {"timeout_ms": 30_000})
+            )
+        )
+
+        async def main() -> None:
+            session, sse = await stream(st, "x/#")
+            try:
+                t.start()
+                await asyncio.to_thread(dev.expect)  # the request is out: the RPC waits
+                await asyncio.to_thread(st.stop)
+                async with asyncio.timeout(WAIT):
+                    rest = await sse.resp.content.read()
+                assert b"event: message" not in rest  # ended, nothing more
+            finally:
+                await session.close()
+
+        run(main())
+        stopped = True
+        t.join(WAIT)
+        ((status, _, data),) = answers
+        assert status == 503 and data["error"]["code"] == "shutting_down", data
+    finally:
+        if not stopped:
+            st.stop()
