@@ -59,6 +59,11 @@ def bad(message: str, code: str = "bad_request", **extra: Any) -> ApiError:
     return ApiError(400, code, message, **extra)
 
 
+def busy(message: str, retry_after_s: int) -> ApiError:
+    """503 ``busy``: a bound of the API is reached; the client may retry after a while."""
+    return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
+
+
 # -- field validation ----------------------------------------------------------
 
 

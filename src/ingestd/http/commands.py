@@ -40,6 +40,7 @@ from ingestd.http.app import ApiError
 from ingestd.http.bodies import (
     API_CLIENT_ID,
     bad,
+    busy,
     json_bytes,
     parse_publish,
     render_message,
@@ -235,11 +236,8 @@ class DeviceRoutes:
             )
         api._check_open()
         if len(self.pending) >= cfg.rpc_max_pending:
-            raise ApiError(
-                503,
-                "busy",
-                f"{len(self.pending)} RPCs already wait for replies (http.rpc_max_pending)",
-                headers={"Retry-After": "1"},
+            raise busy(
+                f"{len(self.pending)} RPCs already wait for replies (http.rpc_max_pending)", 1
             )
         request_id = os.urandom(12).hex()
         version = getattr(conn, "version", 5)

@@ -32,7 +32,7 @@ from aiohttp import web
 from ingestd._trie import validate_topic_filter
 from ingestd.broker.message import Message
 from ingestd.http.app import ApiError
-from ingestd.http.bodies import bad, render_message
+from ingestd.http.bodies import bad, busy, render_message
 
 if TYPE_CHECKING:
     from ingestd.broker.acl import ClientAcl
@@ -111,12 +111,7 @@ class StreamRoutes:
                 )
         api._check_open()
         if len(self.sinks) >= cfg.stream_max_clients:
-            raise ApiError(
-                503,
-                "busy",
-                f"{len(self.sinks)} streams are open (http.stream_max_clients)",
-                headers={"Retry-After": "5"},
-            )
+            raise busy(f"{len(self.sinks)} streams are open (http.stream_max_clients)", 5)
         broker = api.broker
         sink = StreamSink(cfg.stream_queue_messages, acl, broker.stats)
         resp = web.StreamResponse(
