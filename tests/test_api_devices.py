@@ -45,6 +45,16 @@ ROUTERS = DeviceSchemeConfig(
     rpc_response_topic="spotfi/router/{id}/rpc/response",
     rpc_correlation_field="id",
 )
+# MQTT 5 headsets whose firmware answers through a JSON field, not the v5 properties.
+HEADSETS = DeviceSchemeConfig(
+    name="headsets",
+    client_id="vr-{n}",
+    command_topic="vr/{n}/cmd/{name}",
+    rpc_request_topic="vr/{n}/rpc/req",
+    rpc_response_topic="vr/{n}/rpc/res",
+    rpc_correlation_field="rid",
+    rpc_style="json",
+)
 
 
 def schemes_config(tmp_path: Path, **http: Any) -> Config:
@@ -53,7 +63,7 @@ def schemes_config(tmp_path: Path, **http: Any) -> Config:
             listen=["127.0.0.1:0"], http_listen="127.0.0.1:0", data_dir=str(tmp_path)
         ),
         http=HttpConfig(**http),
-        devices=DevicesConfig(schemes=[MACHINES, ROUTERS]),
+        devices=DevicesConfig(schemes=[MACHINES, ROUTERS, HEADSETS]),
     )
 
 
@@ -290,6 +300,25 @@ def test_rpc_v311_device_answers_with_the_correlation_field(srv: ServerThread) -
     assert pending(srv) == 0
 
 
+def test_rpc_style_json_serves_a_v5_device_that_answers_in_the_payload(
+    srv: ServerThread,
+) -> None:
+    api = Api(srv)
+    vr = Client(srv.port, client_id="vr-3", version=5)
+    vr.subscribe("vr/3/rpc/req", qos=1)
+
+    def on_message(c: Any, userdata: Any, m: Any) -> None:
+        req = json.loads(m.payload)
+        # No Response Topic was given: the scheme's JSON convention is used.
+        assert getattr(m.properties, "ResponseTopic", None) is None
+        c.publish("vr/3/rpc/res", json.dumps({"rid": req["rid"], "battery": 81}), 1)
+
+    vr.c.on_message = on_message
+    out = api.ok("POST", "/api/devices/vr-3/rpc", {"payload_json": {"get": "battery"}})
+    assert out["reply"]["payload"] == {"rid": out["request_id"], "battery": 81}
+    assert out["reply_topic"] == "vr/3/rpc/res"
+
+
 def test_rpc_timeouts_answer_504_and_clean_up(srv: ServerThread) -> None:
     api = Api(srv)
     silent = Client(srv.port, client_id="router-5", version=4)
@@ -395,6 +424,11 @@ def test_rpc_errors(srv: ServerThread) -> None:
             "needs mqtt.acl_file",
         ),
         ('[http]\ntokens = ["a", "a"]\n', "http.tokens[1]", "listed twice"),
+        (
+            '[[devices.schemes]]\nname = "m"\nrpc_style = "json"\n',
+            "devices.schemes[0].rpc_style",
+            "needs rpc_response_topic",
+        ),
         (
             "[http]\nrpc_timeout_default_ms = 9000\nrpc_timeout_max_ms = 1000\n",
             "http.rpc_timeout_default_ms",

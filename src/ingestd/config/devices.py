@@ -113,6 +113,7 @@ class DeviceScheme:
     rpc_request_topic: str
     rpc_response_topic: str | None
     rpc_correlation_field: str
+    rpc_style: str
     # the variables ``match`` / ``client_id`` define (without client_id and name)
     defined: frozenset[str]
 
@@ -242,6 +243,11 @@ def _compile_one(i: int, sc: DeviceSchemeConfig, seen: set[str]) -> DeviceScheme
     check(sc.rpc_response_topic, f"{at}.rpc_response_topic", {"client_id"})
     if sc.rpc_response_topic is not None and not sc.rpc_correlation_field:
         raise ConfigError("must not be empty", key=f"{at}.rpc_correlation_field")
+    if sc.rpc_style == "json" and sc.rpc_response_topic is None:
+        raise ConfigError(
+            'rpc_style = "json" needs rpc_response_topic (where devices answer)',
+            key=f"{at}.rpc_style",
+        )
     request = sc.rpc_request_topic
     if request is None:
         request = sc.command_topic.replace("{name}", "rpc")
@@ -255,5 +261,6 @@ def _compile_one(i: int, sc: DeviceSchemeConfig, seen: set[str]) -> DeviceScheme
         rpc_request_topic=request,
         rpc_response_topic=sc.rpc_response_topic,
         rpc_correlation_field=sc.rpc_correlation_field,
+        rpc_style=sc.rpc_style,
         defined=frozenset(defined),
     )

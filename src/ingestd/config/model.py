@@ -85,6 +85,10 @@ class DeviceSchemeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
     rpc_request_topic: str | None = None
     rpc_response_topic: str | None = None
     rpc_correlation_field: str = "id"
+    # "auto": MQTT 5 devices get Response Topic + Correlation Data, 3.1.1 devices the
+    # JSON field; "json": every device the JSON field (firmware that ignores the v5
+    # properties); "properties": MQTT 5 only (3.1.1 devices are refused).
+    rpc_style: Literal["auto", "json", "properties"] = "auto"
 
 
 class DevicesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

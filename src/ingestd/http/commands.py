@@ -241,7 +241,14 @@ class DeviceRoutes:
             )
         request_id = os.urandom(12).hex()
         version = getattr(conn, "version", 5)
-        if version == 5:
+        if scheme.rpc_style == "properties" and version != 5:
+            raise ApiError(
+                422,
+                "rpc_unsupported",
+                f"client {client_id!r} speaks MQTT 3.1.1 and device scheme {scheme.name!r}"
+                ' has rpc_style = "properties" (MQTT 5 only)',
+            )
+        if version == 5 and scheme.rpc_style != "json":
             reply_topic = f"{cfg.rpc_response_prefix}/{client_id}/{request_id}"
             if level_error(client_id) is not None:
                 raise ApiError(
@@ -267,7 +274,8 @@ class DeviceRoutes:
                 obj = None
             if not isinstance(obj, dict):
                 raise bad(
-                    "payload: an RPC to an MQTT 3.1.1 device must be a JSON object"
+                    "payload: an RPC answered through a JSON field (MQTT 3.1.1 devices,"
+                    ' rpc_style = "json") must be a JSON object'
                     f" (its {scheme.rpc_correlation_field!r} field carries the request id)"
                 )
             obj[scheme.rpc_correlation_field] = request_id
