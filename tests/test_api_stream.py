@@ -329,3 +329,64 @@ def test_shutdown_ends_streams_and_answers_waiting_rpcs(tmp_path: Path) -> None:
     finally:
         if not stopped:
             st.stop()
+
+
+def _stalled_stream(srv: ServerThread) -> Any:
+    """A raw client that opens a stream and never reads, and the server's handler of it
+    blocked in a write (the stream is fed until its write waits)."""
+    import socket
+
+    assert srv.app is not None
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", srv.app.port("http")))
+    s.sendall(
+        b"GET /api/stream?filter=stall/%23 HTTP/1.1\r\nHost: t\r\n"
+        b"Authorization: Bearer " + ADMIN.encode() + b"\r\n\r\n"
+    )
+    assert _wait(lambda: streams_open(srv) == 1)
+    api = Api(srv, token=ADMIN)
+    big = "x" * 60_000
+    batch = [{"topic": "stall/t", "payload": big, "qos": 0} for _ in range(5)]
+
+    def writing() -> bool:
+        return any(k.writing for k in srv.app.http.api.streams.sinks)  # type: ignore[union-attr]
+
+    for _ in range(400):  # at most 120 MB offered; the socket buffers hold far less
+        if srv.call(writing):
+            return s
+        api.ok("POST", "/api/ingest/webhook", batch)
+    raise AssertionError("the stream's write never blocked")
+
+
+def test_stop_cuts_off_a_stream_blocked_in_a_write(srv: ServerThread) -> None:
+    s = _stalled_stream(srv)
+    try:
+        # What HttpServer.stop does first: the blocked stream must end, not wait for its
+        # client (which would hold the graceful stop).
+        srv.call(lambda: srv.app.http.api.close())  # type: ignore[union-attr]
+        assert _wait(lambda: streams_open(srv) == 0)
+        n = srv.call(lambda: len(srv.app.broker.trie.match_all("stall/t")[0]))  # type: ignore[union-attr]
+        assert n == 0
+    finally:
+        s.close()
+
+
+def test_a_client_that_takes_no_write_is_cut_off(
+    srv: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ingestd.http.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "WRITE_TIMEOUT_S", 0.5)  # an input, not a measurement
+    s = _stalled_stream(srv)
+    try:
+        assert _wait(lambda: streams_open(srv) == 0)
+
+        # Its slot is free again: a new stream opens.
+        async def main() -> None:
+            session, _sse = await stream(srv, "a/#")
+            await session.close()
+
+        run(main())
+    finally:
+        s.close()

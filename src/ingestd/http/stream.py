@@ -7,7 +7,7 @@ deque (``http.stream_queue_messages``) and wakes the handler, so a stream
 never slows the broker down. The handler writes what is waiting as one write
 per wake-up; aiohttp's write waits while the socket's buffer is full, and
 meanwhile the deque fills: past its bound further messages are dropped for
-that stream only, counted (``ingestd_messages_dropped_total{reason="api_stream_slow"}``)
+that stream only, counted (``ingestd_dropped_messages_total{reason="api_stream_slow"}``)
 and announced to the client as an ``event: dropped`` with the count.
 
 With a token tied to a user the user's ACL decides: a filter that can match
@@ -15,7 +15,9 @@ nothing the user may read is refused (403), and each message is checked with
 ``may_read`` (as for an MQTT subscriber). At most ``http.stream_max_clients``
 streams are open at once (503 beyond). A comment line every
 ``KEEPALIVE_S`` keeps proxies from closing an idle stream; a client that
-went away is noticed within ``CHECK_S`` (its subscriptions leave the trie).
+went away is noticed within ``CHECK_S`` (its subscriptions leave the trie);
+one that takes nothing of a write for ``WRITE_TIMEOUT_S`` is cut off, and a
+server stop cuts off those blocked in a write at once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger("ingestd.http.api")
 
 KEEPALIVE_S = 15.0
 CHECK_S = 1.0
+WRITE_TIMEOUT_S = 30.0
 MAX_FILTERS = 16
 DROP_REASON = "api_stream_slow"
 
@@ -50,7 +53,18 @@ DROP_REASON = "api_stream_slow"
 class StreamSink:
     """The bounded queue of one stream (an internal subscriber; see the module doc)."""
 
-    __slots__ = ("acl", "closed", "dropped", "event", "last", "limit", "queue", "stats")
+    __slots__ = (
+        "acl",
+        "closed",
+        "dropped",
+        "event",
+        "last",
+        "limit",
+        "queue",
+        "stats",
+        "transport",
+        "writing",
+    )
 
     def __init__(self, limit: int, acl: ClientAcl | None, stats: BrokerStats) -> None:
         self.queue: deque[Message] = deque()
@@ -59,6 +73,9 @@ class StreamSink:
         self.stats = stats
         self.dropped = 0
         self.closed = False
+        # The client's connection, and whether the handler waits for it to take a write.
+        self.transport: asyncio.BaseTransport | None = None
+        self.writing = False
         self.event = asyncio.Event()
         # The message delivered last: one message matching two of our filters is one event.
         self.last: Message | None = None
@@ -81,6 +98,10 @@ class StreamSink:
     def close(self) -> None:
         self.closed = True
         self.event.set()
+        if self.writing and self.transport is not None:
+            # A client that stopped reading would hold the handler (and the server's
+            # graceful stop) in its write: cut it off.
+            self.transport.abort()  # type: ignore[attr-defined]
 
 
 class StreamRoutes:
@@ -124,7 +145,8 @@ class StreamRoutes:
         sent = 0
         try:
             await resp.prepare(request)
-            await resp.write(f": ingestd stream of {json.dumps(filters)}\n\n".encode())
+            sink.transport = request.transport
+            await _write(sink, resp, f": ingestd stream of {json.dumps(filters)}\n\n".encode())
             reported = 0
             quiet_since = time.monotonic()
             while not sink.closed:
@@ -138,7 +160,7 @@ class StreamRoutes:
                     if transport is None or transport.is_closing():
                         break
                     if time.monotonic() - quiet_since >= KEEPALIVE_S:
-                        await resp.write(b": keepalive\n\n")
+                        await _write(sink, resp, b": keepalive\n\n")
                         quiet_since = time.monotonic()
                     continue
                 quiet_since = time.monotonic()
@@ -161,9 +183,11 @@ class StreamRoutes:
                     )
                     reported = sink.dropped
                 if out:
-                    await resp.write("".join(out).encode())
-        except ConnectionError:
-            pass  # the client went away (aiohttp's reset errors are ConnectionErrors)
+                    await _write(sink, resp, "".join(out).encode())
+        except (ConnectionError, TimeoutError):
+            # The client went away (aiohttp's reset errors are ConnectionErrors), or took
+            # none of a write for WRITE_TIMEOUT_S (its connection is aborted).
+            pass
         finally:
             for flt in filters:
                 broker.trie.unsubscribe(flt, sink)
@@ -176,6 +200,21 @@ class StreamRoutes:
                 api._who(request),
             )
         return resp
+
+
+async def _write(sink: StreamSink, resp: web.StreamResponse, data: bytes) -> None:
+    """One write; a client that takes nothing of it for WRITE_TIMEOUT_S is cut off, so a
+    stalled reader does not keep its stream (and a slot of stream_max_clients) forever."""
+    sink.writing = True
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT_S):
+            await resp.write(data)
+    except TimeoutError:
+        if sink.transport is not None:
+            sink.transport.abort()  # type: ignore[attr-defined]
+        raise
+    finally:
+        sink.writing = False
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
