@@ -41,7 +41,7 @@ from ingestd.http.bodies import (
     render_payload,
     render_properties,
 )
-from ingestd.http.commands import DeviceRoutes
+from ingestd.http.commands import CommandRoutes
 from ingestd.http.deadletters import DeadLetterRoutes
 from ingestd.http.stream import StreamRoutes
 
@@ -92,13 +92,13 @@ class Api:
         # Why the API refuses every request (see check_exposure), or None.
         self.disabled: str | None = None
         self.dead = DeadLetterRoutes(ingest)
-        self.devices = DeviceRoutes(self)
+        self.commands = CommandRoutes(self)
         self.streams = StreamRoutes(self)
 
     def close(self) -> None:
         """The server stops: streams end, waiting RPCs answer 503."""
         self.streams.close()
-        self.devices.close()
+        self.commands.close()
 
     # -- tokens tied to users ---------------------------------------------------
 
@@ -154,8 +154,8 @@ class Api:
             ("DELETE", "/api/sessions/{client_id:.+}", self.delete_session),
             ("GET", "/api/dead-letters", self.list_dead_letters),
             ("POST", "/api/dead-letters/replay", self.replay_dead_letters),
-            ("POST", "/api/devices/{client_id}/commands/{name}", self.devices.command),
-            ("POST", "/api/devices/{client_id}/rpc", self.devices.rpc),
+            ("POST", "/api/devices/{client_id}/commands/{name}", self.commands.command),
+            ("POST", "/api/devices/{client_id}/rpc", self.commands.rpc),
             ("GET", "/api/stream", self.streams.stream),
             ("GET", "/api/openapi.json", self.openapi),
         ]

@@ -91,7 +91,7 @@ class ReplyWaiter:
         return isinstance(obj, dict) and obj.get(self.field) == self.correlation
 
 
-class DeviceRoutes:
+class CommandRoutes:
     """The handlers; ``api`` gives the broker, the body reader, auth and audit."""
 
     def __init__(self, api: Api) -> None:

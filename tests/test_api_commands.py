@@ -75,7 +75,7 @@ def srv(tmp_path: Path) -> Any:
 
 
 def pending(srv: ServerThread) -> int:
-    return srv.call(lambda: len(srv.app.http.api.devices.pending))  # type: ignore[union-attr]
+    return srv.call(lambda: len(srv.app.http.api.commands.pending))  # type: ignore[union-attr]
 
 
 # -- commands --------------------------------------------------------------------------
