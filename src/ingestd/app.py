@@ -232,7 +232,7 @@ class App:
             lambda: None if ingest is None else ingest.database.pool,
         )
         h = self.config.http
-        api = Api(broker, ingest, h.tokens, ingest_wait_s=h.ingest_wait_s)
+        api = Api(broker, ingest, h.tokens, h, ingest_wait_s=h.ingest_wait_s)
         console = ConsoleRoutes() if h.console else None
         self.http = HttpServer(
             self.registry, ready, api=api, max_api_body_bytes=h.max_body_bytes, console=console

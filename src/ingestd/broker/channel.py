@@ -159,6 +159,10 @@ class Channel:
         self._timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._publish = broker.router.publish
+        # devices.schemes that learn variables from published topics (None: none do),
+        # and the last topic handed to it (a device repeating one topic costs one compare).
+        self._devices = broker.device_learner
+        self._device_topic = ""
         # Inbound QoS 1/2 acks in arrival order, and the ingest fast path. A durability
         # future is watched once (the messages of one ingest batch share it), so one
         # callback per batch and connection releases them all.
@@ -646,6 +650,18 @@ class Channel:
             def classify(topic: str) -> Any:
                 return target(topic) if may_publish(topic) else None
 
+        devices = self._devices
+        if devices is not None:
+            # The fast path asks once per topic (until the trie changes): the device
+            # schemes learn the topic's variables then, never per message.
+            classified = classify
+
+            def classify(topic: str) -> Any:
+                t = classified(topic)
+                if t is not None:
+                    session.device_vars = devices.learn(session.device_vars, topic)
+                return t
+
         self.inbound.attach(
             self.version,
             self.cfg.receive_maximum,
@@ -711,6 +727,9 @@ class Channel:
             # No acl_file, and still no client writes $SYS (the broker's statistics).
             self._refuse_publish(p, topic)
             return
+        if self._devices is not None and topic != self._device_topic:
+            self._device_topic = topic
+            session.device_vars = self._devices.learn(session.device_vars, topic)
         message = Message(
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )

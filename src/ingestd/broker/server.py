@@ -46,6 +46,7 @@ from ingestd.broker.retained import RetainedStore
 from ingestd.broker.router import Router
 from ingestd.broker.session import DeliveryJournal, QueuePool, Session
 from ingestd.config import Config
+from ingestd.config.devices import DeviceSchemes, compile_schemes
 from ingestd.mqtt.constants import Reason
 
 if TYPE_CHECKING:
@@ -80,6 +81,10 @@ class Broker:
         self.pool: QueuePool | None = QueuePool(m.queue_pool_bytes) if m.queue_pool_bytes else None
         self.registry.pool = self.pool
         self.auth = Auth(config.mqtt, self.stats)
+        # devices.schemes: the channels learn their clients' template variables with it
+        # (None when no scheme learns from topics: nothing to do per publish).
+        self.devices: DeviceSchemes = compile_schemes(config)
+        self.device_learner: DeviceSchemes | None = self.devices if self.devices.learns else None
         self.connections: set[Channel] = set()
         # CONNECTED channels per peer host (mqtt.max_connections_per_peer).
         self._per_peer: dict[str, int] = {}

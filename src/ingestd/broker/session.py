@@ -196,6 +196,7 @@ class Session:
         "acl",
         "client_id",
         "connection",
+        "device_vars",
         "expiry_handle",
         "expiry_interval",
         "inbound_qos2",
@@ -267,6 +268,10 @@ class Session:
         # persistent (expiry_interval != 0) each QoS 1/2 delivery is journaled from the
         # moment it is accepted until it completes, so a crash does not lose it.
         self.journal: DeliveryJournal | None = None
+        # Template variables of the last topic it published that matched a device
+        # scheme's ``match``, by scheme index (devices.schemes; None: none learned).
+        # Memory only: after a restart they are learned again from its next publish.
+        self.device_vars: dict[int, dict[str, str]] | None = None
 
     # -- outbound ---------------------------------------------------------
 

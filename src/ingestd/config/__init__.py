@@ -11,7 +11,8 @@ semantic validation; routes are validated by compiling them, in
 TOML text, which :func:`load_config` reads back to an equal :class:`Config`).
 
 Modules: :mod:`.model` (the Structs), :mod:`.loader` (file, environment,
-overrides), :mod:`.validate` (checks beyond types), :mod:`.dump` (TOML out).
+overrides), :mod:`.validate` (checks beyond types), :mod:`.dump` (TOML out),
+:mod:`.devices` (device schemes: topic templates for commands and RPC).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ingestd.config.model import (
     ColumnSpec,
     Config,
     DatabaseConfig,
+    DeviceSchemeConfig,
+    DevicesConfig,
     HookConfig,
     HttpConfig,
     IndexSpec,
@@ -34,6 +37,7 @@ from ingestd.config.model import (
     PresenceConfig,
     RouteConfig,
     ServerConfig,
+    TokenConfig,
     UpstreamConfig,
 )
 from ingestd.config.validate import parse_listen, validate_config
@@ -46,6 +50,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "DeviceSchemeConfig",
+    "DevicesConfig",
     "HookConfig",
     "HttpConfig",
     "IndexSpec",
@@ -56,6 +62,7 @@ __all__ = [
     "PresenceConfig",
     "RouteConfig",
     "ServerConfig",
+    "TokenConfig",
     "UpstreamConfig",
     "dump_config",
     "load_config",

@@ -45,10 +45,20 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     worker_sockets: Literal["reuseport", "inherit"] = "reuseport"
 
 
+class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A bearer token tied to a user: the API applies that user's mqtt.acl_file rights
+    (read for /api/stream and /api/retained, write for publish, webhook, commands, RPC)."""
+
+    token: str
+    user: str
+
+
 class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The JSON API on server.http_listen: bearer tokens (required beyond loopback)."""
 
-    tokens: list[str] = msgspec.field(default_factory=list)
+    # A plain string is an admin token (no ACL, every request audited);
+    # {token = "...", user = "alice"} acts with alice's ACL rights.
+    tokens: list[str | TokenConfig] = msgspec.field(default_factory=list)
     # Largest /api request body (bytes); a larger one is answered 413 without being read.
     max_body_bytes: int = 8 * 1024 * 1024
     # POST /api/ingest/webhook while the ingest engine holds ingest.max_pending_rows rows
@@ -59,6 +69,54 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The web console at "/" (static files; it reads and publishes through /api, so it
     # needs a token wherever the API does).
     console: bool = True
+    # POST /api/devices/{client_id}/rpc: the largest timeout_ms a request may ask for,
+    # the one it gets when it asks none, and how many may wait for a reply at once.
+    rpc_timeout_max_ms: int = 30_000
+    rpc_timeout_default_ms: int = 5_000
+    rpc_max_pending: int = 1_000
+    # MQTT 5 devices answer on "<rpc_response_prefix>/<client id>/<request id>" (their ACL
+    # needs "pattern write ingestd/rpc/%c/#" when mqtt.acl_file is set).
+    rpc_response_prefix: str = "ingestd/rpc"
+    # GET /api/stream: open streams at most, and messages waiting per stream before
+    # further ones are dropped (counted) for that slow client.
+    stream_max_clients: int = 32
+    stream_queue_messages: int = 1_000
+
+
+class DeviceSchemeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How to reach a device: where its template variables come from, where commands go.
+
+    Variables (``{name}`` in a template) come from ``match`` (a topic template the
+    device publishes to, e.g. ``company/{company_id}/machine/{machine_id}/#``: the
+    broker keeps the variables of the last matching topic each client published)
+    or from ``client_id`` (a template of the client id, e.g. ``{machine_id}`` or
+    ``router-{id}``); ``{client_id}`` and (command topics) ``{name}`` always exist.
+    """
+
+    name: str
+    match: str | None = None
+    client_id: str | None = None
+    # Where POST /api/devices/{client_id}/commands/{name} publishes.
+    command_topic: str = "devices/{client_id}/commands/{name}"
+    # QoS of a command whose body does not say.
+    qos: Literal[0, 1, 2] = 1
+    # POST /api/devices/{client_id}/rpc: where the request goes (default: command_topic
+    # with name "rpc"). MQTT 3.1.1 devices need rpc_response_topic: they answer there
+    # with a JSON object carrying the request's id in rpc_correlation_field.
+    rpc_request_topic: str | None = None
+    rpc_response_topic: str | None = None
+    rpc_correlation_field: str = "id"
+    # "auto": MQTT 5 devices get Response Topic + Correlation Data, 3.1.1 devices the
+    # JSON field; "json": every device the JSON field (firmware that ignores the v5
+    # properties); "properties": MQTT 5 only (3.1.1 devices are refused).
+    rpc_style: Literal["auto", "json", "properties"] = "auto"
+
+
+class DevicesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Devices addressed through the API (commands, RPC); the first scheme that can
+    fill its templates for a client is the one used."""
+
+    schemes: list[DeviceSchemeConfig] = msgspec.field(default_factory=list)
 
 
 class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -418,6 +476,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
     # Broker events POSTed to HTTP endpoints.
     hooks: list[HookConfig] = msgspec.field(default_factory=list)
+    devices: DevicesConfig = msgspec.field(default_factory=DevicesConfig)
 
 
 # Sections that take INGESTD_<SECTION>__<KEY> environment overrides.

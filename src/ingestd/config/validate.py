@@ -125,6 +125,10 @@ def validate_config(cfg: Config) -> None:
     _validate_upstreams(cfg)
     _validate_workers(cfg)
     _validate_hooks(cfg)
+    _validate_http(cfg)
+    from ingestd.config.devices import compile_schemes
+
+    compile_schemes(cfg)
     # Routes, lookups and tables are validated by compiling them, where the
     # configuration is used (ingestd.ingest.routes.compile_config: `config check`,
     # `db init`, `serve`), so that reading a file does not import the ingest side.
@@ -367,3 +371,47 @@ def hook_filters(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def _validate_http(cfg: Config) -> None:
+    """``[http]``: tokens unique and non-empty, user tokens need an ACL; API bounds."""
+    from ingestd._trie import validate_topic_name
+
+    h = cfg.http
+    seen: set[str] = set()
+    for i, tok in enumerate(h.tokens):
+        at = f"http.tokens[{i}]"
+        text = tok if isinstance(tok, str) else tok.token
+        if not text.strip():
+            raise ConfigError("a token must not be empty", key=at)
+        if text != text.strip() or any(c.isspace() for c in text):
+            raise ConfigError("a token must not hold white space", key=at)
+        if text in seen:
+            raise ConfigError("this token is listed twice", key=at)
+        seen.add(text)
+        if not isinstance(tok, str):
+            if not tok.user:
+                raise ConfigError("must not be empty", key=f"{at}.user")
+            if not cfg.mqtt.acl_file:
+                # Without an ACL every user may do everything: the token would be an
+                # admin token in disguise.
+                raise ConfigError(
+                    "a token tied to a user needs mqtt.acl_file (the user's rights come from it)",
+                    key=f"{at}.user",
+                )
+    for name in ("rpc_timeout_max_ms", "rpc_timeout_default_ms", "rpc_max_pending"):
+        _positive(getattr(h, name), f"http.{name}")
+    for name in ("stream_max_clients", "stream_queue_messages"):
+        _positive(getattr(h, name), f"http.{name}")
+    if h.rpc_timeout_default_ms > h.rpc_timeout_max_ms:
+        raise ConfigError(
+            f"must be <= http.rpc_timeout_max_ms ({h.rpc_timeout_max_ms})",
+            key="http.rpc_timeout_default_ms",
+        )
+    prefix = h.rpc_response_prefix
+    if prefix.startswith("$") or not validate_topic_name(prefix + "/c/r"):
+        raise ConfigError(
+            f"{prefix!r} must be topic levels without wildcards and not start with '$'"
+            " (devices publish their replies under it)",
+            key="http.rpc_response_prefix",
+        )

@@ -1,11 +1,17 @@
-"""The JSON API under /api: publish, webhook ingest, retained, sessions, devices, stats.
+"""The JSON API under /api: publish, webhook ingest, retained messages, sessions,
+devices and stats (:mod:`ingestd.http.devices`, :mod:`ingestd.http.stats`), device
+commands and RPC (:mod:`ingestd.http.commands`), the live stream
+(:mod:`ingestd.http.stream`).
 
 Every message enters through ``Broker.publish`` exactly as an MQTT PUBLISH
 does, so subscribers receive it and ingest routes store it. A QoS 1/2 message
 is answered only after the future ``publish`` returns has completed (the rows
 of every ``after-commit`` route committed); a failed future is a 503.
 Bodies are validated whole before anything is published: a 400 publishes
-nothing. See docs/api.md for the routes and :mod:`ingestd.http.openapi`.
+nothing. A token tied to a user (``http.tokens``: ``{token, user}``) acts with
+that user's ``mqtt.acl_file`` rights: write for publish, webhook, commands and
+RPC; read for the stream and the retained listing; sessions and dead letters
+need an admin (plain) token. See docs/api.md for the routes and :mod:`ingestd.http.openapi`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import msgspec
 from aiohttp import web
 
 from ingestd._trie import validate_topic_filter
+from ingestd.broker.acl import ClientAcl
 from ingestd.broker.message import Message
+from ingestd.config.model import HttpConfig, TokenConfig
 from ingestd.http.app import TOKEN_INDEX, ApiError
 from ingestd.http.bodies import (
     API_CLIENT_ID,
@@ -36,9 +44,11 @@ from ingestd.http.bodies import (
     render_payload,
     render_properties,
 )
+from ingestd.http.commands import CommandRoutes
 from ingestd.http.deadletters import DeadLetterRoutes
 from ingestd.http.devices import DeviceRoutes
 from ingestd.http.stats import stats_summary
+from ingestd.http.stream import StreamRoutes
 
 log = logging.getLogger("ingestd.http.api")
 
@@ -73,13 +83,18 @@ class Api:
         self,
         broker: Any,
         ingest: Any = None,
-        tokens: list[str] | None = None,
+        tokens: list[str | TokenConfig] | None = None,
+        http: HttpConfig | None = None,
         *,
         ingest_wait_s: float = 5.0,
     ) -> None:
         self.broker = broker
         self.ingest = ingest
-        self.tokens = list(tokens or [])
+        given = list(tokens or [])
+        self.tokens = [t if isinstance(t, str) else t.token for t in given]
+        # The user of each token (None: an admin token), by the index app.py records.
+        self.token_users = [None if isinstance(t, str) else t.user for t in given]
+        self.http = http or HttpConfig()
         # http.ingest_wait_s: how long a webhook batch waits for a saturated engine.
         self.ingest_wait_s = ingest_wait_s
         self.webhook_refused = 0  # webhook requests answered 503 for saturation
@@ -89,6 +104,39 @@ class Api:
         self.disabled: str | None = None
         self.dead = DeadLetterRoutes(ingest)
         self.devices = DeviceRoutes(broker, ingest)
+        self.commands = CommandRoutes(self)
+        self.streams = StreamRoutes(self)
+
+    def close(self) -> None:
+        """The server stops: streams end, waiting RPCs answer 503."""
+        self.streams.close()
+        self.commands.close()
+
+    # -- tokens tied to users ---------------------------------------------------
+
+    def token_user(self, request: web.Request) -> str | None:
+        """The user of the request's token (None: an admin token, or no tokens)."""
+        index = request.get(TOKEN_INDEX)
+        return None if index is None else self.token_users[index]
+
+    def token_acl(self, request: web.Request) -> ClientAcl | None:
+        """The ACL a user token acts under (None: no restriction, an admin token)."""
+        user = self.token_user(request)
+        if user is None:
+            return None
+        acl = self.broker.auth.client_acl(user, API_CLIENT_ID)
+        if acl is None:
+            # validate.py refuses user tokens without mqtt.acl_file; an ACL that was
+            # since removed must not turn them into admin tokens.
+            raise ApiError(403, "forbidden", f"no ACL is loaded for user {user!r}")
+        return acl
+
+    def _admin_only(self, request: web.Request) -> None:
+        user = self.token_user(request)
+        if user is not None:
+            raise ApiError(
+                403, "forbidden", f"{request.path} needs an admin token (this one is {user!r}'s)"
+            )
 
     def check_exposure(self, host: str) -> None:
         """An open API on a listener reachable beyond this machine stays off.
@@ -119,8 +167,11 @@ class Api:
             ("GET", "/api/devices", self.devices.list_devices),
             ("GET", "/api/devices/{client_id:.+}", self.devices.get_device),
             ("GET", "/api/stats", self.stats),
-            ("GET", "/api/dead-letters", self.dead.list),
+            ("GET", "/api/dead-letters", self.list_dead_letters),
             ("POST", "/api/dead-letters/replay", self.replay_dead_letters),
+            ("POST", "/api/devices/{client_id}/commands/{name}", self.commands.command),
+            ("POST", "/api/devices/{client_id}/rpc", self.commands.rpc),
+            ("GET", "/api/stream", self.streams.stream),
             ("GET", "/api/openapi.json", self.openapi),
         ]
 
@@ -162,7 +213,11 @@ class Api:
 
     def _who(self, request: web.Request) -> str:
         index = request.get(TOKEN_INDEX)
-        return f"token={'open' if index is None else index} peer={request.remote}"
+        user = self.token_user(request)
+        who = f"token={'open' if index is None else index}"
+        if user is not None:
+            who += f" user={user!r}"
+        return f"{who} peer={request.remote}"
 
     def _check_open(self) -> None:
         if self.broker.closing:
@@ -182,10 +237,26 @@ class Api:
                 f" ({type(e).__name__}: {e}); it may be retried",
             ) from None
 
+    async def _settle(self, fut: asyncio.Future[Any] | None, qos: int, what: str) -> None:
+        """Wait for a QoS 1/2 publish's durability future (503 if it fails); QoS 0: don't."""
+        if fut is not None:
+            if qos:
+                await self._durable([fut], what)
+            else:
+                fut.add_done_callback(_consume)
+
+    def _check_write(self, request: web.Request, topic: str) -> None:
+        acl = self.token_acl(request)
+        if acl is not None and not acl.may_publish(topic):
+            raise ApiError(
+                403, "forbidden", f"user {self.token_user(request)!r} may not publish to {topic!r}"
+            )
+
     # -- POST /api/publish -------------------------------------------------------
 
     async def publish(self, request: web.Request) -> web.Response:
-        message = parse_publish(await self._json_body(request))
+        message = parse_publish(await self._json_body(request), username=self.token_user(request))
+        self._check_write(request, message.topic)
         self._check_open()
         fut = self.broker.publish(message, None)
         log.info(
@@ -196,11 +267,7 @@ class Api:
             len(message.payload),
             self._who(request),
         )
-        if fut is not None:
-            if message.qos:
-                await self._durable([fut], "the message")
-            else:
-                fut.add_done_callback(_consume)
+        await self._settle(fut, message.qos, "the message")
         return web.json_response(
             {
                 "ok": True,
@@ -226,6 +293,8 @@ class Api:
                     raise
         else:
             messages = [parse_webhook_message(body, "")]
+        for m in messages:
+            self._check_write(request, m.topic)
         self._check_open()
         if self.ingest is not None:
             await self._room_for(len(messages))
@@ -297,11 +366,12 @@ class Api:
         if not validate_topic_filter(flt) or flt.startswith("$share/"):
             raise bad(f"filter: {flt[:200]!r} is not a valid MQTT topic filter")
         limit = _limit(request)
+        acl = self.token_acl(request)
         now = time.monotonic()
         out: list[dict[str, Any]] = []
         truncated = False
         for m in self.broker.retained.match(flt):
-            if m.expired(now):
+            if m.expired(now) or (acl is not None and not acl.may_read(m.topic)):
                 continue
             if len(out) == limit:
                 truncated = True
@@ -319,6 +389,7 @@ class Api:
 
     async def delete_retained(self, request: web.Request) -> web.Response:
         topic = parse_topic(request.match_info["topic"], "topic")
+        self._check_write(request, topic)
         existing = self.broker.retained.get(topic)
         if existing is None or existing.expired(time.monotonic()):
             raise ApiError(404, "not_found", f"no retained message on {topic!r}")
@@ -333,6 +404,7 @@ class Api:
     # -- sessions ----------------------------------------------------------------
 
     async def list_sessions(self, request: web.Request) -> web.Response:
+        self._admin_only(request)
         limit = _limit(request)
         prefix = request.query.get("prefix", "")
         out: list[dict[str, Any]] = []
@@ -359,6 +431,7 @@ class Api:
         return web.json_response({"sessions": out, "truncated": truncated})
 
     async def delete_session(self, request: web.Request) -> web.Response:
+        self._admin_only(request)
         client_id = request.match_info["client_id"]
         session = self.broker.sessions.get(client_id)
         if session is None:
@@ -374,7 +447,12 @@ class Api:
 
     # -- dead letters ------------------------------------------------------------
 
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        self._admin_only(request)
+        return await self.dead.list(request)
+
     async def replay_dead_letters(self, request: web.Request) -> web.Response:
+        self._admin_only(request)
         body = await self._json_body(request)
         self._check_open()
         return await self.dead.replay(request, body, self._who(request))

@@ -59,6 +59,11 @@ def bad(message: str, code: str = "bad_request", **extra: Any) -> ApiError:
     return ApiError(400, code, message, **extra)
 
 
+def busy(message: str, retry_after_s: int) -> ApiError:
+    """503 ``busy``: a bound of the API is reached; the client may retry after a while."""
+    return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
+
+
 # -- field validation ----------------------------------------------------------
 
 
@@ -192,12 +197,26 @@ def _message(
     return Message(topic, payload, qos, retain, props, client_id, username, None, expires_at)
 
 
-def parse_publish(obj: Any) -> Message:
-    """The Message of a ``POST /api/publish`` body; raises ApiError(400) naming the field."""
+def parse_publish(
+    obj: Any,
+    *,
+    topic: str | None = None,
+    default_qos: int = 0,
+    extra: tuple[str, ...] = (),
+    username: str | None = None,
+) -> Message:
+    """The Message of a ``POST /api/publish`` body; raises ApiError(400) naming the field.
+
+    With ``topic`` (a device command or RPC request) the body names no topic and its
+    QoS defaults to ``default_qos``; ``extra``: further fields the caller reads itself.
+    """
     if not isinstance(obj, dict):
         raise bad(f"body: expected a JSON object, got {_kind(obj)}")
-    _only(obj, PUBLISH_FIELDS, "body: ")
-    topic = parse_topic(obj.get("topic"), "topic")
+    if topic is None:
+        _only(obj, PUBLISH_FIELDS + extra, "body: ")
+        topic = parse_topic(obj.get("topic"), "topic")
+    else:
+        _only(obj, PUBLISH_FIELDS[1:] + extra, "body: ")
     given = [k for k in ("payload", "payload_base64", "payload_json") if k in obj]
     if len(given) > 1:
         raise bad(f"give at most one of payload, payload_base64, payload_json (got {given})")
@@ -207,13 +226,16 @@ def parse_publish(obj: Any) -> Message:
     elif "payload_base64" in obj:
         payload = _base64(obj["payload_base64"], "payload_base64")
     elif "payload_json" in obj:
-        payload = json.dumps(
-            obj["payload_json"], separators=(",", ":"), ensure_ascii=False
-        ).encode()
-    qos = _qos(obj.get("qos", 0), "qos")
+        payload = json_bytes(obj["payload_json"])
+    qos = _qos(obj.get("qos", default_qos), "qos")
     retain = _bool(obj.get("retain", False), "retain")
     props = parse_properties(obj.get("properties"))
-    return _message(topic, payload, qos, retain, props, API_CLIENT_ID, None)
+    return _message(topic, payload, qos, retain, props, API_CLIENT_ID, username)
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact JSON text of ``value`` (as payload_json is sent)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _mqtt_payload_text(value: Any, where: str) -> bytes:
@@ -321,3 +343,27 @@ def render_properties(m: Message, now: float) -> dict[str, Any]:
     if m.expires_at is not None:
         out["message_expiry"] = m.remaining_expiry(now)
     return out
+
+
+def render_message(m: Message, now: float) -> dict[str, Any]:
+    """A routed message as JSON (stream events, RPC replies): the payload as JSON when it
+    is JSON text, else as text, else base64 (``payload_encoding`` says which)."""
+    payload: dict[str, Any]
+    try:
+        payload = {
+            "payload": json.loads(m.payload, parse_constant=_not_json),
+            "payload_encoding": "json",
+        }
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        payload = render_payload(m.payload)
+    return {
+        "topic": m.topic,
+        **payload,
+        "qos": m.qos,
+        "retain": m.retain,
+        "properties": render_properties(m, now),
+    }
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

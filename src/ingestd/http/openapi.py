@@ -277,6 +277,72 @@ _LIMIT = {
 _OK = {"type": "object", "properties": {"ok": {"const": True}}}
 
 
+_CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": _STR}
+_PUBLISH_FIELDS: dict[str, Any] = _PUBLISH["properties"]  # type: ignore[assignment]
+_COMMAND = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {k: v for k, v in _PUBLISH_FIELDS.items() if k != "topic"},
+}
+_RPC = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        **{k: v for k, v in _PUBLISH_FIELDS.items() if k != "topic"},
+        "timeout_ms": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "default http.rpc_timeout_default_ms, at most http.rpc_timeout_max_ms",
+        },
+    },
+}
+_COMMAND_RESULT = {
+    "type": "object",
+    "properties": {
+        "ok": {"const": True},
+        "client_id": _STR,
+        "command": _STR,
+        "scheme": _STR,
+        "topic": _STR,
+        "qos": _QOS,
+        "retain": {"type": "boolean"},
+        "delivery": {
+            "enum": [
+                "delivered",
+                "queued",
+                "not_subscribed",
+                "no_session",
+                "dropped",
+                "not_permitted",
+            ]
+        },
+    },
+}
+_MESSAGE = {
+    "type": "object",
+    "properties": {
+        "topic": _STR,
+        "payload": {"description": "JSON value, text or base64 (payload_encoding)"},
+        "payload_encoding": {"enum": ["json", "plain", "base64"]},
+        "qos": _QOS,
+        "retain": {"type": "boolean"},
+        "properties": {"type": "object"},
+    },
+}
+_RPC_RESULT = {
+    "type": "object",
+    "properties": {
+        "ok": {"const": True},
+        "client_id": _STR,
+        "request_id": _STR,
+        "request_topic": _STR,
+        "reply_topic": _STR,
+        "elapsed_ms": {"type": "number"},
+        "reply": _MESSAGE,
+    },
+}
+
+
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -499,6 +565,81 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
+    "/api/devices/{client_id}/commands/{name}": {
+        "post": {
+            "summary": "Send a command to a device on the topic its device scheme makes",
+            "description": "The topic comes from the first [[devices.schemes]] entry that can"
+            " fill command_topic (variables from the client id, or learned from the last"
+            " topic the client published that matched the scheme); then published as"
+            " /api/publish does. `delivery` says what became of it for the device's session.",
+            "parameters": [
+                _CLIENT_ID,
+                {"name": "name", "in": "path", "required": True, "schema": _STR},
+            ],
+            "requestBody": _body(_COMMAND),
+            "responses": {
+                "200": _json(_COMMAND_RESULT),
+                "403": _error("The token's user may not publish to the command topic"),
+                "404": _error(
+                    "Unknown device: no session, no scheme fills the topic from the client id"
+                ),
+                "409": _error("Known device whose variables are not learned yet"),
+                "422": _error("A variable's value cannot go in a topic (e.g. it holds '/')"),
+                **_BODY_ERRORS,
+                **_COMMON_ERRORS,
+            },
+        }
+    },
+    "/api/devices/{client_id}/rpc": {
+        "post": {
+            "summary": "Request/response with a device: publish the request, wait for its reply",
+            "description": "MQTT 5 devices get a Response Topic under http.rpc_response_prefix"
+            " and Correlation Data; MQTT 3.1.1 devices get the request id in the JSON payload's"
+            " rpc_correlation_field and answer on the scheme's rpc_response_topic.",
+            "parameters": [_CLIENT_ID],
+            "requestBody": _body(_RPC),
+            "responses": {
+                "200": _json(_RPC_RESULT),
+                "403": _error("The token's user may not publish to the request topic"),
+                "404": _error("Unknown device"),
+                "409": _error("The device is offline, or its variables are not learned yet"),
+                "422": _error("MQTT 3.1.1 device without rpc_response_topic, or a bad variable"),
+                "503": _error("http.rpc_max_pending requests already wait, or shutting down"),
+                "504": _error("No reply within timeout_ms"),
+                **_BODY_ERRORS,
+                **_COMMON_ERRORS,
+            },
+        }
+    },
+    "/api/stream": {
+        "get": {
+            "summary": "Matching messages as server-sent events (text/event-stream)",
+            "description": "`event: message` per message (data: topic, payload, payload_encoding"
+            " json/plain/base64, qos, retain, properties); `event: dropped` (data: dropped,"
+            " total_dropped) when this client was too slow and messages were dropped for it;"
+            " a `: keepalive` comment every 15 s.",
+            "parameters": [
+                {
+                    "name": "filter",
+                    "in": "query",
+                    "description": "MQTT topic filter; repeat for several (at most 16)",
+                    "schema": {"type": "array", "items": _STR, "default": ["#"]},
+                    "style": "form",
+                    "explode": True,
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "The stream",
+                    "content": {"text/event-stream": {"schema": _STR}},
+                },
+                "400": _error("Invalid filter"),
+                "403": _error("The token's user may read no topic of a filter"),
+                "503": _error("http.stream_max_clients streams are open, or shutting down"),
+                **_COMMON_ERRORS,
+            },
+        }
+    },
     "/api/openapi.json": {
         "get": {
             "summary": "This document",
@@ -526,6 +667,8 @@ def openapi_document() -> dict[str, Any]:
                                 "code": _STR,
                                 "message": _STR,
                                 "index": {"type": "integer"},
+                                "variable": _STR,
+                                "request_id": _STR,
                             },
                         }
                     },

@@ -138,5 +138,7 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is None:
             return
+        if self.api is not None:
+            self.api.close()  # streams end and waiting RPCs answer before the close
         with contextlib.suppress(Exception):
             await runner.cleanup()
