@@ -38,6 +38,7 @@ from ingestd.broker.hooks import (
     MessageSink,
     StoredSession,
 )
+from ingestd.broker.limits import LimitLog
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.registry import SessionRegistry
@@ -63,13 +64,17 @@ class Broker:
         self.loop = loop or asyncio.get_running_loop()
         self.stats = BrokerStats()
         self.trie = SubscriptionTrie()
-        self.retained = RetainedStore(config.mqtt.max_retained_messages)
-        self.router = Router(self.trie, self.retained, self.stats)
+        m = config.mqtt
+        self.retained = RetainedStore(
+            m.max_retained_messages, m.max_retained_per_tree, m.retained_tree_levels
+        )
+        # Every limit hit is counted and logged (rate-limited) through this one.
+        self.limits = LimitLog(self.stats)
+        self.router = Router(self.trie, self.retained, self.stats, self.limits)
         self.registry = SessionRegistry(config.mqtt, self.loop, self.stats, self.router)
         # One disk budget for every session's deliveries past its memory queue; files a
         # previous process left are removed now (they are never valid after a restart).
         self.overflow: OverflowStore | None = None
-        m = config.mqtt
         if m.overflow_max_bytes > 0:
             directory = m.overflow_dir or os.path.join(config.server.data_dir, "overflow")
             self.overflow = OverflowStore(directory, m.overflow_max_bytes)
@@ -177,10 +182,10 @@ class Broker:
         return None
 
     def _limit(self, key: str, conn: Channel, bound: int) -> str:
-        hits = self.stats.limits_hit
-        hits[key] = hits.get(key, 0) + 1
         why = f"connection limit reached (mqtt.{key} = {bound})"
-        log.warning("refusing CONNECT from %s (client %r): %s", conn.peer, conn.client_id, why)
+        self.limits.hit(
+            key, f"refusing CONNECT from {conn.peer} (client {conn.client_id!r}): {why}"
+        )
         return why
 
     def client_connected(self, conn: Channel) -> None:
