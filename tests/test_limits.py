@@ -9,9 +9,12 @@ import queue
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from ingestd._inbound import Inbound
 from ingestd._trie import SubscriptionTrie
 
+from ingestd.broker.channel import _short_topic
 from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.limits import LimitLog, topic_over_limit
 from mqtt_clients import WAIT, Client
@@ -58,6 +61,18 @@ def ack_code(cl: Client, acks: queue.Queue[tuple[int, int]], topic: str, qos: in
 )
 def test_topic_over_limit(topic, length, levels, over) -> None:
     assert topic_over_limit(topic, length, levels) == over
+
+
+@given(
+    topic=st.text(alphabet=st.sampled_from("a/é😀+#"), max_size=40),
+    length=st.integers(0, 80),
+    levels=st.integers(0, 12),
+)
+def test_short_topics_need_no_check(topic, length, levels) -> None:
+    """The channel skips the topic check for topics of at most _short_topic characters:
+    no such topic may be over a limit."""
+    if len(topic) <= _short_topic(length, levels):
+        assert topic_over_limit(topic, length, levels) is None
 
 
 def test_limit_log_counts_every_hit_and_logs_one_line_per_interval(caplog) -> None:

@@ -104,6 +104,12 @@ _P_REASON_STRING = int(Prop.REASON_STRING)
 _FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
 
 
+def _short_topic(max_length: int, max_levels: int) -> int:
+    """The longest topic (in characters) no topic limit can refuse."""
+    bound = max_length // 4 if max_length else 1 << 62
+    return min(bound, max_levels - 1) if max_levels else bound
+
+
 class Port(Protocol):
     """What a Channel writes through: its transport (implemented by
     ``ingestd.transport.tcp.StreamConnection``; a recording fake in tests)."""
@@ -175,9 +181,10 @@ class Channel:
         self._outbound_aliases: dict[str, int] = {}
         self._client_alias_max = 0
         self._client_max_packet = 0  # 0: no limit beyond the protocol's
-        # A topic of at most this many characters is within mqtt.max_topic_length
-        # whatever it holds (a character is at most 4 UTF-8 bytes): no encoding needed.
-        self._short_topic = self.cfg.max_topic_length // 4
+        # A topic of at most this many characters is within mqtt.max_topic_length (a
+        # character is at most 4 UTF-8 bytes) and max_topic_levels (n levels take n - 1
+        # characters "/"): one len() decides a PUBLISH's topic limits in the common case.
+        self._short_topic = _short_topic(self.cfg.max_topic_length, self.cfg.max_topic_levels)
         # What a TLS client's user name comes from (its certificate), or None (CONNECT).
         self._cert_identity = (
             identity_mode(broker.config.server) if transport_name in _TLS_TRANSPORTS else None
@@ -736,10 +743,8 @@ class Channel:
         self.stats.messages_received[qos] += 1
         session = self.session
         assert session is not None
-        cfg = self.cfg
-        if (cfg.max_topic_length and len(topic) > self._short_topic) or (
-            cfg.max_topic_levels and topic.count("/") >= cfg.max_topic_levels
-        ):
+        if len(topic) > self._short_topic:
+            cfg = self.cfg
             over = topic_over_limit(topic, cfg.max_topic_length, cfg.max_topic_levels)
             if over is not None:
                 self._topic_limit(over, "PUBLISH to", topic)
