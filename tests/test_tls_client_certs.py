@@ -466,3 +466,101 @@ def test_certificate_username_rules() -> None:
     assert certificate_username({}, "cn") is None
     nul = {"subject": ((("commonName", "a\x00b"),),)}
     assert certificate_username(nul, "cn") is None  # an embedded NUL is refused
+
+
+# -- the same decisions as Mosquitto ------------------------------------------------
+
+MOSQ_ACL = """\
+user ops
+topic read company/#
+
+user CN=tenant-1,OU=Ger\\C3\\A4te\\+Sensoren,O=Acme\\, Inc.,C=DE
+topic write subject/#
+
+pattern readwrite company/%u/#
+"""
+
+
+def _mosquitto_puback_codes(port: int, pki, cert: str | None) -> dict[str, object]:
+    """What a paho v5 client with ``cert`` (user name "ops", a wrong password) gets."""
+    c, ev = tls_client(port, pki, cert, 5, username="ops", password="wrong")
+    out: dict[str, object] = {}
+    try:
+        out["connack"] = code = expect(ev, "connack")
+        if code == 0:
+            for topic in ("company/tenant-1/x", "company/tenant-2/x", "subject/x"):
+                info = c.publish(topic, b"x", 1)
+                mid, rc = expect(ev, "puback")  # type: ignore[misc]
+                assert mid == info.mid
+                # Success or refusal: Mosquitto says 0x10 No matching subscribers where
+                # ingestd says 0 (both success, < 0x80); the refusals must be equal.
+                out[topic] = rc if rc >= 0x80 else "ok"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return out
+
+
+@pytest.mark.parametrize(
+    "option", ["use_identity_as_username", "use_subject_as_username"], ids=["cn", "subject"]
+)
+def test_the_same_decisions_as_mosquitto(server_factory, tmp_path, pki, option) -> None:
+    """Mosquitto 2.0 and ingestd, configured alike, decide alike for each certificate."""
+    import os
+    import tempfile
+    import time
+
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(mosquitto).exists():
+        pytest.fail("mosquitto is part of the test tools (tests/test_acl_mosquitto.py)")
+    cfg = tls_config(
+        tmp_path,
+        pki,
+        tls_use_identity_as_username=option == "use_identity_as_username",
+        tls_use_subject_as_username=option == "use_subject_as_username",
+    )
+    Path(cfg.mqtt.acl_file).write_text(MOSQ_ACL)  # type: ignore[arg-type]
+    srv = server_factory(cfg)
+    with tempfile.TemporaryDirectory(prefix="ingestd-tls-") as d:
+        os.chmod(d, 0o755)  # mosquitto reads it after dropping root to user mosquitto
+        md = Path(d)
+        files = {}
+        for name in ("ca", "server"):
+            srcs = [pki[name]] if name == "ca" else list(pki[name])
+            for i, src in enumerate(srcs):
+                dst = md / f"{name}{i}.pem"
+                shutil.copy(src, dst)
+                os.chmod(dst, 0o644)
+                files[f"{name}{i}"] = dst
+        (md / "acl").write_text(MOSQ_ACL)
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        mport = port.getsockname()[1]
+        port.close()
+        (md / "m.conf").write_text(
+            f"listener {mport} 127.0.0.1\n"
+            f"cafile {files['ca0']}\ncertfile {files['server0']}\nkeyfile {files['server1']}\n"
+            f"require_certificate true\n{option} true\n"
+            f"acl_file {md / 'acl'}\nallow_anonymous false\npersistence false\n"
+        )
+        with open(md / "m.log", "wb") as log:
+            proc = subprocess.Popen([mosquitto, "-c", str(md / "m.conf")], stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + WAIT
+            while True:
+                assert proc.poll() is None, (md / "m.log").read_text()
+                try:
+                    socket.create_connection(("127.0.0.1", mport), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "mosquitto did not listen"
+                    time.sleep(0.02)  # polling for the listener, not a timing assumption
+            for cert in ("tenant-1", "tenant-2"):
+                theirs = _mosquitto_puback_codes(mport, pki, cert)
+                ours = _mosquitto_puback_codes(srv.app.port("mqtts"), pki, cert)
+                assert ours == theirs, (cert, (md / "m.log").read_text())
+                assert theirs["connack"] == 0
+                assert 0x87 in theirs.values()  # something was refused, by both
+        finally:
+            proc.terminate()
+            proc.wait(WAIT)
