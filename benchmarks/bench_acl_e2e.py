@@ -1,9 +1,9 @@
 """A 1,000-rule ACL against no ACL, end to end: fan-in (QoS 0 and 1) and ingest, side by side.
 
-Usage (one virtualenv with ingestd installed; loopback only, every run bounded by
-its message count)::
+Usage (with the python of a virtualenv that has ingestd installed; loopback only,
+every run bounded by its message count)::
 
-    ROUNDS=4 python benchmarks/bench_acl_e2e.py .venv
+    ROUNDS=6 .venv/bin/python benchmarks/bench_acl_e2e.py
 
 Starts two ``ingestd serve`` processes of the same build, one without ``acl_file``
 and one with :func:`acl_text` (1,000 rules: per-tenant ``user`` sections for 320
@@ -34,13 +34,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-VENV = Path(sys.argv[1])
+# The virtualenv this runs in: its `ingestd` serves, its python runs `ingestd bench`.
+VENV = Path(sys.executable).parent.parent
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 OUT = Path(os.environ.get("OUT", "bench_acl_e2e.json"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import INGESTD_CONF as CONF  # noqa: E402
-from bench_e2e import free_port, wait_port  # noqa: E402
+from bench_e2e import bench, compare_line, free_port, wait_port  # noqa: E402
 
 TENANTS = 320  # x 3 rules, + the reader, the anonymous section and the patterns = 1,000
 
@@ -76,11 +77,6 @@ def acl_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench(args: list[str]) -> dict:
-    cmd = [str(VENV / "bin/ingestd"), "bench", *args, "--json", "--no-progress"]
-    return dict(json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout))
-
-
 def serve(extra: list[str], data: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
@@ -112,14 +108,7 @@ def main() -> None:
                  "--compare", f"127.0.0.1:{none_port}", "--compare-pid", str(none.pid)],
             )  # fmt: skip
             res[f"fanin_q{q}"] = r
-            lost = sum(x["lost"] for x in r["a"] + r["b"])
-            print(
-                f"fan-in QoS {q} acl vs none: {r['median_a']:,.0f} vs {r['median_b']:,.0f}"
-                f" msgs/s, ratio {r['ratio_of_medians']:.2f}x rounds "
-                + ", ".join(f"{x:.2f}" for x in r["ratios"])
-                + f"; lost {lost}",
-                flush=True,
-            )
+            print(compare_line(f"fan-in QoS {q} acl vs none", r), flush=True)
         for p in procs:
             p.terminate()
             p.wait(30)

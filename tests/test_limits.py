@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import queue
 
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -311,17 +310,28 @@ def test_limits_are_exported_to_prometheus(server_factory) -> None:
     assert value == 1.0
 
 
-def test_paho_v311_sees_the_plain_puback(server_factory) -> None:
-    """3.1.1: a dropped PUBLISH is acknowledged normally, so the client does not re-send it."""
-    srv = server_factory(max_topic_length=4)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v3", protocol=mqtt.MQTTv311)
-    c.connect("127.0.0.1", srv.port)
-    c.loop_start()
+def test_restored_retained_messages_over_the_limits_are_counted_in_one_line(
+    tmp_path, caplog
+) -> None:
+    """Retained messages stored under higher limits: what fits is restored, the rest is
+    named in one warning (they stay in the store)."""
+    import asyncio
+
+    from conftest import make_config
+    from ingestd.broker.message import Message
+    from ingestd.broker.server import Broker
+
+    loop = asyncio.new_event_loop()
     try:
-        info = c.publish("toolong", b"x", 1)
-        info.wait_for_publish(WAIT)
-        assert info.is_published()
+        broker = Broker(make_config(tmp_path, max_retained_per_tree=1), loop)
+        msgs = [
+            Message(t, b"v", 1, True, {}, "c", None, None, None)
+            for t in ("company/a/1", "company/a/2", "company/b/1")
+        ]
+        with caplog.at_level(logging.WARNING, logger="ingestd.broker"):
+            broker.restore(msgs, [])
+        assert sorted(m.topic for m in broker.retained.messages()) == ["company/a/1", "company/b/1"]
+        [line] = [r.getMessage() for r in caplog.records if "not restored" in r.getMessage()]
+        assert line.startswith("1 stored retained messages not restored")
     finally:
-        c.disconnect()
-        c.loop_stop()
-    assert hits(srv) == {"max_topic_length": 1}
+        loop.close()

@@ -237,21 +237,31 @@ def test_cn_is_the_username_the_acl_decides_on(server_factory, tmp_path, pki, ve
     assert stats.acl_denied_publish == 1
 
 
-def test_other_tenant_certificate_gets_other_topics(server_factory, tmp_path, pki) -> None:
-    srv = server_factory(tls_config(tmp_path, pki))
+@pytest.mark.parametrize(
+    ("listener", "cert"), [("mqtts", "tenant-2"), ("wss", "tenant-1")], ids=["tls", "wss"]
+)
+def test_each_certificate_writes_only_its_tenant(
+    server_factory, tmp_path, pki, listener, cert
+) -> None:
+    """Another tenant's certificate gets the other tree; WSS takes the identity too."""
+    cfg = tls_config(tmp_path, pki)
+    cfg.server.wss_listen = ["127.0.0.1:0"]
+    srv = server_factory(cfg)
     watcher = ops(srv.port)
-    c, ev = tls_client(srv.app.port("mqtts"), pki, "tenant-2")
+    other = "tenant-1" if cert == "tenant-2" else "tenant-2"
+    transport = "websockets" if listener == "wss" else "tcp"
+    c, ev = tls_client(srv.app.port(listener), pki, cert, transport=transport)
     try:
         assert expect(ev, "connack") == 0
-        assert tls_usernames(srv) == ["tenant-2"]
-        denied = c.publish("company/tenant-1/m1/telemetry", b"forged", 1)
+        assert tls_usernames(srv) == [cert]
+        denied = c.publish(f"company/{other}/m1/telemetry", b"forged", 1)
         assert expect(ev, "puback") == (denied.mid, 0x87)
-        own = c.publish("company/tenant-2/m1/telemetry", b"two", 1)
+        own = c.publish(f"company/{cert}/m1/telemetry", listener.encode(), 1)
         assert expect(ev, "puback") == (own.mid, 0)
     finally:
         c.disconnect()
         c.loop_stop()
-    assert [m.payload for m in watcher.expect()] == [b"two"]
+    assert [m.payload for m in watcher.expect()] == [listener.encode()]
 
 
 # -- refusals ---------------------------------------------------------------------
@@ -369,25 +379,6 @@ def test_subject_alt_name_as_username(server_factory, tmp_path, pki, field, name
         assert expect(ev2, "connack") == 0x86
     finally:
         d.loop_stop()
-
-
-def test_wss_takes_the_certificate_identity(server_factory, tmp_path, pki) -> None:
-    cfg = tls_config(tmp_path, pki)
-    cfg.server.wss_listen = ["127.0.0.1:0"]
-    srv = server_factory(cfg)
-    watcher = ops(srv.port)
-    c, ev = tls_client(srv.app.port("wss"), pki, "tenant-1", transport="websockets")
-    try:
-        assert expect(ev, "connack") == 0
-        assert tls_usernames(srv) == ["tenant-1"]
-        denied = c.publish("company/tenant-2/x", b"forged", 1)
-        assert expect(ev, "puback") == (denied.mid, 0x87)
-        own = c.publish("company/tenant-1/x", b"over wss", 1)
-        assert expect(ev, "puback") == (own.mid, 0)
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    assert [m.payload for m in watcher.expect()] == [b"over wss"]
 
 
 def test_mosquitto_pub_with_a_client_certificate(server_factory, tmp_path, pki) -> None:

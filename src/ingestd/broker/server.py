@@ -300,8 +300,15 @@ class Broker:
 
     def restore(self, retained: list[Message], sessions: list[StoredSession]) -> None:
         """Rebuild retained messages and offline sessions loaded from the store at start-up."""
-        for message in retained:
-            self.retained.set(message)
+        refused = sum(self.retained.set(message) is not None for message in retained)
+        if refused:
+            # Lowered mqtt.max_retained_messages / max_retained_per_tree since they were
+            # stored: they stay in the store and come back once the limits allow.
+            log.warning(
+                "%d stored retained messages not restored: over mqtt.max_retained_messages"
+                " or max_retained_per_tree",
+                refused,
+            )
         self.registry.restore(sessions)
         # A restored session reads under the ACL of its last user; one whose user name
         # the store did not keep (an older row) reads nothing until its client connects.
