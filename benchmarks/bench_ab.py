@@ -42,7 +42,7 @@ OUT = Path(os.environ.get("OUT", "bench_ab.json"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import INGESTD_CONF as CONF  # noqa: E402
 from bench_e2e import MOSQUITTO_CONF as MOSQ  # noqa: E402
-from bench_e2e import free_port, start_embedded_pg  # noqa: E402
+from bench_e2e import compare_line, free_port, start_embedded_pg  # noqa: E402
 
 
 def wait_port(port: int) -> None:
@@ -124,14 +124,7 @@ def main() -> None:
                     ],
                 )
                 res[f"fanin_q{q}_{a}_vs_{b}"] = r
-                lost = sum(x["lost"] for x in r["a"] + r["b"])
-                print(
-                    f"fan-in QoS {q} {a} vs {b}: {r['median_a']:,.0f} vs {r['median_b']:,.0f}"
-                    f" msgs/s, ratio {r['ratio_of_medians']:.2f}x rounds "
-                    + ", ".join(f"{x:.2f}" for x in r["ratios"])
-                    + f"; lost {lost}",
-                    flush=True,
-                )
+                print(compare_line(f"fan-in QoS {q} {a} vs {b}", r), flush=True)
         for pr in procs[1:]:
             pr.terminate()
             pr.wait(30)

@@ -135,6 +135,17 @@ def bench(args: list[str]) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
+def compare_line(label: str, r: dict[str, Any]) -> str:
+    """One line for an ``ingestd bench --compare --json`` result: medians, ratio, rounds, lost."""
+    lost = sum(x["lost"] for x in r["a"] + r["b"])
+    return (
+        f"{label}: {r['median_a']:,.0f} vs {r['median_b']:,.0f} msgs/s,"
+        f" ratio {r['ratio_of_medians']:.2f}x rounds "
+        + ", ".join(f"{x:.2f}" for x in r["ratios"])
+        + f"; lost {lost}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--qos", default="0,1", help="comma-separated QoS levels")

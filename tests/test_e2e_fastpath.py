@@ -339,3 +339,32 @@ def test_mqttjs_over_websocket_with_topic_aliases_is_ingested(pg_dsn, tmp_path):
         assert srv.call(lambda: srv.app.broker.stats.messages_fast_path) == 500
     finally:
         srv.stop()
+
+
+def test_topic_over_the_limits_leaves_the_run_and_is_refused(pg_dsn, tmp_path):
+    """mqtt.max_topic_levels on the fast path: a PUBLISH to a route's topic family that is
+    one level too deep, in the middle of a run, is not taken, gets PUBACK 0x90 and no row;
+    the packets around it are stored and acked in order."""
+    srv = start(pg_dsn, tmp_path, max_topic_levels=3)
+    try:
+        r = Raw(srv.port)
+        r.send(connect_v5("fp-deep"))
+        ptype, _ = r.read_packet()
+        assert ptype == 0x20
+        data = publish("fp/a/t", body(1), qos=1, pid=1)
+        data += publish("fp/a/t/x", body(2), qos=1, pid=2)  # 4 levels: refused
+        data += publish("fp/a/t", body(3), qos=1, pid=3)
+        r.send(data)
+        acks = read_acks(r, 3)
+        codes = {int.from_bytes(b[:2], "big"): (b[2] if len(b) > 2 else 0) for _, b in acks}
+        assert [int.from_bytes(b[:2], "big") for _, b in acks] == [1, 2, 3]
+        assert codes == {1: 0, 2: 0x90, 3: 0}
+        rows = wait_rows(
+            pg_dsn, "SELECT seq FROM fp_rows ORDER BY seq", until=lambda x: len(x) == 2
+        )
+        assert [x[0] for x in rows] == [1, 3]
+        assert srv.call(lambda: dict(srv.app.broker.stats.limits_hit)) == {"max_topic_levels": 1}
+        assert taken(srv) == 2  # 1 and 3 on the fast path, 2 through _on_publish
+        r.sock.close()
+    finally:
+        srv.stop()

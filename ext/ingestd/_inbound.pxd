@@ -54,6 +54,8 @@ cdef class Inbound:
     cdef Py_ssize_t _generation
     cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
     cdef dict _cache              # topic -> IngestTarget or None (created on first use)
+    cdef int _max_topic_length    # mqtt.max_topic_length (UTF-8 bytes; 0: none)
+    cdef int _max_topic_levels    # mqtt.max_topic_levels (0: none)
     cdef str _client_id
     cdef object _username
     cdef set _qos2                # the session's inbound_qos2
@@ -68,4 +70,5 @@ cdef class Inbound:
     cdef int _append(self, fut, unsigned int code) except -1
     cpdef bytes queue(self, fut, int ptype, int pid, int qos, int reason=*)
     cdef object _target(self, str topic)
+    cdef bint _over_limit(self, str topic) except -1
     cdef int _run(self, int qos0, int qos1) except -1

@@ -13,8 +13,9 @@
 #
 # Contract (docs/architecture.md, "Inbound fast path"): a packet takes this
 # path only if the connection is CONNECTED, it is a PUBLISH of QoS 0 or 1
-# without RETAIN, and every subscriber its topic matches is an ingest route
-# (no session, no shared group). MQTT 5 properties are handled as
+# without RETAIN, its topic is within mqtt.max_topic_length / max_topic_levels,
+# and every subscriber its topic matches is an ingest route (no session, no
+# shared group). MQTT 5 properties are handled as
 # _on_publish handles them: a Topic Alias is resolved (or set) in the
 # connection's alias map and removed from the properties, a Message Expiry
 # Interval becomes the Message's expires_at; an alias _on_publish would
@@ -162,12 +163,17 @@ cdef class Inbound:
 
     def attach(self, int version, int receive_maximum, SubscriptionTrie trie, classify,
                str client_id, username, set inbound_qos2, stats,
-               dict aliases=None, int alias_max=0):
+               dict aliases=None, int alias_max=0, int max_topic_length=0,
+               int max_topic_levels=0):
         """Turn the fast path on for a CONNECTED connection of ``client_id``.
 
         ``aliases``: the connection's inbound Topic Alias map (shared with
         ``_on_publish``), ``alias_max`` our Topic Alias Maximum (MQTT 5).
+        A topic over ``max_topic_length`` (UTF-8 bytes) or ``max_topic_levels``
+        (0: no limit) is never taken: ``_on_publish`` refuses it.
         """
+        self._max_topic_length = max_topic_length
+        self._max_topic_levels = max_topic_levels
         self._version = version
         self._receive_maximum = receive_maximum
         self._aliases = aliases if aliases is not None else {}
@@ -312,11 +318,27 @@ cdef class Inbound:
             self._generation = self._trie.generation
         t = self._cache.get(topic, False)
         if t is False:
-            t = self._classify(topic)
+            if self._over_limit(topic):
+                t = None  # _on_publish refuses it (and counts and logs the limit)
+            else:
+                t = self._classify(topic)
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             self._cache[topic] = t
         return t
+
+    cdef bint _over_limit(self, str topic) except -1:
+        """ingestd.broker.limits.topic_over_limit, decided once per cached topic."""
+        cdef Py_ssize_t n = len(topic)
+        if self._max_topic_length and (
+            n > self._max_topic_length
+            or (n * 4 > self._max_topic_length
+                and len(topic.encode()) > self._max_topic_length)
+        ):
+            return True
+        if self._max_topic_levels and topic.count("/") >= self._max_topic_levels:
+            return True
+        return False
 
     def take(self, list packets, Py_ssize_t i):
         """Handle the fast PUBLISH packets of ``packets`` from index ``i`` on.

@@ -254,7 +254,10 @@ class App:
             ctx.load_cert_chain(s.tls_certfile, s.tls_keyfile)
             if s.tls_cafile:
                 ctx.load_verify_locations(s.tls_cafile)
-                ctx.verify_mode = ssl.CERT_REQUIRED
+                # Optional: a client may present a certificate (verified if it does).
+                ctx.verify_mode = (
+                    ssl.CERT_REQUIRED if s.tls_require_certificate else ssl.CERT_OPTIONAL
+                )
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load TLS files: {exc}", key="server.tls_certfile") from exc
         return ctx

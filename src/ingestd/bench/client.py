@@ -110,8 +110,10 @@ class BenchClient(asyncio.Protocol):
         track: bool = False,
         latency_cap: int = 1_000_000,
         persistent: bool = False,
+        username: str | None = None,
     ) -> None:
         self.client_id = client_id
+        self.username = username
         self.persistent = persistent
         self.version = version
         self.keepalive = keepalive
@@ -173,6 +175,7 @@ class BenchClient(asyncio.Protocol):
                     clean_start=not self.persistent,
                     keepalive=self.keepalive,
                     client_id=self.client_id,
+                    username=self.username,
                     properties=(
                         {int(Prop.SESSION_EXPIRY_INTERVAL): 3600}
                         if self.persistent and self.version == 5

@@ -200,6 +200,13 @@ def parse_target(text: str) -> tuple[str, int]:
     " messages, then resumes (a consumer that falls behind mid-run; needs --messages)."
     " The drain timeout counts from the end of the stall.",
 )
+@click.option(
+    "--usernames",
+    is_flag=True,
+    help="Log in with user names: publisher i as c{i} (the tenant of its topic"
+    " company/c{i}/...), subscribers as 'reader' (to measure an mqtt.acl_file with per-user"
+    " rules; no password is sent).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option(
     "--progress/--no-progress",
@@ -237,6 +244,7 @@ def bench(
     persistent_sessions: bool,
     stall_subscriber: float,
     batch: int,
+    usernames: bool,
     as_json: bool,
     progress: bool | None,
 ) -> None:
@@ -295,6 +303,7 @@ def bench(
             batch=batch,
             persistent_subscribers=persistent_sessions,
             stall_subscriber=stall_subscriber,
+            usernames=usernames,
         )
 
     show = stderr_progress(bool(progress)) if progress is not False else None

@@ -78,6 +78,8 @@ class Plan:
     # Seconds each subscriber stops reading its socket once it has half of the messages
     # (then it resumes): a consumer that falls behind mid-run (0: never).
     stall_subscriber: float = 0.0
+    # Publisher i logs in as c{i}, subscribers as "reader" (an ACL's user sections).
+    usernames: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def _split(self) -> tuple[int, int]:
@@ -250,13 +252,16 @@ class _Worker:
                     publishers=p.publishers,
                     track=True,
                     persistent=p.persistent_subscribers,
+                    username="reader" if p.usernames else None,
                 )
                 for j in p.my_subscribers(self.w)
             ]
         )
         await asyncio.gather(*(s.subscribe(p.topic_filter, p.qos) for s in self.subs))
         my_pubs = p.my_publishers(self.w)
-        clients = await self._gather_limited([self._open(f"{pre}-p{i}") for i in my_pubs])
+        clients = await self._gather_limited(
+            [self._open(f"{pre}-p{i}", username=f"c{i}" if p.usernames else None) for i in my_pubs]
+        )
         self.pubs = list(zip(my_pubs, clients, strict=True))
         # A count of ingest messages that fits in memory is encoded now, before the clock
         # starts: a fleet's devices build their messages on their own CPUs, not on the

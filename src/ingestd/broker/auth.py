@@ -165,6 +165,11 @@ class Auth:
                 )
         return reason
 
+    def certificate_refused(self, peer: str) -> int:
+        """A TLS client without the certificate its user name must come from: refused
+        as a bad login (0x86; Mosquitto does the same), counted and rate-limited."""
+        return self._failed(peer, Reason.BAD_USER_NAME_OR_PASSWORD)
+
     def rate_limited(self) -> None:
         """Count a CONNECT refused because its peer is cooling down."""
         self.stats.auth_failures += 1

@@ -64,7 +64,9 @@ from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.acl import WRITE, ClientAcl
 from ingestd.broker.auth import may_write_dollar
+from ingestd.broker.certs import certificate_username, identity_mode
 from ingestd.broker.hooks import ClientInfo
+from ingestd.broker.limits import topic_over_limit
 from ingestd.broker.message import Message
 from ingestd.broker.session import NEVER_EXPIRES, Session, SubOptions, WillSpec
 from ingestd.errors import ProtocolError
@@ -86,6 +88,9 @@ AWAIT_CONNECT = 0
 CONNECTED = 1
 CLOSED = 2
 
+# The listeners whose clients may present a certificate (app.py's transport names).
+_TLS_TRANSPORTS = ("tls", "wss")
+
 _PUBLISH = int(PacketType.PUBLISH)
 _PUBACK = int(PacketType.PUBACK)
 _PUBREC = int(PacketType.PUBREC)
@@ -100,6 +105,12 @@ _P_REASON_STRING = int(Prop.REASON_STRING)
 _FIRST_FAILURE = int(Reason.UNSPECIFIED_ERROR)
 
 
+def _short_topic(max_length: int, max_levels: int) -> int:
+    """The longest topic (in characters) no topic limit can refuse."""
+    bound = max_length // 4 if max_length else 1 << 62
+    return min(bound, max_levels - 1) if max_levels else bound
+
+
 class Port(Protocol):
     """What a Channel writes through: its transport (implemented by
     ``ingestd.transport.tcp.StreamConnection``; a recording fake in tests)."""
@@ -111,6 +122,10 @@ class Port(Protocol):
 
     def write_now(self, data: bytes) -> None:
         """Write bytes ahead of anything queued (the CONNACK that refuses a client)."""
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The client's verified TLS certificate (``ssl`` ``getpeercert()``), or None."""
+        ...
 
     def writable(self) -> bool:
         """False while the client's outbound bytes are over ``max_outbound_bytes``."""
@@ -171,6 +186,14 @@ class Channel:
         self._outbound_aliases: dict[str, int] = {}
         self._client_alias_max = 0
         self._client_max_packet = 0  # 0: no limit beyond the protocol's
+        # A topic of at most this many characters is within mqtt.max_topic_length (a
+        # character is at most 4 UTF-8 bytes) and max_topic_levels (n levels take n - 1
+        # characters "/"): one len() decides a PUBLISH's topic limits in the common case.
+        self._short_topic = _short_topic(self.cfg.max_topic_length, self.cfg.max_topic_levels)
+        # What a TLS client's user name comes from (its certificate), or None (CONNECT).
+        self._cert_identity = (
+            identity_mode(broker.config.server) if transport_name in _TLS_TRANSPORTS else None
+        )
         self.broker.connection_opened(self)
         self._timer = self.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
 
@@ -496,6 +519,19 @@ class Channel:
                 Reason.CONNECTION_RATE_EXCEEDED, "too many failed logins from this address"
             )
             return
+        if self._cert_identity is not None:
+            # The user name is the certificate's (server.tls_use_identity_as_username /
+            # _subject_): CONNECT's user name and password are ignored, as in Mosquitto.
+            name = certificate_username(self.port.peer_certificate(), self._cert_identity)
+            if name is None:
+                self._refuse_connect(
+                    auth.certificate_refused(self.peer),
+                    f"no client certificate with a {self._cert_identity} to take as user name",
+                )
+                return
+            self.username = name
+            self._on_connect_authenticated(p, assigned, 0)
+            return
         reason = auth.check_anonymous(p.username, self.peer)
         if reason is None:
             # A password to check: in a thread. Nothing after this CONNECT is handled,
@@ -552,6 +588,13 @@ class Channel:
         if will is not None:
             if not validate_topic_name(will.topic):
                 self._refuse_connect(Reason.TOPIC_NAME_INVALID, "invalid will topic")
+                return
+            over = topic_over_limit(will.topic, cfg.max_topic_length, cfg.max_topic_levels)
+            if over is not None:
+                self._topic_limit(over, "will topic", will.topic)
+                self._refuse_connect(
+                    Reason.TOPIC_NAME_INVALID, f"will topic over mqtt.{over} ({self._bound(over)})"
+                )
                 return
             if will.retain and not cfg.retain_available:
                 self._refuse_connect(Reason.RETAIN_NOT_SUPPORTED, "retain is not available")
@@ -673,6 +716,8 @@ class Channel:
             self.stats,
             self._inbound_aliases,
             self.cfg.topic_alias_maximum,
+            self.cfg.max_topic_length,
+            self.cfg.max_topic_levels,
         )
 
     def _on_publish(self, p: Any) -> None:
@@ -715,13 +760,22 @@ class Channel:
         self.stats.messages_received[qos] += 1
         session = self.session
         assert session is not None
+        if len(topic) > self._short_topic:
+            cfg = self.cfg
+            over = topic_over_limit(topic, cfg.max_topic_length, cfg.max_topic_levels)
+            if over is not None:
+                self._topic_limit(over, "PUBLISH to", topic)
+                self._refuse_publish(p, topic, Reason.TOPIC_NAME_INVALID)
+                return
         acl = self.acl  # mqtt.acl_file: None when no ACL is configured
         if acl is not None:
             bits = acl.decided.get(topic)  # acl.may_publish, inlined
             if bits is None:
                 bits = acl.access(topic)
             if not bits & WRITE:
-                self._refuse_publish(p, topic)
+                self.stats.acl_denied_publish += 1
+                log.debug("client %r may not publish to %r: dropped", self.client_id, topic)
+                self._refuse_publish(p, topic, Reason.NOT_AUTHORIZED)
                 return
         elif topic[0] == "$" and not may_write_dollar(topic):
             # No acl_file, and still no client writes $SYS (the broker's statistics).
@@ -757,12 +811,11 @@ class Channel:
             durable = self._publish(message, session)
             self._queue_ack(durable, _PUBREC, pid, 2)
 
-    def _refuse_publish(self, p: Any, topic: str) -> None:
-        """A PUBLISH the ACL does not allow: never routed (nor ingested), the connection
-        kept. As Mosquitto: v5 PUBACK/PUBREC 0x87; 3.1.1 the plain PUBACK/PUBREC (it
-        has no failure code), so the client does not re-send it."""
-        self.stats.acl_denied_publish += 1
-        log.debug("client %r may not publish to %r: dropped", self.client_id, topic)
+    def _refuse_publish(self, p: Any, topic: str, reason: int) -> None:
+        """A PUBLISH the ACL (or a topic limit) does not allow: never routed (nor
+        ingested), the connection kept. As Mosquitto for the ACL: v5 PUBACK/PUBREC
+        ``reason`` (0x87, 0x90); 3.1.1 the plain PUBACK/PUBREC (it has no failure
+        code [MQTT-3.3.5-2]), so the client does not re-send it."""
         qos = p.qos
         if qos == 0:
             return
@@ -770,11 +823,21 @@ class Channel:
         ptype = _PUBACK if qos == 1 else _PUBREC
         # In arrival order behind acks still held for durability [MQTT-4.6.0-2]. 3.1.1:
         # a PUBREL follows a PUBREC; _on_pubrel answers PUBCOMP for an id it does not hold.
-        ack = self.inbound.queue(
-            None, ptype, pid, qos, Reason.NOT_AUTHORIZED if self.version == 5 else 0
-        )
+        ack = self.inbound.queue(None, ptype, pid, qos, reason if self.version == 5 else 0)
         if ack is not None:
             self.send(ack)
+
+    def _bound(self, key: str) -> str:
+        return f"{getattr(self.cfg, key)}{' bytes' if key == 'max_topic_length' else ''}"
+
+    def _topic_limit(self, key: str, what: str, topic: str) -> None:
+        """Count and log (rate-limited) a topic over mqtt.max_topic_length / _levels."""
+        shown = topic if len(topic) <= 200 else f"{topic[:200]}... ({len(topic)} characters)"
+        self.broker.limits.hit(
+            key,
+            f"client {self.client_id!r} (user {self.username!r}, {self.peer}): {what}"
+            f" {shown!r} refused, over {self._bound(key)}",
+        )
 
     def refresh_acl(self) -> None:
         """The ACL file was reloaded: take this client's new ACL (session and fast path too)."""
@@ -836,10 +899,31 @@ class Channel:
         sub_id = ids[0] if ids else 0
         codes: list[int] = []
         retained: list[tuple[str, SubOptions]] = []
-        failure = Reason.TOPIC_FILTER_INVALID if self.version == 5 else SUBACK_V3_FAILURE
+        v5 = self.version == 5
+        failure = Reason.TOPIC_FILTER_INVALID if v5 else SUBACK_V3_FAILURE
+        cfg = self.cfg
+        max_subs = cfg.max_subscriptions_per_client
         for flt, qos, no_local, rap, rh in p.subscriptions:
             if not validate_topic_filter(flt):
                 codes.append(failure)
+                continue
+            over = topic_over_limit(flt, cfg.max_topic_length, cfg.max_topic_levels)
+            if over is not None:
+                # 0x8F: "correctly formed but not allowed for this Client".
+                self._topic_limit(over, "SUBSCRIBE to", flt)
+                codes.append(failure)
+                continue
+            if (
+                max_subs
+                and len(session.subscriptions) >= max_subs
+                and flt not in session.subscriptions
+            ):
+                self.broker.limits.hit(
+                    "max_subscriptions_per_client",
+                    f"client {self.client_id!r} (user {self.username!r}, {self.peer}) may not"
+                    f" subscribe to {flt!r}: it holds {max_subs} subscriptions",
+                )
+                codes.append(Reason.QUOTA_EXCEEDED if v5 else SUBACK_V3_FAILURE)
                 continue
             shared = flt.startswith("$share/")
             if shared and no_local:
@@ -848,7 +932,7 @@ class Channel:
                     Reason.PROTOCOL_ERROR,
                 )
             if not self.broker.auth.may_subscribe(self.acl, flt):
-                codes.append(Reason.NOT_AUTHORIZED if self.version == 5 else SUBACK_V3_FAILURE)
+                codes.append(Reason.NOT_AUTHORIZED if v5 else SUBACK_V3_FAILURE)
                 continue
             granted = min(qos, 2)
             opts = SubOptions(granted, no_local, rap, rh, sub_id)

@@ -3,6 +3,12 @@
 A tree keyed by topic level, so a subscription's filter walks only the
 branches it can match: delivering retained messages for
 ``company/acme/machine/+/status`` does not scan every retained topic.
+
+Bounds: ``max_messages`` in all (``mqtt.max_retained_messages``) and, when
+``max_per_tree`` is set (``mqtt.max_retained_per_tree``), per topic tree: the
+topics whose first ``tree_levels`` levels are equal share one count, so one
+tenant (``company/acme/...``) cannot take the whole store. Replacing or
+deleting a topic's retained message is never refused.
 """
 
 from __future__ import annotations
@@ -20,40 +26,76 @@ class _Node:
         self.message: Message | None = None
 
 
-class RetainedStore:
-    """Retained messages by topic. Bounded by ``max_messages``."""
+# What RetainedStore.set refuses a new retained topic for (the config keys).
+FULL = "max_retained_messages"
+TREE_FULL = "max_retained_per_tree"
 
-    def __init__(self, max_messages: int = 1_000_000) -> None:
+
+class RetainedStore:
+    """Retained messages by topic. Bounded by ``max_messages`` (and ``max_per_tree``)."""
+
+    def __init__(
+        self, max_messages: int = 1_000_000, max_per_tree: int = 0, tree_levels: int = 2
+    ) -> None:
         self._root = _Node()
         self._count = 0
         self.max_messages = max_messages
+        self.max_per_tree = max_per_tree
+        self.tree_levels = tree_levels
+        # tree (the first tree_levels levels of a topic) -> retained topics under it;
+        # kept only with a per-tree limit.
+        self._per_tree: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self._count
 
-    def set(self, message: Message) -> bool:
+    def tree(self, topic: str) -> str:
+        """The tree ``topic`` counts against: its first ``tree_levels`` levels."""
+        return "/".join(topic.split("/", self.tree_levels)[: self.tree_levels])
+
+    def in_tree(self, tree: str) -> int:
+        """Retained messages counted against ``tree`` (with a per-tree limit)."""
+        return self._per_tree.get(tree, 0)
+
+    def set(self, message: Message) -> str | None:
         """Store (or replace) the retained message of its topic.
 
-        An empty payload deletes it [MQTT-3.3.1-6]. Returns False when the
-        store is full and the topic had no retained message (the caller counts
-        the drop).
+        An empty payload deletes it [MQTT-3.3.1-6]. Returns None when done, or
+        the limit that refuses a topic with no retained message yet
+        (:data:`FULL`, :data:`TREE_FULL`); the caller counts and logs it.
         """
+        topic = message.topic
         if not message.payload:
-            self.delete(message.topic)
-            return True
+            self.delete(topic)
+            return None
         node = self._root
-        levels = message.topic.split("/")
+        levels = topic.split("/")
         for level in levels:
             child = node.children.get(level)
             if child is None:
-                if self._count >= self.max_messages and self.get(message.topic) is None:
-                    return False
+                refused = self._refuses(topic)
+                if refused is not None:
+                    return refused
                 child = node.children[level] = _Node()
             node = child
         if node.message is None:
+            refused = self._refuses(topic)  # the node existed (a deeper topic made it)
+            if refused is not None:
+                return refused
             self._count += 1
+            if self.max_per_tree:
+                tree = self.tree(topic)
+                self._per_tree[tree] = self._per_tree.get(tree, 0) + 1
         node.message = message
-        return True
+        return None
+
+    def _refuses(self, topic: str) -> str | None:
+        """The limit a new retained topic would pass, or None."""
+        if self._count >= self.max_messages:
+            return FULL
+        if self.max_per_tree and self._per_tree.get(self.tree(topic), 0) >= self.max_per_tree:
+            return TREE_FULL
+        return None
 
     def get(self, topic: str) -> Message | None:
         node: _Node | None = self._root
@@ -77,6 +119,13 @@ class RetainedStore:
             return False
         node.message = None
         self._count -= 1
+        if self.max_per_tree:
+            tree = self.tree(topic)
+            left = self._per_tree[tree] - 1
+            if left:
+                self._per_tree[tree] = left
+            else:
+                del self._per_tree[tree]
         # Prune empty branches so deleted topics cost no memory.
         for parent, level in reversed(path):
             child = parent.children[level]

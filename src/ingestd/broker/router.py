@@ -23,6 +23,7 @@ from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.acl import READ
 from ingestd.broker.hooks import BrokerStats, BrokerStore, MessageSink, RunSink
+from ingestd.broker.limits import LimitLog
 from ingestd.broker.message import Message
 from ingestd.broker.retained import RetainedStore
 from ingestd.broker.session import DeliveryJournal, Session, SubOptions
@@ -31,10 +32,17 @@ from ingestd.broker.session import DeliveryJournal, Session, SubOptions
 class Router:
     """The trie, the ingest sinks in it, and message routing."""
 
-    def __init__(self, trie: SubscriptionTrie, retained: RetainedStore, stats: BrokerStats) -> None:
+    def __init__(
+        self,
+        trie: SubscriptionTrie,
+        retained: RetainedStore,
+        stats: BrokerStats,
+        limits: LimitLog | None = None,
+    ) -> None:
         self.trie = trie
         self.retained = retained
         self.stats = stats
+        self.limits = limits if limits is not None else LimitLog(stats)
         self.sinks: list[tuple[str, MessageSink]] = []
         # Set by the Broker (see Broker.store / journal / ack_after_journal).
         self.store: BrokerStore | None = None
@@ -62,8 +70,10 @@ class Router:
         sink must make it durable first), or None.
         """
         if message.retain:
-            if not self.retained.set(message):
-                self.stats.drop("retained_store_full")
+            refused = self.retained.set(message)
+            if refused is not None:
+                # Delivered as usual, only not retained.
+                self._retain_refused(refused, message)
             elif self.store is not None and not message.topic.startswith("$SYS/"):
                 # ($SYS/ retained messages describe this process: kept in memory only.)
                 if message.payload:
@@ -145,6 +155,18 @@ class Router:
         if len(durable) == 1:
             return durable[0]
         return asyncio.gather(*durable)
+
+    def _retain_refused(self, key: str, message: Message) -> None:
+        retained = self.retained
+        if key == "max_retained_per_tree":
+            bound = f"{retained.max_per_tree} under {retained.tree(message.topic)!r}"
+        else:
+            bound = str(retained.max_messages)
+        self.limits.hit(
+            key,
+            f"message of client {message.client_id!r} to {message.topic!r} delivered but not"
+            f" retained: {bound} retained messages already",
+        )
 
     def ingest_target(self, topic: str) -> IngestTarget | None:
         """What ``topic`` reaches if only ingest routes subscribe to it, else None.

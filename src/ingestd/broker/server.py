@@ -39,6 +39,7 @@ from ingestd.broker.hooks import (
     MessageSink,
     StoredSession,
 )
+from ingestd.broker.limits import LimitLog
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.registry import SessionRegistry
@@ -65,13 +66,17 @@ class Broker:
         self.loop = loop or asyncio.get_running_loop()
         self.stats = BrokerStats()
         self.trie = SubscriptionTrie()
-        self.retained = RetainedStore(config.mqtt.max_retained_messages)
-        self.router = Router(self.trie, self.retained, self.stats)
+        m = config.mqtt
+        self.retained = RetainedStore(
+            m.max_retained_messages, m.max_retained_per_tree, m.retained_tree_levels
+        )
+        # Every limit hit is counted and logged (rate-limited) through this one.
+        self.limits = LimitLog(self.stats)
+        self.router = Router(self.trie, self.retained, self.stats, self.limits)
         self.registry = SessionRegistry(config.mqtt, self.loop, self.stats, self.router)
         # One disk budget for every session's deliveries past its memory queue; files a
         # previous process left are removed now (they are never valid after a restart).
         self.overflow: OverflowStore | None = None
-        m = config.mqtt
         if m.overflow_max_bytes > 0:
             directory = m.overflow_dir or os.path.join(config.server.data_dir, "overflow")
             self.overflow = OverflowStore(directory, m.overflow_max_bytes)
@@ -200,10 +205,10 @@ class Broker:
         return None
 
     def _limit(self, key: str, conn: Channel, bound: int) -> str:
-        hits = self.stats.limits_hit
-        hits[key] = hits.get(key, 0) + 1
         why = f"connection limit reached (mqtt.{key} = {bound})"
-        log.warning("refusing CONNECT from %s (client %r): %s", conn.peer, conn.client_id, why)
+        self.limits.hit(
+            key, f"refusing CONNECT from {conn.peer} (client {conn.client_id!r}): {why}"
+        )
         return why
 
     def client_connected(self, conn: Channel) -> None:
@@ -348,8 +353,15 @@ class Broker:
 
     def restore(self, retained: list[Message], sessions: list[StoredSession]) -> None:
         """Rebuild retained messages and offline sessions loaded from the store at start-up."""
-        for message in retained:
-            self.retained.set(message)
+        refused = sum(self.retained.set(message) is not None for message in retained)
+        if refused:
+            # Lowered mqtt.max_retained_messages / max_retained_per_tree since they were
+            # stored: they stay in the store and come back once the limits allow.
+            log.warning(
+                "%d stored retained messages not restored: over mqtt.max_retained_messages"
+                " or max_retained_per_tree",
+                refused,
+            )
         self.registry.restore(sessions)
         # A restored session reads under the ACL of its last user; one whose user name
         # the store did not keep (an older row) reads nothing until its client connects.

@@ -16,7 +16,25 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_listen: list[str] = msgspec.field(default_factory=list)
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
-    tls_cafile: str | None = None  # client certificates are required when set
+    # CA bundle that client certificates are verified against (PEM). Unset: clients
+    # present no certificate. Set: see tls_require_certificate (docs/security.md).
+    tls_cafile: str | None = None
+    # With tls_cafile: true, a client without a valid certificate fails the TLS handshake
+    # (Mosquitto's require_certificate); false, a client may present one (verified when
+    # presented) or none.
+    tls_require_certificate: bool = True
+    # Take a TLS client's user name from its certificate instead of CONNECT: the
+    # certificate's identity (tls_identity_field) or its whole subject (RFC 2253 string,
+    # as Mosquitto prints it). The CONNECT's user name and password are then ignored and
+    # no password is checked; a TLS client without a certificate is refused (CONNACK
+    # 0x86 / 4). Applies to tls_listen and wss_listen only. Mosquitto's
+    # use_identity_as_username / use_subject_as_username; at most one of them.
+    tls_use_identity_as_username: bool = False
+    tls_use_subject_as_username: bool = False
+    # Which part of the certificate tls_use_identity_as_username takes: "cn" (the
+    # subject's Common Name, as Mosquitto), or the first subjectAltName of one kind:
+    # "san_email", "san_dns", "san_uri".
+    tls_identity_field: Literal["cn", "san_email", "san_dns", "san_uri"] = "cn"
     # MQTT over WebSocket listeners (subprotocol "mqtt", any path).
     ws_listen: list[str] = msgspec.field(default_factory=list)
     # MQTT over secure WebSocket (wss); the same tls_certfile / tls_keyfile / tls_cafile.
@@ -160,7 +178,23 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Session expiry for 3.1.1 clients with clean session 0 (seconds).
     persistent_session_expiry: int = 7 * 24 * 3600
     retain_available: bool = True
+    # Retained messages kept, in all; past it a RETAIN PUBLISH to a topic with no retained
+    # message is delivered but not retained (counted in ingestd_limits_hit_total).
     max_retained_messages: int = 1_000_000
+    # The same per topic tree: topics whose first retained_tree_levels levels are equal
+    # (company/acme with 2) share max_retained_per_tree (0: no limit per tree), so one
+    # tenant cannot fill the store for all.
+    max_retained_per_tree: int = 0
+    retained_tree_levels: int = 2
+    # Longest topic name or filter (UTF-8 bytes) and most levels in one, for PUBLISH,
+    # SUBSCRIBE and will topics (0: no limit beyond MQTT's 65,535 bytes). Past either a
+    # PUBLISH is dropped (MQTT 5 PUBACK/PUBREC 0x90 Topic Name invalid; 3.1.1 the plain
+    # ack), a filter refused (SUBACK 0x8F / 0x80), a will refused (CONNACK 0x90 / 3).
+    max_topic_length: int = 4_096
+    max_topic_levels: int = 128
+    # Subscriptions one session may hold (0: no limit); a SUBSCRIBE for one more filter
+    # than that gets SUBACK 0x97 Quota exceeded (3.1.1: 0x80) for it.
+    max_subscriptions_per_client: int = 0
     allow_anonymous: bool = True
     # "user:password" lines, passwords hashed as written by `ingestd passwd` or
     # Mosquitto's `mosquitto_passwd` ($7$ / $6$) (optional; reloaded on SIGHUP).

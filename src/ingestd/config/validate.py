@@ -41,6 +41,28 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", key=key)
 
 
+def _validate_client_certificates(cfg: Config) -> None:
+    """The client-certificate keys of [server] (docs/security.md, "TLS client certificates")."""
+    s = cfg.server
+    if s.tls_use_identity_as_username and s.tls_use_subject_as_username:
+        raise ConfigError(
+            "tls_use_identity_as_username and tls_use_subject_as_username are exclusive: set one",
+            key="server.tls_use_subject_as_username",
+        )
+    for key in ("tls_use_identity_as_username", "tls_use_subject_as_username"):
+        if getattr(s, key) and not s.tls_cafile:
+            raise ConfigError(
+                "needs server.tls_cafile: a client certificate is only trusted when it"
+                " is verified against a CA",
+                key=f"server.{key}",
+            )
+    if s.tls_identity_field != "cn" and not s.tls_use_identity_as_username:
+        raise ConfigError(
+            "only means something with tls_use_identity_as_username = true",
+            key="server.tls_identity_field",
+        )
+
+
 def validate_config(cfg: Config) -> None:
     """Checks beyond types: addresses, bounds, and the routes (compiled to find errors)."""
     s = cfg.server
@@ -60,6 +82,7 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(
                 "TLS listeners need tls_certfile and tls_keyfile", key=f"server.{field_name}"
             )
+    _validate_client_certificates(cfg)
     if s.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"must be one of {', '.join(_LOG_LEVELS)}", key="server.log_level")
     _positive(s.shutdown_timeout, "server.shutdown_timeout", allow_zero=True)
@@ -78,6 +101,10 @@ def validate_config(cfg: Config) -> None:
                     "max_connections",
                     "max_connections_per_peer",
                     "sys_interval",
+                    "max_retained_per_tree",
+                    "max_topic_length",
+                    "max_topic_levels",
+                    "max_subscriptions_per_client",
                 ),
             )
     if not cfg.mqtt.allow_anonymous and not cfg.mqtt.password_file:
@@ -122,6 +149,10 @@ def validate_config(cfg: Config) -> None:
         )
     _positive(cfg.http.max_body_bytes, "http.max_body_bytes")
     _positive(cfg.http.ingest_wait_s, "http.ingest_wait_s", allow_zero=True)
+    if cfg.mqtt.max_topic_length > 65_535:
+        raise ConfigError(
+            "must be at most 65535 (MQTT's longest topic)", key="mqtt.max_topic_length"
+        )
     _validate_upstreams(cfg)
     _validate_workers(cfg)
     _validate_hooks(cfg)

@@ -140,6 +140,15 @@ class StreamConnection(asyncio.Protocol):
             self._flush_scheduled = True
             self._call_soon(self._scheduled_flush)
 
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The client's verified TLS certificate (``getpeercert()``'s dict), or None
+        (plain TCP, or a TLS client that presented none)."""
+        transport = self.transport
+        if transport is None:
+            return None
+        cert = transport.get_extra_info("peercert")
+        return cert or None
+
     def write_now(self, data: bytes) -> None:
         """Write ``data`` ahead of anything queued (a refusing CONNACK before close)."""
         transport = self.transport
