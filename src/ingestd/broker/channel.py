@@ -779,7 +779,9 @@ class Channel:
                 return
         elif topic[0] == "$" and not may_write_dollar(topic):
             # No acl_file, and still no client writes $SYS (the broker's statistics).
-            self._refuse_publish(p, topic)
+            self.stats.acl_denied_publish += 1
+            log.debug("client %r may not publish to %r: dropped", self.client_id, topic)
+            self._refuse_publish(p, topic, Reason.NOT_AUTHORIZED)
             return
         if self._devices is not None and topic != self._device_topic:
             self._device_topic = topic

@@ -8,7 +8,9 @@ Bounds: ``max_messages`` in all (``mqtt.max_retained_messages``) and, when
 ``max_per_tree`` is set (``mqtt.max_retained_per_tree``), per topic tree: the
 topics whose first ``tree_levels`` levels are equal share one count, so one
 tenant (``company/acme/...``) cannot take the whole store. Replacing or
-deleting a topic's retained message is never refused.
+deleting a topic's retained message is never refused. The broker's own
+``$SYS/`` statistics (a fixed set, :mod:`ingestd.broker.sysinfo`) count in
+``len()`` but not against those limits, so they never take a client's room.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class RetainedStore:
         self, max_messages: int = 1_000_000, max_per_tree: int = 0, tree_levels: int = 2
     ) -> None:
         self._root = _Node()
-        self._count = 0
+        self._count = 0  # clients' retained topics (the ones the limits count)
+        self._own = 0  # the broker's own $SYS/ topics
         self.max_messages = max_messages
         self.max_per_tree = max_per_tree
         self.tree_levels = tree_levels
@@ -47,7 +50,7 @@ class RetainedStore:
         self._per_tree: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + self._own
 
     def tree(self, topic: str) -> str:
         """The tree ``topic`` counts against: its first ``tree_levels`` levels."""
@@ -68,17 +71,20 @@ class RetainedStore:
         if not message.payload:
             self.delete(topic)
             return None
+        own = topic.startswith("$SYS/")
         node = self._root
         levels = topic.split("/")
         for level in levels:
             child = node.children.get(level)
             if child is None:
-                refused = self._refuses(topic)
+                refused = None if own else self._refuses(topic)
                 if refused is not None:
                     return refused
                 child = node.children[level] = _Node()
             node = child
-        if node.message is None:
+        if node.message is None and own:
+            self._own += 1
+        elif node.message is None:
             refused = self._refuses(topic)  # the node existed (a deeper topic made it)
             if refused is not None:
                 return refused
@@ -118,8 +124,11 @@ class RetainedStore:
         if node.message is None:
             return False
         node.message = None
-        self._count -= 1
-        if self.max_per_tree:
+        if topic.startswith("$SYS/"):
+            self._own -= 1
+        else:
+            self._count -= 1
+        if self.max_per_tree and not topic.startswith("$SYS/"):
             tree = self.tree(topic)
             left = self._per_tree[tree] - 1
             if left:
