@@ -38,6 +38,7 @@ from ingestd.broker.hooks import (
     MessageSink,
     StoredSession,
 )
+from ingestd.broker.keepalive import KeepaliveWheel
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
 from ingestd.broker.registry import SessionRegistry
@@ -77,6 +78,8 @@ class Broker:
         self.registry.overflow = self.overflow
         self.auth = Auth(config.mqtt, self.stats)
         self.connections: set[Channel] = set()
+        # Every CONNECTED channel's keepalive deadline, on one timer.
+        self.keepalive = KeepaliveWheel(self.loop)
         # CONNECTED channels per peer host (mqtt.max_connections_per_peer).
         self._per_peer: dict[str, int] = {}
         self.listeners: list[BrokerListener] = []
@@ -317,4 +320,5 @@ class Broker:
         deadline = time.monotonic() + 2.0
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.keepalive.close()
         await self.registry.shutdown()
