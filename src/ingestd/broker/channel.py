@@ -448,6 +448,15 @@ class Channel:
             # cache); the next PUBLISH makes it again.
             inbound.clear()
             self.inbound = None
+        session = self.session
+        if (
+            self.inbound is None
+            and session is not None
+            and session.connection is self
+            and session.inbound_qos2 is not None
+            and not session.inbound_qos2
+        ):
+            session.inbound_qos2 = None  # no QoS 2 exchange open: made again on demand
         limit = self.keepalive * 1.5
         idle = time.monotonic() - self.last_rx
         if idle >= limit:
@@ -737,7 +746,7 @@ class Channel:
             classify,
             self.client_id,
             self.username,
-            session.inbound_qos2,
+            session.qos2_ids(),
             self.stats,
             self._inbound_aliases,
             self.cfg.topic_alias_maximum,
@@ -798,13 +807,14 @@ class Channel:
             self.broker.router.publish(message, session)
             return
         pid = p.packet_id
-        if qos == 2 and pid in session.inbound_qos2:
+        qos2 = session.inbound_qos2
+        if qos == 2 and qos2 is not None and pid in qos2:
             # QoS 2 is routed once: a re-sent PUBLISH with a pending id only gets PUBREC again.
             self._queue_ack(None, _PUBREC, pid, 2)
             return
         if (
             self.version == 5
-            and self._busy().pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
+            and self._busy().pending_qos1 + len(qos2 or ()) >= self.cfg.receive_maximum
         ):
             raise ProtocolError(
                 "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
@@ -814,7 +824,7 @@ class Channel:
             durable = self.broker.router.publish(message, session)
             self._queue_ack(durable, _PUBACK, pid, 1)
         else:
-            session.inbound_qos2.add(pid)
+            session.qos2_ids().add(pid)
             durable = self.broker.router.publish(message, session)
             self._queue_ack(durable, _PUBREC, pid, 2)
 
@@ -865,7 +875,7 @@ class Channel:
             # Not durable: withhold the ack and drop the connection so the client
             # re-sends (at least once). A QoS 2 id must be routable again.
             fut, pid, qos = failed
-            if qos == 2 and self.session is not None:
+            if qos == 2 and self.session is not None and self.session.inbound_qos2 is not None:
                 self.session.inbound_qos2.discard(pid)
             log.warning(
                 "closing %s (client %r): message could not be stored: %s",
@@ -881,10 +891,11 @@ class Channel:
     def _on_pubrel(self, p: Any) -> None:
         session = self.session
         assert session is not None
-        if p.packet_id in session.inbound_qos2:
+        qos2 = session.inbound_qos2
+        if qos2 is not None and p.packet_id in qos2:
             # Still waiting for durability of this id? Its PUBREC was sent only after it,
             # so a PUBREL can only follow a durable message.
-            session.inbound_qos2.discard(p.packet_id)
+            qos2.discard(p.packet_id)
             self.send(encode_ack(_PUBCOMP, p.packet_id, 0, self.version))
         else:
             code = Reason.PACKET_IDENTIFIER_NOT_FOUND if self.version == 5 else 0
