@@ -125,6 +125,15 @@ def parse_target(text: str) -> tuple[str, int]:
 )
 @click.option("--compare-pid", type=int, help="PID of the --compare broker.")
 @click.option(
+    "--metrics",
+    "metrics_url",
+    metavar="URL",
+    help="The broker's Prometheus page (ingestd: http://HOST:PORT/metrics): its worst "
+    "event-loop stall over the run (ingestd_event_loop_lag_max_seconds, read at the start "
+    "and the end) is reported beside the latency.",
+)
+@click.option("--compare-metrics", metavar="URL", help="--metrics of the --compare broker.")
+@click.option(
     "--rounds",
     default=3,
     show_default=True,
@@ -208,6 +217,8 @@ def bench(
     pid: int | None,
     compare_with: str | None,
     compare_pid: int | None,
+    metrics_url: str | None,
+    compare_metrics: str | None,
     rounds: int,
     dsn: str | None,
     table: str,
@@ -296,6 +307,7 @@ def bench(
                 rounds,
                 progress=show,
                 echo=echo,
+                metrics=(metrics_url, compare_metrics),
                 **rows_kw,
             )
             if as_json:
@@ -319,7 +331,9 @@ def bench(
                         f"msgs per broker CPU second, ratio: {_x(out['cpu_efficiency_ratio'])}"
                     )
         else:
-            res = run(make_plan(host, port), pid=pid, progress=show, **rows_kw)
+            res = run(
+                make_plan(host, port), pid=pid, progress=show, metrics_url=metrics_url, **rows_kw
+            )
             if as_json:
                 click.echo(json.dumps(res.to_dict(), indent=2))
             else:

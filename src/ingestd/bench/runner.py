@@ -83,6 +83,9 @@ class Result:
     connect_failed: int | None = None
     connect_rate: float | None = None
     rss_per_connection_bytes: float | None = None
+    # The broker's worst event-loop stall over the run, ms (ingestd's
+    # ingestd_event_loop_lag_max_seconds, scraped from --metrics at the start and end).
+    loop_lag_max_ms: float | None = None
     rows: int | None = None
     unique_rows: int | None = None
     # ingest: a plain COPY loop into the same table in the same run, and the
@@ -151,11 +154,14 @@ def run(
     phase_timeout: float | None = None,
     reference: bool | None = None,
     reference_batch: int = 5000,
+    metrics_url: str | None = None,
 ) -> Result:
     """Run one scenario once; raises :class:`BenchFailed` when a worker fails.
 
     ``reference`` (ingest scenario with a ``dsn`` only; default: on there)
     measures the plain-COPY reference after the rows are verified.
+    ``metrics_url``: the broker's Prometheus page (ingestd's /metrics); its
+    worst event-loop stall over the run becomes ``loop_lag_max_ms``.
     """
     if not plan.run_id:
         plan.run_id = uuid.uuid4().hex[:8]
@@ -202,6 +208,8 @@ def run(
             child.close()
             procs.append(_Proc(p, parent, w))
         _collect(procs, "ready", limit)
+        if metrics_url:
+            _loop_lag_ms(metrics_url)  # the stall window starts now
         cpu0 = procstat.cpu_seconds(pid) if pid else None
         t0 = time.monotonic_ns()
         deadline = t0 + int(plan.duration * 1e9) if plan.duration else None
@@ -242,6 +250,8 @@ def run(
         if status:
             status.done()
         cpu1 = procstat.cpu_seconds(pid) if pid else None
+        if metrics_url:
+            res.loop_lag_max_ms = _loop_lag_ms(metrics_url)
         for pr in procs:
             pr.proc.join(10)
         _summarize(res, plan, results, t0, t_pub_done, expected_per_sub)
@@ -344,7 +354,7 @@ def _summarize(
         lat = merge_samples(p for r in results for p in r["ack_latency"])
         mx = max(r["ack_latency_max_us"] for r in results)
         res.latency_kind = "publish->ack" if plan.qos else ""
-    pct = percentiles(lat)
+    pct = percentiles(lat, (50, 90, 99, 99.9))
     if pct["max"] is not None:
         pct["max"] = float(mx)
     res.latency_ms = {k: (v / 1000 if v is not None else None) for k, v in pct.items()}
@@ -477,10 +487,12 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
         rows.append(
             (
                 "latency ms" + kind,
-                " / ".join(_fmt(lat.get(k), 2) for k in ("p50", "p90", "p99", "max"))
-                + "  (p50/p90/p99/max)",
+                " / ".join(_fmt(lat.get(k), 2) for k in ("p50", "p90", "p99", "p99.9", "max"))
+                + "  (p50/p90/p99/p99.9/max)",
             )
         )
+    if r.loop_lag_max_ms is not None:
+        rows.append(("broker loop stall max", _fmt(r.loop_lag_max_ms, 2) + " ms"))
     rows += [
         ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
         ("msgs per broker CPU s", _fmt(r.msgs_per_broker_cpu_s)),
@@ -518,6 +530,13 @@ def format_table(results: list[Result], ratio: tuple[str, float] | None = None) 
     return "\n".join(lines)
 
 
+def _loop_lag_ms(url: str) -> float:
+    try:
+        return procstat.scrape_metric(url, procstat.LOOP_LAG_MAX) * 1000
+    except (OSError, ValueError) as e:
+        raise BenchFailed(f"reading the event-loop lag from {url}: {e}") from None
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
@@ -534,14 +553,17 @@ def compare(
     *,
     progress: TextIO | None = None,
     echo: Callable[[str], None] | None = None,
+    metrics: tuple[str | None, str | None] = (None, None),
     **kw: Any,
 ) -> dict[str, Any]:
-    """Run the same scenario against two brokers alternately; ratios of the headline rate."""
+    """Run the same scenario against two brokers alternately; ratios of the headline rate.
+
+    ``metrics``: each broker's Prometheus page, or None (see :func:`run`)."""
     ra: list[Result] = []
     rb: list[Result] = []
     for i in range(rounds):
-        for (host, port, pid), acc in ((a, ra), (b, rb)):
-            res = run(make_plan(host, port), pid=pid, progress=progress, **kw)
+        for (host, port, pid), acc, url in ((a, ra, metrics[0]), (b, rb, metrics[1])):
+            res = run(make_plan(host, port), pid=pid, progress=progress, metrics_url=url, **kw)
             acc.append(res)
             if echo:
                 echo(
