@@ -128,7 +128,8 @@ class Channel:
 
     Memory: every connection has one, idle ones included, so it has ``__slots__``
     (no instance ``__dict__``; with its ~35 fields one would cost ~1.5 KB), holds no
-    bound method but ``send``, and no timer of its own once CONNECTED: its keepalive
+    bound method (the garbage collector tracks each, and a full collection's cost grows
+    with the tracked objects of every idle connection), and no timer of its own once CONNECTED: its keepalive
     is one entry in the broker's :class:`~ingestd.broker.keepalive.KeepaliveWheel`.
     The outbound Topic Alias map exists only for a client that allows aliases.
     """
@@ -155,7 +156,6 @@ class Channel:
         "last_rx",
         "peer",
         "port",
-        "send",
         "session",
         "state",
         "stats",
@@ -172,8 +172,6 @@ class Channel:
         self.transport_name = transport_name
         self.decoder = Decoder(server_side=True, max_packet_size=self.cfg.max_packet_size)
         self.port = port
-        # The port's send, bound once: the hot path (and ``inbound``) call it directly.
-        self.send = port.send
         self.state = AWAIT_CONNECT
         self.version = 0
         self.client_id = ""
@@ -363,12 +361,12 @@ class Channel:
                 aliases[topic] = new_alias
         else:
             data = encode_publish(topic, message.payload, qos, retain, dup, packet_id, None, 4)
-        self.send(data)
+        self.port.send(data)
         self.stats.messages_delivered[qos] += 1
         return True
 
     def send_pubrel(self, packet_id: int) -> None:
-        self.send(encode_ack(_PUBREL, packet_id, 0, self.version))
+        self.port.send(encode_ack(_PUBREL, packet_id, 0, self.version))
 
     # -- closing --------------------------------------------------------
 
@@ -489,7 +487,7 @@ class Channel:
                 if packet.reason_code < _FIRST_FAILURE:
                     self.send_pubrel(packet.packet_id)
             elif self.version == 5:
-                self.send(
+                self.port.send(
                     encode_ack(_PUBREL, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND, 5)
                 )
             else:
@@ -504,7 +502,7 @@ class Channel:
         elif ptype == PacketType.UNSUBSCRIBE:
             self._on_unsubscribe(packet)
         elif ptype == PacketType.PINGREQ:
-            self.send(PINGRESP)
+            self.port.send(PINGRESP)
         elif ptype == PacketType.DISCONNECT:
             self._on_disconnect(packet)
         elif ptype == PacketType.CONNECT:
@@ -693,9 +691,11 @@ class Channel:
                 cprops[int(Prop.SESSION_EXPIRY_INTERVAL)] = expiry
             if not cfg.retain_available:
                 cprops[int(Prop.RETAIN_AVAILABLE)] = 0
-            self.send(encode(Connack(session_present=present, reason_code=0, properties=cprops), 5))
+            self.port.send(
+                encode(Connack(session_present=present, reason_code=0, properties=cprops), 5)
+            )
         else:
-            self.send(encode(Connack(session_present=present, reason_code=0), 4))
+            self.port.send(encode(Connack(session_present=present, reason_code=0), 4))
         if keepalive:
             self._ka_key = self.broker.keepalive.add(self, time.monotonic() + keepalive * 1.5)
         self.info = ClientInfo(
@@ -716,7 +716,7 @@ class Channel:
         """The inbound state of a CONNECTED connection that publishes (made on demand)."""
         inbound = self.inbound
         if inbound is None:
-            inbound = self.inbound = Inbound(self._ack_ready, self.send)
+            inbound = self.inbound = Inbound(self._ack_ready, self.port.send)
             if self.broker.config.ingest.fast_path and self.session is not None:
                 self._attach_fast_path(self.session)
         return inbound
@@ -845,7 +845,7 @@ class Channel:
             None, ptype, pid, qos, Reason.NOT_AUTHORIZED if self.version == 5 else 0
         )
         if ack is not None:
-            self.send(ack)
+            self.port.send(ack)
 
     def refresh_acl(self) -> None:
         """The ACL file was reloaded: take this client's new ACL (session and fast path too)."""
@@ -861,7 +861,7 @@ class Channel:
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
         ack = self._busy().queue(fut, ptype, pid, qos)
         if ack is not None:
-            self.send(ack)
+            self.port.send(ack)
 
     def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
         """A durability future completed: send every ack it (and those done before) frees."""
@@ -870,7 +870,7 @@ class Channel:
         # Every ack at the head whose future is done leaves now, in order, as one write.
         out, failed = self.inbound.release()
         if out:
-            self.send(out)
+            self.port.send(out)
         if failed is not None:
             # Not durable: withhold the ack and drop the connection so the client
             # re-sends (at least once). A QoS 2 id must be routable again.
@@ -896,10 +896,10 @@ class Channel:
             # Still waiting for durability of this id? Its PUBREC was sent only after it,
             # so a PUBREL can only follow a durable message.
             qos2.discard(p.packet_id)
-            self.send(encode_ack(_PUBCOMP, p.packet_id, 0, self.version))
+            self.port.send(encode_ack(_PUBCOMP, p.packet_id, 0, self.version))
         else:
             code = Reason.PACKET_IDENTIFIER_NOT_FOUND if self.version == 5 else 0
-            self.send(encode_ack(_PUBCOMP, p.packet_id, code, self.version))
+            self.port.send(encode_ack(_PUBCOMP, p.packet_id, code, self.version))
 
     def _on_subscribe(self, p: Any) -> None:
         session = self.session
@@ -928,7 +928,7 @@ class Channel:
             codes.append(granted)
             if not shared and (rh == 0 or (rh == 1 and not existed)):
                 retained.append((flt, opts))
-        self.send(encode(Suback(packet_id=p.packet_id, reason_codes=codes), self.version))
+        self.port.send(encode(Suback(packet_id=p.packet_id, reason_codes=codes), self.version))
         # Retained messages go after the SUBACK [MQTT-3.8.4-4 ordering], as they would be
         # delivered to a new subscription: RETAIN set [MQTT-3.3.1-8].
         if retained:
@@ -951,7 +951,7 @@ class Channel:
             0 if self.broker.registry.unsubscribe(session, flt) else Reason.NO_SUBSCRIPTION_EXISTED
             for flt in p.topic_filters
         ]
-        self.send(encode(Unsuback(packet_id=p.packet_id, reason_codes=codes), self.version))
+        self.port.send(encode(Unsuback(packet_id=p.packet_id, reason_codes=codes), self.version))
 
     def _on_disconnect(self, p: Any) -> None:
         session = self.session
