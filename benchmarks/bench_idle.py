@@ -42,6 +42,22 @@ log_type error
 connection_messages false
 """
 
+# The floor under any broker built on uvloop transports: a server whose protocol is one
+# slotted object that answers CONNECT and PINGREQ and holds nothing else.
+UVLOOP_FLOOR = """\
+import asyncio, sys, uvloop
+class P(asyncio.Protocol):
+    __slots__ = ("t",)
+    def connection_made(self, t): self.t = t
+    def data_received(self, d):
+        if d[:1] == b"\\x10": self.t.write(b"\\x20\\x02\\x00\\x00")
+        elif d[:1] == b"\\xc0": self.t.write(b"\\xd0\\x00")
+async def main():
+    srv = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]), backlog=4096)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
 INGESTD_CONF = """\
 [server]
 http_listen = ""
@@ -94,6 +110,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--floor", action="store_true", help="also a bare uvloop server (UVLOOP_FLOOR above)"
+    )
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -104,11 +123,15 @@ def main() -> None:
     brokers: dict[str, object] = {"new": a.new, "mosquitto": None}
     if a.old:
         brokers = {"old": a.old, **brokers}
+    if a.floor:
+        brokers["uvloop-floor"] = "floor"
     runs: dict[str, list[dict]] = {k: [] for k in brokers}
     for r in range(a.rounds):
         for name, venv in brokers.items():
             port = free_port()
-            if venv is None:
+            if venv == "floor":
+                cmd = [str(a.new / "bin/python"), "-c", UVLOOP_FLOOR, str(port)]
+            elif venv is None:
                 conf = tmp / f"m{port}.conf"
                 conf.write_text(MOSQUITTO_CONF.format(port=port))
                 cmd = ["mosquitto", "-c", str(conf)]
