@@ -39,7 +39,7 @@ OUT = Path(os.environ.get("OUT", "bench_ab.json"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import INGESTD_CONF as CONF  # noqa: E402
 from bench_e2e import MOSQUITTO_CONF as MOSQ  # noqa: E402
-from bench_e2e import free_port  # noqa: E402
+from bench_e2e import embedded_pg, free_port  # noqa: E402
 
 
 def wait_port(port: int) -> None:
@@ -134,21 +134,7 @@ def main() -> None:
             pr.wait(30)
         procs = procs[:1]
         # ingest
-        pg = subprocess.Popen(
-            [
-                str(NEW / "bin/python"),
-                "-c",
-                "import signal, sys, time\n"
-                "from ingestd.db import EmbeddedPostgres\n"
-                f"e = EmbeddedPostgres({str(tmp / 'pg')!r})\n"
-                "print(e.start(), flush=True)\n"
-                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-                "while True: time.sleep(1)\n",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        dsn = pg.stdout.readline().strip()  # type: ignore[union-attr]
+        pg, dsn = embedded_pg(NEW, tmp / "pg")
         ingest_toml = Path(__file__).resolve().parent / "ingest-bench.toml"
         for name, venv in (("old", OLD), ("new", NEW)):
             ports[name] = p = free_port()

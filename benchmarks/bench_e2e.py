@@ -74,6 +74,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def embedded_pg(venv: Path, directory: Path) -> tuple[subprocess.Popen[str], str]:
+    """An embedded PostgreSQL in ``directory``, run by ``venv``'s ingestd; (process, DSN)."""
+    pg = subprocess.Popen(
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import signal, sys, time\n"
+            "from ingestd.db import EmbeddedPostgres\n"
+            f"e = EmbeddedPostgres({str(directory)!r})\n"
+            "print(e.start(), flush=True)\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+            "while True: time.sleep(1)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert pg.stdout is not None
+    return pg, pg.stdout.readline().strip()
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

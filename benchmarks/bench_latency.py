@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import INGESTD_CONF, MOSQUITTO_CONF, free_port, wait_port
+from bench_e2e import INGESTD_CONF, MOSQUITTO_CONF, embedded_pg, free_port, wait_port
 
 HERE = Path(__file__).resolve().parent
 VENVS = [Path(v) for v in sys.argv[1:]]
@@ -41,23 +41,11 @@ DUR = os.environ.get("DUR", "10")
 OUT = Path(os.environ.get("OUT", "bench_latency.json"))
 
 
-def embedded_pg(tmp: Path) -> tuple[subprocess.Popen[str], str]:
-    pg = subprocess.Popen(
-        [
-            str(NEW / "bin/python"),
-            "-c",
-            "import signal, sys, time\n"
-            "from ingestd.db import EmbeddedPostgres\n"
-            f"e = EmbeddedPostgres({str(tmp / 'pg')!r})\n"
-            "print(e.start(), flush=True)\n"
-            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-            "while True: time.sleep(1)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert pg.stdout is not None
-    return pg, pg.stdout.readline().strip()
+def summary(res: dict) -> str:  # type: ignore[type-arg]
+    lat = res["latency_ms"]
+    stall = res["loop_lag_max_ms"] or 0.0
+    pcts = " ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max"))
+    return f"{pcts} ms; loop stall max {stall:.2f} ms; lost {res['lost']}"
 
 
 def main() -> None:
@@ -66,7 +54,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
     brokers: dict[str, tuple[int, int, str | None]] = {}  # name -> port, pid, metrics
     try:
-        pg, dsn = embedded_pg(tmp)
+        pg, dsn = embedded_pg(NEW, tmp / "pg")
         procs.append(pg)
         mport = free_port()
         (tmp / "m.conf").write_text(MOSQUITTO_CONF.format(port=mport))
@@ -104,13 +92,7 @@ def main() -> None:
                     cmd += ["--metrics", metrics]
                 res = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout)
                 runs[name].append(res)
-                lat = res["latency_ms"]
-                print(
-                    f"round {r + 1} {name:12} p50 {lat['p50']:.2f} p99 {lat['p99']:.2f}"
-                    f" p99.9 {lat['p99.9']:.2f} max {lat['max']:.2f} ms; loop stall max"
-                    f" {res['loop_lag_max_ms'] or 0:.2f} ms; lost {res['lost']}",
-                    flush=True,
-                )
+                print(f"round {r + 1} {name:12} {summary(res)}", flush=True)
         OUT.write_text(json.dumps(runs, indent=2))
 
         def med(name: str, key: str) -> float:
