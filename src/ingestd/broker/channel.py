@@ -128,10 +128,12 @@ class Channel:
 
     Memory: every connection has one, idle ones included, so it has ``__slots__``
     (no instance ``__dict__``; with its ~35 fields one would cost ~1.5 KB), holds no
-    bound method (the garbage collector tracks each, and a full collection's cost grows
-    with the tracked objects of every idle connection), and no timer of its own once CONNECTED: its keepalive
-    is one entry in the broker's :class:`~ingestd.broker.keepalive.KeepaliveWheel`.
-    The outbound Topic Alias map exists only for a client that allows aliases.
+    bound method (the garbage collector tracks each, and a full collection's cost
+    grows with the tracked objects of every idle connection), and no timer of its
+    own once CONNECTED: its keepalive is one entry in the broker's
+    :class:`~ingestd.broker.keepalive.KeepaliveWheel`. The inbound ack state
+    (``inbound``) exists while the client publishes; the outbound Topic Alias map
+    only for a client that allows aliases.
     """
 
     __slots__ = (
