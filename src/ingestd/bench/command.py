@@ -103,6 +103,14 @@ def parse_target(text: str) -> tuple[str, int]:
     help="Connections to open (connections scenario).",
 )
 @click.option(
+    "--source-addresses",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 254),
+    help="Connections scenario against a loopback broker: connect from 127.0.0.1 .. 127.0.0.N"
+    " in turn (one address has about 28,000 ephemeral ports; 100k connections need 4).",
+)
+@click.option(
     "--hold",
     default=0.0,
     show_default=True,
@@ -213,6 +221,7 @@ def bench(
     processes: int | None,
     connections: int,
     hold: float,
+    source_addresses: int,
     keepalive: int,
     pid: int | None,
     compare_with: str | None,
@@ -282,6 +291,7 @@ def bench(
             keepalive=keepalive,
             connections=connections if scenario == "connections" else 0,
             hold=hold,
+            source_addresses=source_addresses,
             drain_timeout=drain_timeout,
             batch=batch,
             persistent_subscribers=persistent_sessions,
