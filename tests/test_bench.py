@@ -497,6 +497,30 @@ def test_connections_scenario(server: Any) -> None:
     assert server.call(lambda: len(server.app.broker.connections)) == 0
 
 
+class PeerRecorder:
+    """A broker listener that keeps the peer address of every CONNECTED client."""
+
+    def __init__(self) -> None:
+        self.peers: list[str] = []
+
+    def on_client_connected(self, info: Any) -> None:
+        self.peers.append(info.peer)
+
+    def on_client_disconnected(self, info: Any, reason: str, will_published: bool) -> None:
+        pass
+
+
+def test_connections_scenario_from_several_source_addresses(server: Any) -> None:
+    rec = PeerRecorder()
+    server.call(lambda: server.app.broker.listeners.append(rec))
+    plan = Plan("connections", "127.0.0.1", server.port, connections=30, processes=1, messages=1)
+    plan.source_addresses = 3
+    res = run(plan)
+    assert res.errors == [] and res.connected == 30
+    hosts = server.call(lambda: sorted({p.rsplit(":", 1)[0] for p in rec.peers}))
+    assert hosts == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
 def test_progress_line_and_table(server: Any) -> None:
     out = io.StringIO()
     res = run(plan_for(server.port, qos=1, messages=100), progress=out, pid=os.getpid())

@@ -199,6 +199,7 @@ EXAMPLES = [
     "config/solar-fleet.toml",
     "config/device-fleet.toml",
     "benchmarks/ingest-bench.toml",
+    "benchmarks/latency-ingest.toml",
 ]
 TOPICS = [
     "company/acme/machine/m1/telemetry",

@@ -9,6 +9,7 @@ v5 "server shutting down", flush the ingest batches, close the database.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -59,15 +60,20 @@ def listen_error(kind: str, host: str, port: int, exc: OSError) -> OSError:
 
 
 def _channel_factory(broker: Broker, transport_name: str) -> Any:
-    """What a transport calls with itself (the port) once its socket is up."""
-    return lambda port: Channel(broker, port, transport_name)
+    """What a transport calls with itself (the port) once its socket is up.
+
+    Made once per listener, not per connection: an idle connection holds no closure."""
+    return functools.partial(Channel, broker, transport_name=transport_name)
 
 
-def _stream(broker: Broker, transport_name: str) -> StreamConnection:
-    """A TCP/TLS listener's protocol: one socket feeding one broker Channel."""
-    new_channel = _channel_factory(broker, transport_name)
-    return StreamConnection(
-        new_channel, broker.config.mqtt.max_outbound_bytes, broker.stats, transport_name
+def _stream(broker: Broker, transport_name: str) -> Callable[[], StreamConnection]:
+    """A TCP/TLS listener's protocol factory: one socket feeding one broker Channel."""
+    return functools.partial(
+        StreamConnection,
+        _channel_factory(broker, transport_name),
+        broker.config.mqtt.max_outbound_bytes,
+        broker.stats,
+        transport_name,
     )
 
 
@@ -161,22 +167,23 @@ class App:
             self.extras.append(self.sys)
         m = cfg.mqtt
         for addr in cfg.server.listen:
-            await self._listen("mqtt", addr, lambda: _stream(broker, "tcp"))
+            await self._listen("mqtt", addr, _stream(broker, "tcp"))
         if cfg.server.tls_listen:
             ctx = self._tls_context()
             for addr in cfg.server.tls_listen:
-                await self._listen("mqtts", addr, lambda: _stream(broker, "tls"), ssl=ctx)
+                await self._listen("mqtts", addr, _stream(broker, "tls"), ssl=ctx)
         if cfg.server.ws_listen or cfg.server.wss_listen:
             from ingestd.transport.websocket import WebSocketProtocol
 
             def websocket(name: str) -> Callable[[], WebSocketProtocol]:
-                def make() -> WebSocketProtocol:
-                    new_channel = _channel_factory(broker, name)
-                    return WebSocketProtocol(
-                        new_channel, m.max_packet_size, m.max_outbound_bytes, broker.stats, name
-                    )
-
-                return make
+                return functools.partial(
+                    WebSocketProtocol,
+                    _channel_factory(broker, name),
+                    m.max_packet_size,
+                    m.max_outbound_bytes,
+                    broker.stats,
+                    name,
+                )
 
             for addr in cfg.server.ws_listen:
                 await self._listen("ws", addr, websocket("ws"))

@@ -153,13 +153,26 @@ class BenchClient(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, host: str, port: int, client_id: str, version: int, *, timeout: float = 30.0, **kw: Any
+        cls,
+        host: str,
+        port: int,
+        client_id: str,
+        version: int,
+        *,
+        timeout: float = 30.0,
+        source: str | None = None,
+        **kw: Any,
     ) -> BenchClient:
-        """Connect TCP, send CONNECT, wait for a successful CONNACK."""
+        """Connect TCP (from address ``source`` if given), send CONNECT, wait for a
+        successful CONNACK."""
         loop = asyncio.get_running_loop()
+        local = (source, 0) if source else None
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: cls(client_id, version, **kw), host, port), timeout
+                loop.create_connection(
+                    lambda: cls(client_id, version, **kw), host, port, local_addr=local
+                ),
+                timeout,
             )
         except (OSError, TimeoutError) as e:
             raise BenchError(f"cannot connect to {host}:{port}: {e}") from None

@@ -103,6 +103,14 @@ def parse_target(text: str) -> tuple[str, int]:
     help="Connections to open (connections scenario).",
 )
 @click.option(
+    "--source-addresses",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 254),
+    help="Connections scenario against a loopback broker: connect from 127.0.0.1 .. 127.0.0.N"
+    " in turn (one address has about 28,000 ephemeral ports; 100k connections need 4).",
+)
+@click.option(
     "--hold",
     default=0.0,
     show_default=True,
@@ -124,6 +132,15 @@ def parse_target(text: str) -> tuple[str, int]:
     help="Also run against this broker, alternately, and print the ratio.",
 )
 @click.option("--compare-pid", type=int, help="PID of the --compare broker.")
+@click.option(
+    "--metrics",
+    "metrics_url",
+    metavar="URL",
+    help="The broker's Prometheus page (ingestd: http://HOST:PORT/metrics): its worst "
+    "event-loop stall over the run (ingestd_event_loop_lag_max_seconds, read at the start "
+    "and the end) is reported beside the latency.",
+)
+@click.option("--compare-metrics", metavar="URL", help="--metrics of the --compare broker.")
 @click.option(
     "--rounds",
     default=3,
@@ -229,10 +246,13 @@ def bench(
     processes: int | None,
     connections: int,
     hold: float,
+    source_addresses: int,
     keepalive: int,
     pid: int | None,
     compare_with: str | None,
     compare_pid: int | None,
+    metrics_url: str | None,
+    compare_metrics: str | None,
     rounds: int,
     dsn: str | None,
     table: str,
@@ -299,6 +319,7 @@ def bench(
             keepalive=keepalive,
             connections=connections if scenario == "connections" else 0,
             hold=hold,
+            source_addresses=source_addresses,
             drain_timeout=drain_timeout,
             batch=batch,
             persistent_subscribers=persistent_sessions,
@@ -327,6 +348,7 @@ def bench(
                 rounds,
                 progress=show,
                 echo=echo,
+                metrics=(metrics_url, compare_metrics),
                 **rows_kw,
             )
             if as_json:
@@ -350,7 +372,9 @@ def bench(
                         f"msgs per broker CPU second, ratio: {_x(out['cpu_efficiency_ratio'])}"
                     )
         else:
-            res = run(make_plan(host, port), pid=pid, progress=show, **rows_kw)
+            res = run(
+                make_plan(host, port), pid=pid, progress=show, metrics_url=metrics_url, **rows_kw
+            )
             if as_json:
                 click.echo(json.dumps(res.to_dict(), indent=2))
             else:

@@ -77,3 +77,22 @@ def threads(pid: int, proc: str | Path = "/proc") -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     return 0
+
+
+# The broker's worst event-loop stall since the previous scrape (ingestd's /metrics).
+LOOP_LAG_MAX = "ingestd_event_loop_lag_max_seconds"
+
+
+def scrape_metric(url: str, name: str, timeout: float = 5.0) -> float:
+    """The value of the unlabelled sample ``name`` on the Prometheus text page at ``url``.
+
+    Raises ValueError when the page has no such sample, OSError when it cannot be read.
+    """
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        text = resp.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+            return float(line.rsplit(None, 1)[-1])
+    raise ValueError(f"no {name} sample at {url}")

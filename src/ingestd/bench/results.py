@@ -41,6 +41,9 @@ class Result:
     connect_failed: int | None = None
     connect_rate: float | None = None
     rss_per_connection_bytes: float | None = None
+    # The broker's worst event-loop stall over the run, ms (ingestd's
+    # ingestd_event_loop_lag_max_seconds, scraped from --metrics at the start and end).
+    loop_lag_max_ms: float | None = None
     rows: int | None = None
     unique_rows: int | None = None
     # ingest: a plain COPY loop into the same table in the same run, and the
@@ -161,10 +164,12 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
         rows.append(
             (
                 "latency ms" + kind,
-                " / ".join(_fmt(lat.get(k), 2) for k in ("p50", "p90", "p99", "max"))
-                + "  (p50/p90/p99/max)",
+                " / ".join(_fmt(lat.get(k), 2) for k in ("p50", "p90", "p99", "p99.9", "max"))
+                + "  (p50/p90/p99/p99.9/max)",
             )
         )
+    if r.loop_lag_max_ms is not None:
+        rows.append(("broker loop stall max", _fmt(r.loop_lag_max_ms, 2) + " ms"))
     rows += [
         ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
         ("msgs per broker CPU s", _fmt(r.msgs_per_broker_cpu_s)),

@@ -122,6 +122,7 @@ def run(
     reference_batch: int = 5000,
     reference_connections: int = 2,
     pg_pid: int | None = None,
+    metrics_url: str | None = None,
 ) -> Result:
     """Run one scenario once; raises :class:`BenchFailed` when a worker fails.
 
@@ -130,6 +131,8 @@ def run(
     then the pre-encoded binary COPYs over one connection and over
     ``reference_connections`` (if more than one). ``pg_pid`` (the postmaster
     of a local PostgreSQL) adds its CPU seconds to the accounting.
+    ``metrics_url``: the broker's Prometheus page (ingestd's /metrics); its
+    worst event-loop stall over the run becomes ``loop_lag_max_ms``.
     """
     if reference_connections < 1:
         raise ValueError("reference_connections must be at least 1")
@@ -178,6 +181,8 @@ def run(
             child.close()
             procs.append(_Proc(p, parent, w))
         _collect(procs, "ready", limit)
+        if metrics_url:
+            _loop_lag_ms(metrics_url)  # the stall window starts now
         cpu0 = procstat.cpu_seconds(pid) if pid else None
         pg0 = procstat.tree_cpu_seconds(pg_pid) if pg_pid and verify else None
         t0 = time.monotonic_ns()
@@ -222,6 +227,8 @@ def run(
         if status:
             status.done()
         cpu1 = procstat.cpu_seconds(pid) if pid else None
+        if metrics_url:
+            res.loop_lag_max_ms = _loop_lag_ms(metrics_url)
         for pr in procs:
             pr.proc.join(10)
         _summarize(res, plan, results, t0, t_pub_done, expected_per_sub)
@@ -327,7 +334,7 @@ def _summarize(
         lat = merge_samples(p for r in results for p in r["ack_latency"])
         mx = max(r["ack_latency_max_us"] for r in results)
         res.latency_kind = "publish->ack" if plan.qos else ""
-    pct = percentiles(lat)
+    pct = percentiles(lat, (50, 90, 99, 99.9))
     if pct["max"] is not None:
         pct["max"] = float(mx)
     res.latency_ms = {k: (v / 1000 if v is not None else None) for k, v in pct.items()}
@@ -471,6 +478,13 @@ class _Status:
         self.out.flush()
 
 
+def _loop_lag_ms(url: str) -> float:
+    try:
+        return procstat.scrape_metric(url, procstat.LOOP_LAG_MAX) * 1000
+    except (OSError, ValueError) as e:
+        raise BenchFailed(f"reading the event-loop lag from {url}: {e}") from None
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
@@ -487,14 +501,17 @@ def compare(
     *,
     progress: TextIO | None = None,
     echo: Callable[[str], None] | None = None,
+    metrics: tuple[str | None, str | None] = (None, None),
     **kw: Any,
 ) -> dict[str, Any]:
-    """Run the same scenario against two brokers alternately; ratios of the headline rate."""
+    """Run the same scenario against two brokers alternately; ratios of the headline rate.
+
+    ``metrics``: each broker's Prometheus page, or None (see :func:`run`)."""
     ra: list[Result] = []
     rb: list[Result] = []
     for i in range(rounds):
-        for (host, port, pid), acc in ((a, ra), (b, rb)):
-            res = run(make_plan(host, port), pid=pid, progress=progress, **kw)
+        for (host, port, pid), acc, url in ((a, ra, metrics[0]), (b, rb, metrics[1])):
+            res = run(make_plan(host, port), pid=pid, progress=progress, metrics_url=url, **kw)
             acc.append(res)
             if echo:
                 echo(

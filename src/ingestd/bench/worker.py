@@ -68,6 +68,9 @@ class Plan:
     connections: int = 0  # "connections" scenario
     hold: float = 0.0  # seconds the idle connections stay open after all connected
     connect_concurrency: int = 256
+    # connections scenario: connect from 127.0.0.1 .. 127.0.0.N round-robin (each
+    # source address has ~28k ephemeral ports; loopback only)
+    source_addresses: int = 1
     drain_timeout: float = 5.0
     batch: int = 64
     # Subscribers connect with a persistent session (removed after the run).
@@ -106,6 +109,12 @@ class Plan:
         if w < first:
             return []
         return [i for i in range(self.publishers) if i % n == w - first]
+
+    def source_address(self, k: int) -> str | None:
+        """The local address connection ``k`` binds (None: the kernel's choice)."""
+        if self.source_addresses <= 1:
+            return None
+        return f"127.0.0.{1 + k % self.source_addresses}"
 
     def my_connections(self, w: int) -> list[int]:
         return [k for k in range(self.connections) if k % self.processes == w]
@@ -442,7 +451,9 @@ class _Worker:
         pre = f"{p.client_prefix}-{p.run_id}-c"
         t0 = time.monotonic_ns()
         cpu0 = time.process_time()
-        results = await self._gather_limited([_capture(self._open(f"{pre}{k}")) for k in mine])
+        results = await self._gather_limited(
+            [_capture(self._open(f"{pre}{k}", source=p.source_address(k))) for k in mine]
+        )
         t1 = time.monotonic_ns()
         cpu1 = time.process_time()
         clients = [r for r in results if not isinstance(r, BaseException)]

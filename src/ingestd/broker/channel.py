@@ -140,19 +140,60 @@ class Port(Protocol):
 
 
 class Channel:
-    """One client's MQTT session protocol (TCP, TLS or WebSocket feed it the same way)."""
+    """One client's MQTT session protocol (TCP, TLS or WebSocket feed it the same way).
+
+    Memory: every connection has one, idle ones included, so it has ``__slots__``
+    (no instance ``__dict__``; with its ~35 fields one would cost ~1.5 KB), holds no
+    bound method (the garbage collector tracks each, and a full collection's cost
+    grows with the tracked objects of every idle connection), and no timer of its
+    own once CONNECTED: its keepalive is one entry in the broker's
+    :class:`~ingestd.broker.keepalive.KeepaliveWheel`. The inbound ack state
+    (``inbound``) exists while the client publishes; the outbound Topic Alias map
+    only for a client that allows aliases.
+    """
+
+    __slots__ = (
+        "_auth_task",
+        "_cert_identity",
+        "_client_alias_max",
+        "_client_max_packet",
+        "_device_topic",
+        "_devices",
+        "_held",
+        "_held_error",
+        "_inbound_aliases",
+        "_ka_key",
+        "_outbound_aliases",
+        "_read_paused",
+        "_short_topic",
+        "_timer",
+        "acl",
+        "broker",
+        "cfg",
+        "client_id",
+        "decoder",
+        "inbound",
+        "info",
+        "keepalive",
+        "last_rx",
+        "peer",
+        "port",
+        "session",
+        "state",
+        "stats",
+        "transport_name",
+        "username",
+        "version",
+        "will",
+    )
 
     def __init__(self, broker: Broker, port: Port, transport_name: str = "tcp") -> None:
         self.broker = broker
         self.cfg = broker.config.mqtt
         self.stats = broker.stats
-        self.loop = broker.loop
         self.transport_name = transport_name
         self.decoder = Decoder(server_side=True, max_packet_size=self.cfg.max_packet_size)
         self.port = port
-        # The port's methods, bound once: the hot path calls them directly.
-        self.send = port.send
-        self.writable = port.writable
         self.state = AWAIT_CONNECT
         self.version = 0
         self.client_id = ""
@@ -171,19 +212,21 @@ class Channel:
         self._auth_task: asyncio.Task[int] | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
+        # The connect timeout (until CONNECT); then the keepalive is a wheel entry.
         self._timer: asyncio.TimerHandle | None = None
+        self._ka_key = 0  # its tick in broker.keepalive (0: not in the wheel)
         self._read_paused = False
-        self._publish = broker.router.publish
         # devices.schemes that learn variables from published topics (None: none do),
         # and the last topic handed to it (a device repeating one topic costs one compare).
         self._devices = broker.device_learner
         self._device_topic = ""
         # Inbound QoS 1/2 acks in arrival order, and the ingest fast path. A durability
         # future is watched once (the messages of one ingest batch share it), so one
-        # callback per batch and connection releases them all.
-        self.inbound = Inbound(self._ack_ready, self.send)
+        # callback per batch and connection releases them all. Busy state: made by the
+        # first PUBLISH (``_busy``), dropped at a keepalive tick with nothing pending.
+        self.inbound: Inbound | None = None
         self._inbound_aliases: dict[int, str] = {}
-        self._outbound_aliases: dict[str, int] = {}
+        self._outbound_aliases: dict[str, int] | None = None  # made at CONNECT if allowed
         self._client_alias_max = 0
         self._client_max_packet = 0  # 0: no limit beyond the protocol's
         # A topic of at most this many characters is within mqtt.max_topic_length (a
@@ -195,12 +238,16 @@ class Channel:
             identity_mode(broker.config.server) if transport_name in _TLS_TRANSPORTS else None
         )
         self.broker.connection_opened(self)
-        self._timer = self.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
+        self._timer = broker.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
 
     @property
     def transport(self) -> Any:
         """The port, under the name metrics read (``transport.get_write_buffer_size()``)."""
         return self.port
+
+    def writable(self) -> bool:
+        """False while the client's outbound bytes are over their bound (the port's)."""
+        return self.port.writable()
 
     # -- from the transport -----------------------------------------------
 
@@ -240,23 +287,32 @@ class Channel:
             return
         if self.state == CLOSED or self._held is not None:
             return
+        inbound = self.inbound
         if not self._read_paused and (
-            self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated()
+            (inbound is not None and inbound.ack_count > self.cfg.receive_maximum)
+            or self.broker.ingest_saturated()
         ):
             self.pause_reading()
 
     def _handle(self, packets: list[Any], i: int) -> None:
         """Handle ``packets`` from index ``i``: the fast path or one handler per packet."""
-        take = self.inbound.take
+        inbound = self.inbound
         n = len(packets)
         while i < n:
-            i = take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
-            if i == n:
-                break
+            if inbound is not None:
+                i = inbound.take(packets, i)  # the run of ingest-only PUBLISHes from i, if any
+                if i == n:
+                    break
             packet = packets[i]
             i += 1
             ptype = packet.packet_type
             if ptype == _PUBLISH:
+                if inbound is None and self.state == CONNECTED:
+                    # The first PUBLISH since idle: make the busy state, then offer this
+                    # packet to the fast path like every other.
+                    inbound = self._busy()
+                    i -= 1
+                    continue
                 self._on_publish(packet)
             else:
                 self._dispatch_control(ptype, packet)
@@ -289,7 +345,10 @@ class Channel:
         """Resume if nothing still holds this connection back."""
         if not self._read_paused or self.state == CLOSED:
             return
-        if self.inbound.ack_count > self.cfg.receive_maximum or self.broker.ingest_saturated():
+        inbound = self.inbound
+        if (
+            inbound is not None and inbound.ack_count > self.cfg.receive_maximum
+        ) or self.broker.ingest_saturated():
             return
         self._read_paused = False
         self.port.resume_reading()
@@ -318,29 +377,30 @@ class Channel:
                 if message.expires_at is not None:
                     props[_P_MESSAGE_EXPIRY] = message.remaining_expiry(time.monotonic())
             new_alias = 0
-            if self._client_alias_max:
-                alias = self._outbound_aliases.get(topic)
+            aliases = self._outbound_aliases
+            if aliases is not None:
+                alias = aliases.get(topic)
                 if alias is not None:
                     props[_P_TOPIC_ALIAS] = alias
                     topic = ""
-                elif len(self._outbound_aliases) < self._client_alias_max:
-                    new_alias = len(self._outbound_aliases) + 1
+                elif len(aliases) < self._client_alias_max:
+                    new_alias = len(aliases) + 1
                     props[_P_TOPIC_ALIAS] = new_alias
             data = encode_publish(topic, message.payload, qos, retain, dup, packet_id, props, 5)
             if self._client_max_packet and len(data) > self._client_max_packet:
                 # [MQTT-3.1.2-25] never send a packet larger than the client's Maximum Packet Size.
                 self.stats.drop("packet_too_large")
                 return False
-            if new_alias:
-                self._outbound_aliases[topic] = new_alias
+            if new_alias and aliases is not None:
+                aliases[topic] = new_alias
         else:
             data = encode_publish(topic, message.payload, qos, retain, dup, packet_id, None, 4)
-        self.send(data)
+        self.port.send(data)
         self.stats.messages_delivered[qos] += 1
         return True
 
     def send_pubrel(self, packet_id: int) -> None:
-        self.send(encode_ack(_PUBREL, packet_id, 0, self.version))
+        self.port.send(encode_ack(_PUBREL, packet_id, 0, self.version))
 
     # -- closing --------------------------------------------------------
 
@@ -359,7 +419,11 @@ class Channel:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.inbound.clear()
+        if self._ka_key:
+            self.broker.keepalive.discard(self, self._ka_key)
+            self._ka_key = 0
+        if self.inbound is not None:
+            self.inbound.clear()
         last = b""
         if reason_code is not None and self.version == 5 and was_connected:
             props = {}
@@ -399,10 +463,32 @@ class Channel:
             log.info("closing %s: no CONNECT within %.0f s", self.peer, self.cfg.connect_timeout)
             self._close("protocol_error")
 
+    def keepalive_due(self) -> None:
+        """The keepalive wheel's tick for this connection came (the KeepaliveClient)."""
+        self._ka_key = 0
+        self._keepalive_check()
+
     def _keepalive_check(self) -> None:
-        self._timer = None
+        if self._ka_key:
+            self.broker.keepalive.discard(self, self._ka_key)
+            self._ka_key = 0
         if self.state != CONNECTED:
             return
+        inbound = self.inbound
+        if inbound is not None and not inbound.ack_count:
+            # Nothing waits for an ack: drop the busy state (ack queue, fast-path topic
+            # cache); the next PUBLISH makes it again.
+            inbound.clear()
+            self.inbound = None
+        session = self.session
+        if (
+            self.inbound is None
+            and session is not None
+            and session.connection is self
+            and session.inbound_qos2 is not None
+            and not session.inbound_qos2
+        ):
+            session.inbound_qos2 = None  # no QoS 2 exchange open: made again on demand
         limit = self.keepalive * 1.5
         idle = time.monotonic() - self.last_rx
         if idle >= limit:
@@ -415,7 +501,7 @@ class Channel:
             )
             self._close("keepalive_timeout", Reason.KEEP_ALIVE_TIMEOUT)
         else:
-            self._timer = self.loop.call_later(limit - idle, self._keepalive_check)
+            self._ka_key = self.broker.keepalive.add(self, self.last_rx + limit)
 
     # -- packet handlers --------------------------------------------------
 
@@ -435,7 +521,7 @@ class Channel:
                 if packet.reason_code < _FIRST_FAILURE:
                     self.send_pubrel(packet.packet_id)
             elif self.version == 5:
-                self.send(
+                self.port.send(
                     encode_ack(_PUBREL, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND, 5)
                 )
             else:
@@ -450,7 +536,7 @@ class Channel:
         elif ptype == PacketType.UNSUBSCRIBE:
             self._on_unsubscribe(packet)
         elif ptype == PacketType.PINGREQ:
-            self.send(PINGRESP)
+            self.port.send(PINGRESP)
         elif ptype == PacketType.DISCONNECT:
             self._on_disconnect(packet)
         elif ptype == PacketType.CONNECT:
@@ -538,7 +624,9 @@ class Channel:
             # and nothing more is read, until it is decided.
             self._held = []
             self.pause_reading()
-            task = self.loop.create_task(auth.authenticate(p.username, p.password, self.peer))
+            task = self.broker.loop.create_task(
+                auth.authenticate(p.username, p.password, self.peer)
+            )
             self._auth_task = task  # the loop keeps only a weak reference to a task
             task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
             return
@@ -622,6 +710,8 @@ class Channel:
             keepalive = server_keepalive = cfg.max_keepalive
         self.keepalive = keepalive
         self._client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
+        if self._client_alias_max:
+            self._outbound_aliases = {}
         self.decoder.max_packet_size = cfg.max_packet_size
 
         clean_start = p.clean_start
@@ -655,11 +745,13 @@ class Channel:
                 cprops[int(Prop.SESSION_EXPIRY_INTERVAL)] = expiry
             if not cfg.retain_available:
                 cprops[int(Prop.RETAIN_AVAILABLE)] = 0
-            self.send(encode(Connack(session_present=present, reason_code=0, properties=cprops), 5))
+            self.port.send(
+                encode(Connack(session_present=present, reason_code=0, properties=cprops), 5)
+            )
         else:
-            self.send(encode(Connack(session_present=present, reason_code=0), 4))
+            self.port.send(encode(Connack(session_present=present, reason_code=0), 4))
         if keepalive:
-            self._timer = self.loop.call_later(keepalive * 1.5, self._keepalive_check)
+            self._ka_key = self.broker.keepalive.add(self, time.monotonic() + keepalive * 1.5)
         self.info = ClientInfo(
             client_id=self.client_id,
             username=self.username,
@@ -669,12 +761,19 @@ class Channel:
             clean_start=p.clean_start,
             transport=self.transport_name,
         )
-        if self.broker.config.ingest.fast_path:
-            self._attach_fast_path(session)
         self.broker.client_connected(self)
         if present:
             session.resend_inflight()
             session.pump()
+
+    def _busy(self) -> Inbound:
+        """The inbound state of a CONNECTED connection that publishes (made on demand)."""
+        inbound = self.inbound
+        if inbound is None:
+            inbound = self.inbound = Inbound(self._ack_ready, self.port.send)
+            if self.broker.config.ingest.fast_path and self.session is not None:
+                self._attach_fast_path(self.session)
+        return inbound
 
     def _attach_fast_path(self, session: Session) -> None:
         """Let ``inbound.take`` handle runs of ingest-only PUBLISHes (now CONNECTED).
@@ -684,7 +783,7 @@ class Channel:
         ``_on_publish``, which refuses it. The classification cache lives in this
         connection's ``Inbound`` (never shared), and attaching again drops it.
         """
-        classify = self.broker.router.ingest_target
+        classify = self.broker.router.classify  # one bound method for all connections
         acl = self.acl
         if acl is not None:
             target = classify
@@ -693,6 +792,7 @@ class Channel:
             def classify(topic: str) -> Any:
                 return target(topic) if may_publish(topic) else None
 
+        assert self.inbound is not None
         devices = self._devices
         if devices is not None:
             # The fast path asks once per topic (until the trie changes): the device
@@ -712,7 +812,7 @@ class Channel:
             classify,
             self.client_id,
             self.username,
-            session.inbound_qos2,
+            session.qos2_ids(),
             self.stats,
             self._inbound_aliases,
             self.cfg.topic_alias_maximum,
@@ -790,27 +890,28 @@ class Channel:
             topic, p.payload, qos, p.retain, props, self.client_id, self.username, None, expires_at
         )
         if qos == 0:
-            self._publish(message, session)
+            self.broker.router.publish(message, session)
             return
         pid = p.packet_id
-        if qos == 2 and pid in session.inbound_qos2:
+        qos2 = session.inbound_qos2
+        if qos == 2 and qos2 is not None and pid in qos2:
             # QoS 2 is routed once: a re-sent PUBLISH with a pending id only gets PUBREC again.
             self._queue_ack(None, _PUBREC, pid, 2)
             return
         if (
             self.version == 5
-            and self.inbound.pending_qos1 + len(session.inbound_qos2) >= self.cfg.receive_maximum
+            and self._busy().pending_qos1 + len(qos2 or ()) >= self.cfg.receive_maximum
         ):
             raise ProtocolError(
                 "more unacknowledged QoS 1/2 PUBLISH than our Receive Maximum [MQTT-3.3.4-9]",
                 Reason.RECEIVE_MAXIMUM_EXCEEDED,
             )
         if qos == 1:
-            durable = self._publish(message, session)
+            durable = self.broker.router.publish(message, session)
             self._queue_ack(durable, _PUBACK, pid, 1)
         else:
-            session.inbound_qos2.add(pid)
-            durable = self._publish(message, session)
+            session.qos2_ids().add(pid)
+            durable = self.broker.router.publish(message, session)
             self._queue_ack(durable, _PUBREC, pid, 2)
 
     def _refuse_publish(self, p: Any, topic: str, reason: int) -> None:
@@ -825,9 +926,9 @@ class Channel:
         ptype = _PUBACK if qos == 1 else _PUBREC
         # In arrival order behind acks still held for durability [MQTT-4.6.0-2]. 3.1.1:
         # a PUBREL follows a PUBREC; _on_pubrel answers PUBCOMP for an id it does not hold.
-        ack = self.inbound.queue(None, ptype, pid, qos, reason if self.version == 5 else 0)
+        ack = self._busy().queue(None, ptype, pid, qos, reason if self.version == 5 else 0)
         if ack is not None:
-            self.send(ack)
+            self.port.send(ack)
 
     def _bound(self, key: str) -> str:
         return f"{getattr(self.cfg, key)}{' bytes' if key == 'max_topic_length' else ''}"
@@ -849,27 +950,27 @@ class Channel:
         session = self.session
         if session is not None and session.connection is self:
             session.acl = acl
-            if self.inbound.enabled:
+            if self.inbound is not None and self.inbound.enabled:
                 self._attach_fast_path(session)
 
     def _queue_ack(self, fut: asyncio.Future[Any] | None, ptype: int, pid: int, qos: int) -> None:
-        ack = self.inbound.queue(fut, ptype, pid, qos)
+        ack = self._busy().queue(fut, ptype, pid, qos)
         if ack is not None:
-            self.send(ack)
+            self.port.send(ack)
 
     def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
         """A durability future completed: send every ack it (and those done before) frees."""
-        if self.state == CLOSED:
-            return
+        if self.state == CLOSED or self.inbound is None:
+            return  # (None: its acks were released by an earlier future's callback)
         # Every ack at the head whose future is done leaves now, in order, as one write.
         out, failed = self.inbound.release()
         if out:
-            self.send(out)
+            self.port.send(out)
         if failed is not None:
             # Not durable: withhold the ack and drop the connection so the client
             # re-sends (at least once). A QoS 2 id must be routable again.
             fut, pid, qos = failed
-            if qos == 2 and self.session is not None:
+            if qos == 2 and self.session is not None and self.session.inbound_qos2 is not None:
                 self.session.inbound_qos2.discard(pid)
             log.warning(
                 "closing %s (client %r): message could not be stored: %s",
@@ -885,14 +986,15 @@ class Channel:
     def _on_pubrel(self, p: Any) -> None:
         session = self.session
         assert session is not None
-        if p.packet_id in session.inbound_qos2:
+        qos2 = session.inbound_qos2
+        if qos2 is not None and p.packet_id in qos2:
             # Still waiting for durability of this id? Its PUBREC was sent only after it,
             # so a PUBREL can only follow a durable message.
-            session.inbound_qos2.discard(p.packet_id)
-            self.send(encode_ack(_PUBCOMP, p.packet_id, 0, self.version))
+            qos2.discard(p.packet_id)
+            self.port.send(encode_ack(_PUBCOMP, p.packet_id, 0, self.version))
         else:
             code = Reason.PACKET_IDENTIFIER_NOT_FOUND if self.version == 5 else 0
-            self.send(encode_ack(_PUBCOMP, p.packet_id, code, self.version))
+            self.port.send(encode_ack(_PUBCOMP, p.packet_id, code, self.version))
 
     def _on_subscribe(self, p: Any) -> None:
         session = self.session
@@ -942,7 +1044,7 @@ class Channel:
             codes.append(granted)
             if not shared and (rh == 0 or (rh == 1 and not existed)):
                 retained.append((flt, opts))
-        self.send(encode(Suback(packet_id=p.packet_id, reason_codes=codes), self.version))
+        self.port.send(encode(Suback(packet_id=p.packet_id, reason_codes=codes), self.version))
         # Retained messages go after the SUBACK [MQTT-3.8.4-4 ordering], as they would be
         # delivered to a new subscription: RETAIN set [MQTT-3.3.1-8].
         if retained:
@@ -965,7 +1067,7 @@ class Channel:
             0 if self.broker.registry.unsubscribe(session, flt) else Reason.NO_SUBSCRIPTION_EXISTED
             for flt in p.topic_filters
         ]
-        self.send(encode(Unsuback(packet_id=p.packet_id, reason_codes=codes), self.version))
+        self.port.send(encode(Unsuback(packet_id=p.packet_id, reason_codes=codes), self.version))
 
     def _on_disconnect(self, p: Any) -> None:
         session = self.session

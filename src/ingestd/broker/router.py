@@ -48,6 +48,8 @@ class Router:
         self.store: BrokerStore | None = None
         self.journal: DeliveryJournal | None = None
         self.ack_after_journal = False
+        # ingest_target bound once: every connection's fast path holds this one object.
+        self.classify = self.ingest_target
 
     # -- ingest sinks -------------------------------------------------------
 

@@ -39,6 +39,7 @@ from ingestd.broker.hooks import (
     MessageSink,
     StoredSession,
 )
+from ingestd.broker.keepalive import KeepaliveWheel
 from ingestd.broker.limits import LimitLog
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
@@ -91,6 +92,8 @@ class Broker:
         self.devices: DeviceSchemes = compile_schemes(config)
         self.device_learner: DeviceSchemes | None = self.devices if self.devices.learns else None
         self.connections: set[Channel] = set()
+        # Every CONNECTED channel's keepalive deadline, on one timer.
+        self.keepalive = KeepaliveWheel(self.loop)
         # CONNECTED channels per peer host (mqtt.max_connections_per_peer).
         self._per_peer: dict[str, int] = {}
         self.listeners: list[BrokerListener] = []
@@ -382,4 +385,5 @@ class Broker:
         deadline = time.monotonic() + 2.0
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.keepalive.close()
         await self.registry.shutdown()

@@ -14,12 +14,19 @@ kernel instead of counting against the connection's outbound bound). The
 transport's buffer is bounded by ``max_outbound_bytes``: above it
 ``pause_writing`` marks the connection unwritable (``writable()`` is False) and
 ``resume_writing`` tells the channel, which pumps its session's queue.
+
+Memory: an idle connection is this object (``__slots__``, no ``__dict__``), its
+transport and its channel. The outbound list exists only while bytes wait for
+the end of the loop turn (``_out`` is None otherwise), and nothing per
+connection is a closure or a bound method: the channel factory is one object
+per listener. TCP_NODELAY is not set here: uvloop and asyncio set it on every
+TCP transport they create (``tests/test_transport_tcp.py`` checks it), and
+asking for the socket would keep a socket object per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,6 +53,21 @@ class ByteCounter(Protocol):
 class StreamConnection(asyncio.Protocol):
     """An asyncio Protocol over one socket; the port its channel writes through."""
 
+    __slots__ = (
+        "_flush_scheduled",
+        "_loop",
+        "_new_channel",
+        "_out",
+        "_out_bytes",
+        "_write_paused",
+        "channel",
+        "max_outbound_bytes",
+        "peer",
+        "stats",
+        "transport",
+        "transport_name",
+    )
+
     def __init__(
         self,
         new_channel: Callable[[StreamConnection], ChannelLike],
@@ -60,27 +82,22 @@ class StreamConnection(asyncio.Protocol):
         self.transport: Any = None  # asyncio/uvloop transport, or the WebSocket framing one
         self.channel: Any = None
         self.peer = "?"
-        self._out: list[bytes] = []
+        # Bytes queued this loop turn (None: nothing waiting; most connections, most turns).
+        self._out: list[bytes] | None = None
         self._out_bytes = 0
         self._flush_scheduled = False
         self._write_paused = False
-        self._call_soon: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self._call_soon = asyncio.get_running_loop().call_soon
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             host = peer[0]
             self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         if hasattr(transport, "set_write_buffer_limits"):
             transport.set_write_buffer_limits(high=self.max_outbound_bytes)
         self.channel = self._new_channel(self)
@@ -130,15 +147,18 @@ class StreamConnection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Queue ``data``; written this loop turn, or now if 64 KiB are waiting."""
-        self._out.append(data)
+        out = self._out
+        if out is None:
+            out = self._out = []
+        out.append(data)
         self._out_bytes += len(data)
         if self._out_bytes >= EAGER_FLUSH_BYTES:
             # Enough to fill a segment train: hand it to the kernel now rather than let
             # one loop turn's burst count against the connection's outbound bound.
             self._flush()
-        elif not self._flush_scheduled:
+        elif not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
-            self._call_soon(self._scheduled_flush)
+            self._loop.call_soon(self._scheduled_flush)
 
     def peer_certificate(self) -> dict[str, Any] | None:
         """The client's verified TLS certificate (``getpeercert()``'s dict), or None
@@ -159,14 +179,14 @@ class StreamConnection(asyncio.Protocol):
         """Write what is queued (then ``last``) and close the socket. Idempotent."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            out = self._out
+            out = self._out or []
             if last:
                 out.append(last)
             if out:
                 self.stats.bytes_sent += self._out_bytes
                 transport.write(b"".join(out))
             transport.close()
-        self._out = []
+        self._out = None
         self._out_bytes = 0
 
     def _scheduled_flush(self) -> None:
@@ -177,7 +197,7 @@ class StreamConnection(asyncio.Protocol):
         out = self._out
         if not out:
             return
-        self._out = []
+        self._out = None
         n = self._out_bytes
         self._out_bytes = 0
         transport = self.transport

@@ -1,0 +1,98 @@
+"""KeepaliveWheel: one timer for the keepalive of every connection.
+
+A connection with a keepalive must be closed once it has been silent for one
+and a half keepalive periods [MQTT-3.1.2-24]. A timer per connection costs
+about 600 bytes with uvloop (its TimerHandle, the libuv timer, a bound
+method) for every idle client; here all of them share one event-loop timer.
+
+Deadlines are rounded up to whole ticks (``tick`` seconds, default 1 s): the
+wheel keeps, per tick, the set of connections due then, and one ``call_later``
+for the earliest tick that has any. When a tick comes, each of its
+connections is asked (``keepalive_due()``) and either closes or registers its
+next deadline (``add`` again): a connection that keeps talking is checked
+about once per 1.5 keepalive periods, never per packet. A connection leaves
+its tick when it closes (``discard``), so the wheel holds nothing for closed
+connections. A connection is closed at most one tick later than its exact
+deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import time
+from typing import Protocol
+
+
+class KeepaliveClient(Protocol):
+    """What the wheel calls when a connection's tick comes (a broker Channel)."""
+
+    def keepalive_due(self) -> None: ...
+
+
+class KeepaliveWheel:
+    """Connections by the tick of their next keepalive check; one timer for all."""
+
+    __slots__ = ("_armed", "_handle", "_keys", "_loop", "_slots", "tick")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 1.0) -> None:
+        self._loop = loop
+        self.tick = tick
+        self._slots: dict[int, set[KeepaliveClient]] = {}
+        self._keys: list[int] = []  # heap of the ticks in _slots (and stale ones)
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed = 0  # the tick _handle fires at
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._slots.values())
+
+    def add(self, client: KeepaliveClient, deadline: float) -> int:
+        """Check ``client`` at ``deadline`` (``time.monotonic()`` seconds) or up to one
+        tick later; returns the tick to :meth:`discard` it from."""
+        key = math.ceil(deadline / self.tick)
+        due = self._slots.get(key)
+        if due is None:
+            due = self._slots[key] = set()
+            heapq.heappush(self._keys, key)
+            if self._handle is None or key < self._armed:
+                self._arm(key)
+        due.add(client)
+        return key
+
+    def discard(self, client: KeepaliveClient, key: int) -> None:
+        """Forget ``client`` (registered at tick ``key``); nothing if it is not there."""
+        due = self._slots.get(key)
+        if due is not None:
+            due.discard(client)
+
+    def close(self) -> None:
+        """Cancel the timer and forget every connection (the broker stops)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._slots.clear()
+        self._keys.clear()
+
+    def _arm(self, key: int) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed = key
+        delay = max(0.0, key * self.tick - time.monotonic())
+        self._handle = self._loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        keys = self._keys
+        slots = self._slots
+        now = time.monotonic()
+        while keys and keys[0] * self.tick <= now:
+            due = slots.pop(heapq.heappop(keys), None)
+            if due:
+                for client in due:
+                    # Closes the connection or adds it again at a later tick (> now).
+                    client.keepalive_due()
+        while keys and keys[0] not in slots:
+            heapq.heappop(keys)  # a tick whose set was already taken
+        if keys:
+            self._arm(keys[0])
