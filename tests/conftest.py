@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ingestd.config import Config, MqttConfig, ServerConfig
+from mqtt_clients import close_all
 from pg_fixtures import *  # noqa: F403
 from server_thread import ServerThread
 
@@ -35,6 +36,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     own = getattr(config, "_ingestd_basetemp", None)
     if own is not None:
         shutil.rmtree(own, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _close_mqtt_clients() -> Iterator[None]:
+    """Whatever paho clients a test left connected are closed after it (and after its
+    servers stopped): their threads and sockets must not pile up over the suite."""
+    yield
+    close_all()
 
 
 def make_config(tmp_path: Path, **mqtt: object) -> Config:

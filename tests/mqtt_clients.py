@@ -22,6 +22,22 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 WAIT = 10.0  # generous upper bound for any single expected event; not a speed assertion
 _ids = itertools.count()
+# Clients whose network thread runs: close_all() ends what a test left open.
+_running: list[Client] = []
+
+
+def close_all() -> None:
+    """Stop every client's network thread and close its socket (test teardown): a test
+    that ends without disconnecting must not leave a thread and descriptors behind."""
+    while _running:
+        client = _running.pop()
+        sock = client.c.socket()
+        client.c.loop_stop()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 def props(packet_type: int = PacketTypes.PUBLISH, **kw: Any) -> Properties:
@@ -102,6 +118,8 @@ class Client:
             kw["properties"] = p
         self.c.connect("127.0.0.1", self.port, **kw)
         self.c.loop_start()
+        if self not in _running:
+            _running.append(self)
         flags, rc, p = self.connack.get(timeout=WAIT)
         assert rc == expect_rc, f"CONNACK {rc} != {expect_rc}"
         self.session_present = flags.session_present

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -42,6 +43,11 @@ class ServerThread:
         self._ready.wait(60)
         if self._error is not None:
             raise self._error
+        # App.run freezes everything alive at start-up out of the garbage collector (right
+        # for a server process). Here that is every earlier test's leftovers too (paho
+        # clients and their sockets in reference cycles): never freed, they piled up past
+        # 1024 descriptors, where paho's select() fails and late tests could not connect.
+        gc.unfreeze()
         return self
 
     @property
