@@ -244,19 +244,25 @@ def _describe_db(cfg: Config) -> str:
 def db_init(
     config_path: str | None, dsn: str | None, data_dir: str | None, print_only: bool
 ) -> None:
-    """Create missing tables and indexes for the configured routes and presence."""
+    """Create missing tables and indexes for the configured routes and presence (and
+    mqtt.credentials_table with its trigger, when set)."""
+    from ingestd.broker.credentials import table_ddl
     from ingestd.errors import ConfigError, DatabaseError
     from ingestd.ingest.routes import compile_config
     from ingestd.ingest.schema import init_database, schema_sql
+    from ingestd.users import init_credentials
 
     try:
         cfg = _db_config(config_path, dsn, data_dir)
         compiled = compile_config(cfg, config_path)
+        creds = cfg.mqtt.credentials_table
         if print_only:
             click.echo(schema_sql(cfg, compiled))
+            if creds:
+                click.echo("".join(s + ";\n\n" for s in table_ddl(creds)))
             return
         click.echo(f"database: {_describe_db(cfg)}")
-        for stmt in asyncio.run(init_database(cfg)):
+        for stmt in asyncio.run(init_database(cfg)) + asyncio.run(init_credentials(cfg)):
             click.echo(stmt.strip().splitlines()[0] + " ...")
     except (ConfigError, DatabaseError) as exc:
         click.echo(f"ingestd: {exc}", err=True)
@@ -358,9 +364,11 @@ def passwd(username: str, password: str) -> None:
 def _register_plugins() -> None:
     from ingestd.bench.command import bench
     from ingestd.tune import tune
+    from ingestd.users import user
 
     main.add_command(bench)
     main.add_command(tune)
+    main.add_command(user)
 
 
 _register_plugins()
