@@ -335,6 +335,9 @@ def test_database_down_at_start_refuses_table_users_until_it_is_up(
         proxy.restore()
         wait_user(srv, "dev1", timeout=60)  # the watcher's retry backoff
         Client(srv.port, version=version, username="dev1", password="pw1").disconnect()
+        proxy.cut()
+        srv.stop()  # stopping while the database is unreachable does not hang
+        assert srv.app is not None and srv.app.credentials.snapshot is not None
     finally:
         proxy.close()
 
@@ -364,6 +367,7 @@ def test_database_unreachable_after_the_snapshot_keeps_it(
         assert rc.value == ADMINISTRATIVE
         d2.c.loop_stop()
         refused(srv.port, BAD_LOGIN, username="dev2", password="pw2")
+        srv.stop()  # while its database is reachable: a clean stop
     finally:
         proxy.close()
 

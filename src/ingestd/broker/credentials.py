@@ -262,10 +262,9 @@ class CredentialWatcher:
         conn, self._conn = self._conn, None
         self.connected = False
         if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), 2.0)
-            except Exception:
-                conn.terminate()
+            # Nothing to flush on this connection (it only reads and listens): close the
+            # socket at once, never wait on a server that may be gone.
+            conn.terminate()
 
     def _lost_listener(self, lost: asyncio.Event) -> Callable[[Any], None]:
         def on_lost(_conn: Any) -> None:
