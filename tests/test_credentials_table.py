@@ -187,14 +187,13 @@ def test_disable_disconnects_and_refuses_and_delivers_nothing_more(
     wait_user(srv, "ops")
     ops = Client(srv.port, username="ops", password="pw-ops")
     ops.subscribe("org_1/status/#", qos=1)
-    dev = Client(
-        srv.port,
-        client_id="dev1-c",
-        username="dev1",
-        password="pw1",
-        session_expiry=600,
-        will=("org_1/status/dev1", b"gone", 1, False),
-    )
+
+    def dev1(**kw: Any) -> Client:  # one persistent session, client id dev1-c
+        return Client(
+            srv.port, client_id="dev1-c", username="dev1", password="pw1", session_expiry=600, **kw
+        )
+
+    dev = dev1(will=("org_1/status/dev1", b"gone", 1, False))
     dev.subscribe("org_1/cmd/#", qos=1)
     ops.publish("org_1/cmd/a", b"before", qos=1)
     assert dev.expect()[0].payload == b"before"
@@ -212,14 +211,7 @@ def test_disable_disconnects_and_refuses_and_delivers_nothing_more(
 
     assert user_cmd(pg_dsn, "enable", "dev1").returncode == 0
     wait_user(srv, "dev1", lambda c: c is not None and c.enabled)
-    back = Client(
-        srv.port,
-        client_id="dev1-c",
-        username="dev1",
-        password="pw1",
-        session_expiry=600,
-        clean_start=False,
-    )
+    back = dev1(clean_start=False)
     assert back.session_present  # the session stayed; only its deliveries stopped
     back.expect_nothing()
     ops.publish("org_1/cmd/a", b"after", qos=1)
@@ -462,3 +454,51 @@ def test_cli_refuses_bad_input_and_db_init_creates_the_table(pg_dsn: str, tmp_pa
         )
     }
     assert names == {"ingestd_touch", "ingestd_notify", "ingestd_truncate"}
+
+
+def test_auth_decisions_on_a_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auth alone (no database): refusals, pins, prefixes, timing, credentials in force."""
+    from ingestd.broker import auth as auth_mod
+    from ingestd.broker.credentials import Credential, TableSnapshot
+    from ingestd.broker.passwords import dummy_of_kind, hash_kind
+
+    a = auth_mod.Auth(MqttConfig(credentials_table="t", allow_anonymous=False))
+    hashed: list[str] = []
+    verify = auth_mod.verify_password
+    monkeypatch.setattr(
+        auth_mod, "verify_password", lambda stored, pw: hashed.append(stored) or verify(stored, pw)
+    )
+    h = hash_password("p", 1000)
+    on = Credential(h, client_id="c", prefix="org_1")
+
+    async def run() -> None:
+        async def login(user: str, password: bytes, client_id: str = "c") -> Any:
+            return await a.authenticate(user, password, "127.0.0.1:1", client_id)
+
+        # No snapshot yet: refused as unavailable, nothing hashed, not a failed login.
+        assert (await login("u", b"p")).reason == UNAVAILABLE
+        assert hashed == [] and a.stats.auth_failures == 0
+        users = {"u": on, "off": Credential(h, enabled=False)}
+        a.set_table(TableSnapshot(users, dummy_of_kind(hash_kind(h)), 0.0))
+        ok = await login("u", b"p")
+        assert (ok.reason, ok.credential) == (0, on)
+        assert (await login("u", b"p", "other")).reason == NOT_AUTHORIZED
+        assert (await login("u", b"wrong")).reason == BAD_LOGIN
+        assert (await login("off", b"p")).reason == BAD_LOGIN
+        assert hashed[-1] == h  # a disabled user costs its own hash
+        assert (await login("ghost", b"p")).reason == BAD_LOGIN
+        # An unknown user is hashed against a dummy of the table's scheme and cost.
+        assert hashed[-1].split("$")[:3] == h.split("$")[:3] and hashed[-1] != h
+
+    asyncio.run(run())
+    acl = a.client_acl("u", "c")
+    assert acl is not None
+    assert acl.may_publish("org_1") and acl.may_read("org_1/a/b") and not acl.may_read("org_2/a")
+    assert a.may_subscribe(acl, "#") and not a.may_subscribe(acl, "org_2/#")
+    anon = a.client_acl(None, "x")
+    assert anon is not None and not anon.may_read("org_1/a")  # default deny
+    assert a.in_force("u", "c", on) and not a.in_force("u", "d", on)
+    a.set_table(TableSnapshot({"u": Credential(h, client_id="d")}, "", 0.0))
+    assert not a.in_force("u", "c", on)
+    revoked = a.session_acl("u", "c")
+    assert revoked is not None and not revoked.may_read("org_1/a")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from ingestd import __version__
 from ingestd.build_info import codec_implementation
+from ingestd.users import db_options as _db_options
 
 if TYPE_CHECKING:
     from ingestd.config import Config
@@ -202,21 +203,6 @@ def config_show(config_path: str | None) -> None:
 @main.group()
 def db() -> None:
     """Database tasks: create tables, find and open the database ingestd writes to."""
-
-
-def _db_options(f: Any) -> Any:
-    """--config, --dsn and --data-dir: which database a db command means (as `serve`)."""
-    f = click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False),
-        help="Data directory whose embedded PostgreSQL to use (default: the configuration's).",
-    )(f)
-    f = click.option("--dsn", help="PostgreSQL DSN (default: the configuration's, else embedded).")(
-        f
-    )
-    return click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file."
-    )(f)
 
 
 def _db_config(config_path: str | None, dsn: str | None, data_dir: str | None) -> Config:

@@ -29,11 +29,8 @@ def user() -> None:
     """Users of mqtt.credentials_table: add, list, disable, enable, passwd, delete."""
 
 
-def _options(f: Any) -> Any:
-    f = click.option(
-        "--table",
-        help="The credentials table (default: the configuration's mqtt.credentials_table).",
-    )(f)
+def db_options(f: Any) -> Any:
+    """--config, --dsn and --data-dir: which database a command means (as `serve`)."""
     f = click.option(
         "--data-dir",
         type=click.Path(file_okay=False),
@@ -45,6 +42,16 @@ def _options(f: Any) -> Any:
     return click.option(
         "--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file."
     )(f)
+
+
+def _options(f: Any) -> Any:
+    """db_options and --table."""
+    return db_options(
+        click.option(
+            "--table",
+            help="The credentials table (default: the configuration's mqtt.credentials_table).",
+        )(f)
+    )
 
 
 def _fail(message: str) -> NoReturn:
