@@ -203,6 +203,8 @@ def test_disable_disconnects_and_refuses_and_delivers_nothing_more(
     rc = dev.disconnects.get(timeout=WAIT)
     assert rc.value == ADMINISTRATIVE
     dev.c.loop_stop()
+    broker = srv.app.broker  # type: ignore[union-attr]
+    assert srv.call(lambda: broker.stats.credentials_revoked) == 1  # ingestd_credentials_revoked
     refused(srv.port, BAD_LOGIN, client_id="dev1-c", username="dev1", password="pw1")
     # Its will is not published: a revoked client writes nothing more.
     ops.expect_nothing()

@@ -774,6 +774,7 @@ class Channel:
         session = self.session
         if session is not None and session.connection is self:
             session.acl = acl
+        self.stats.credentials_revoked += 1
         log.warning(
             "disconnecting %s (client %r, user %r): credentials revoked",
             self.peer,

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -51,9 +51,10 @@ _BACKOFF_MAX = 30.0
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """One user's credential: from the password file (``source="file"``) or the table."""
+class Credential(NamedTuple):
+    """One user's credential: from the password file (``source="file"``) or the table.
+
+    A tuple, so comparing two snapshots of a large table costs tuple comparisons."""
 
     password_hash: str
     client_id: str | None = None
@@ -195,6 +196,21 @@ def _snapshot(rows: Iterable[Any]) -> dict[str, Credential]:
         if cred is not None:
             users[row["username"]] = cred
     return users
+
+
+def _rebuild(
+    rows: list[Any], before: dict[str, Credential] | None
+) -> tuple[dict[str, Credential], set[str], tuple[str, int]]:
+    """A full load's snapshot, the user names that differ from ``before``, and the most
+    common hash kind. Runs in a thread: for a large table it is most of a reload's work,
+    and the event loop keeps serving clients meanwhile (``before`` is only read)."""
+    users = _snapshot(rows)
+    kind = common_kind(c.password_hash for c in users.values())
+    if before is None:
+        return users, set(users), kind
+    changed = {n for n, c in users.items() if before.get(n) != c}
+    changed.update(n for n in before if n not in users)
+    return users, changed, kind
 
 
 @dataclass(slots=True)
@@ -360,19 +376,15 @@ class CredentialWatcher:
 
     async def _load_all(self, conn: Any) -> None:
         rows = await conn.fetch(f"SELECT {_COLUMNS} FROM {quote_ident(self.table)}")
-        users = _snapshot(rows)
-        kind = common_kind(c.password_hash for c in users.values())
         old = self.snapshot
+        users, changed, kind = await asyncio.to_thread(
+            _rebuild, rows, None if old is None else old.users
+        )
         if old is None or kind != self._kind:
             dummy = await asyncio.to_thread(dummy_of_kind, kind)
             self._kind = kind
         else:
             dummy = old.dummy
-        if old is None:
-            changed = set(users)
-        else:
-            before = old.users
-            changed = {n for n in before.keys() | users.keys() if before.get(n) != users.get(n)}
         self.snapshot = snap = TableSnapshot(users, dummy, time.time())
         if old is None:
             log.info("credentials table %s loaded: %d users", self.table, len(users))
