@@ -249,6 +249,7 @@ class CredentialWatcher:
         self._reload_all = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._conn: Any = None
 
     async def start(self) -> None:
@@ -265,13 +266,19 @@ class CredentialWatcher:
             pass
 
     async def stop(self) -> None:
+        """Stop watching and close the connection.
+
+        The flag ends the loop even if a cancellation is lost (``asyncio.wait_for``
+        on Python 3.11 can swallow one that arrives as its awaitable completes, as
+        inside ``asyncpg.connect``), so cancelling is repeated until the task ends.
+        """
+        self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
+        while task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.error("credentials watcher failed: %s", task.exception())
         await self._close()
 
     async def _close(self) -> None:
@@ -299,7 +306,7 @@ class CredentialWatcher:
     async def _run(self, first: asyncio.Future[None]) -> None:
         backoff = _BACKOFF_MIN
         failures = 0
-        while True:
+        while not self._stopping:
             lost = asyncio.Event()
             try:
                 conn = self._conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
@@ -355,7 +362,7 @@ class CredentialWatcher:
     async def _watch(self, conn: Any, lost: asyncio.Event) -> None:
         """Serve notifications and periodic reloads until the connection is lost."""
         next_full = time.monotonic() + self.refresh_interval
-        while not lost.is_set():
+        while not lost.is_set() and not self._stopping:
             timeout = next_full - time.monotonic()
             if timeout > 0 and not (self._pending or self._reload_all):
                 self._wake.clear()
