@@ -265,7 +265,9 @@ def test_client_id_pin(pg_dsn: str, start: Callable[..., ServerThread], version:
     if version == 5:
         assert rc.value == ADMINISTRATIVE
     pinned.c.loop_stop()
-    Client(srv.port, version=version, client_id="dev7-new", username="dev7", password="pw7")
+    Client(
+        srv.port, version=version, client_id="dev7-new", username="dev7", password="pw7"
+    ).disconnect()
 
 
 @pytest.mark.parametrize("version", [5, 4])
