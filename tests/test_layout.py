@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ingestd.http",),
     ("ingestd.app",),
     ("ingestd.workers",),
-    ("ingestd.cli", "ingestd.bench", "ingestd.tune"),
+    ("ingestd.cli", "ingestd.bench", "ingestd.tune", "ingestd.users"),
     ("ingestd.__main__",),
 ]
 

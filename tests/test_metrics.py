@@ -99,6 +99,7 @@ def fake_broker() -> FakeBroker:
     st.protocol_errors = 9
     st.messages_fast_path = 77
     st.limits_hit = {"max_connections": 2, "max_connections_per_peer": 1}
+    st.credentials_revoked = 6
     c1 = FakeConn(FakeTransport(1000), 24)
     c2 = FakeConn(FakeTransport(50), 0)
     c3 = FakeConn(None, 7)  # closed transport: only its unflushed bytes
@@ -203,6 +204,8 @@ def test_broker_metrics_from_fake_broker() -> None:
     lim = "ingestd_limits_hit"
     assert value(m, lim, lim + "_total", limit="max_connections") == 2
     assert value(m, lim, lim + "_total", limit="max_connections_per_peer") == 1
+    rev = "ingestd_credentials_revoked"
+    assert value(m, rev, rev + "_total") == 6
     assert value(m, "ingestd_open_sockets") == 4
     assert value(m, "ingestd_outbound_queue_bytes") == 1024 + 50 + 7 + 3
     assert value(m, "ingestd_outbound_queue_max_bytes") == 1024

@@ -106,6 +106,7 @@ class App:
         self.collector: Any = None
         self.upstreams: Any = None
         self.sys: Any = None  # the $SYS publisher (mqtt.sys_interval > 0)
+        self.credentials: Any = None  # the CredentialWatcher (mqtt.credentials_table)
         self._stopped = asyncio.Event()
 
     def port(self, kind: str = "mqtt") -> int:
@@ -146,6 +147,9 @@ class App:
                 broker.restore(*await store.load())
                 # Stopped before the engine (extras stop in reverse), while the pool is open.
                 self.extras.append(store)
+        if cfg.mqtt.credentials_table:
+            # Before the listeners: the first CONNECT finds the table's snapshot loaded.
+            await self._start_credentials(broker)
         await self._start_http(broker)
         if cfg.hooks:
             # Before the listeners: the first client's connect is an event too.
@@ -211,6 +215,36 @@ class App:
             ", ".join(f"{b.kind}://{b.host}:{b.port}" for b in self.bound) or "nothing",
             "".join(f"; upstream {u.name} at {u.host}:{u.port}" for u in cfg.upstream),
         )
+
+    async def _start_credentials(self, broker: Broker) -> None:
+        """mqtt.credentials_table: load it and keep watching it (docs/security.md).
+
+        An unreachable database does not stop the start: the watcher retries, and
+        the table's users are refused until a snapshot is loaded."""
+        from ingestd.broker.credentials import CredentialWatcher
+
+        cfg = self.config
+        table = cfg.mqtt.credentials_table
+        assert table
+        if self.ingest is not None:
+            dsn = self.ingest.database.dsn
+        elif cfg.database.dsn:
+            dsn = cfg.database.dsn
+        else:
+            raise ConfigError(
+                "needs a database: without one (--no-db) set database.dsn",
+                key="mqtt.credentials_table",
+            )
+        watcher = CredentialWatcher(
+            dsn,
+            table,
+            cfg.mqtt.credentials_refresh_interval,
+            broker.credentials_changed,
+            cfg.database.connect_timeout,
+        )
+        await watcher.start()
+        self.credentials = watcher
+        self.extras.append(watcher)  # stopped before the engine closes the database
 
     async def _start_http(self, broker: Broker) -> None:
         """/metrics, /healthz, /readyz and the JSON API (server.http_listen; empty disables)."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from ingestd import __version__
 from ingestd.build_info import codec_implementation
+from ingestd.users import db_options as _db_options
 
 if TYPE_CHECKING:
     from ingestd.config import Config
@@ -204,21 +205,6 @@ def db() -> None:
     """Database tasks: create tables, find and open the database ingestd writes to."""
 
 
-def _db_options(f: Any) -> Any:
-    """--config, --dsn and --data-dir: which database a db command means (as `serve`)."""
-    f = click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False),
-        help="Data directory whose embedded PostgreSQL to use (default: the configuration's).",
-    )(f)
-    f = click.option("--dsn", help="PostgreSQL DSN (default: the configuration's, else embedded).")(
-        f
-    )
-    return click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file."
-    )(f)
-
-
 def _db_config(config_path: str | None, dsn: str | None, data_dir: str | None) -> Config:
     from ingestd.config import load_config
 
@@ -244,19 +230,25 @@ def _describe_db(cfg: Config) -> str:
 def db_init(
     config_path: str | None, dsn: str | None, data_dir: str | None, print_only: bool
 ) -> None:
-    """Create missing tables and indexes for the configured routes and presence."""
+    """Create missing tables and indexes for the configured routes and presence (and
+    mqtt.credentials_table with its trigger, when set)."""
+    from ingestd.broker.credentials import table_ddl
     from ingestd.errors import ConfigError, DatabaseError
     from ingestd.ingest.routes import compile_config
     from ingestd.ingest.schema import init_database, schema_sql
+    from ingestd.users import init_credentials
 
     try:
         cfg = _db_config(config_path, dsn, data_dir)
         compiled = compile_config(cfg, config_path)
+        creds = cfg.mqtt.credentials_table
         if print_only:
             click.echo(schema_sql(cfg, compiled))
+            if creds:
+                click.echo("".join(s + ";\n\n" for s in table_ddl(creds)))
             return
         click.echo(f"database: {_describe_db(cfg)}")
-        for stmt in asyncio.run(init_database(cfg)):
+        for stmt in asyncio.run(init_database(cfg)) + asyncio.run(init_credentials(cfg)):
             click.echo(stmt.strip().splitlines()[0] + " ...")
     except (ConfigError, DatabaseError) as exc:
         click.echo(f"ingestd: {exc}", err=True)
@@ -358,9 +350,11 @@ def passwd(username: str, password: str) -> None:
 def _register_plugins() -> None:
     from ingestd.bench.command import bench
     from ingestd.tune import tune
+    from ingestd.users import user
 
     main.add_command(bench)
     main.add_command(tune)
+    main.add_command(user)
 
 
 _register_plugins()

@@ -50,6 +50,11 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
 
 
+def quote_ident(name: str) -> str:
+    """Quote a (possibly schema-qualified) identifier for SQL."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
 def embedded_pgdata(data_dir: str | Path) -> Path:
     """Where the embedded PostgreSQL of ``server.data_dir`` keeps its cluster."""
     return Path(data_dir).expanduser().resolve() / "pg"

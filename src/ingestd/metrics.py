@@ -326,6 +326,12 @@ class IngestdCollector(Collector):
             limits.add_metric([key], n)
         yield limits
         yield cur(
+            "ingestd_credentials_revoked",
+            "Connections closed because their user was removed, disabled, or its password"
+            " or client-id pin changed (credentials table or password file)",
+            value=st.credentials_revoked,
+        )
+        yield cur(
             "ingestd_acl_denied_publish",
             "PUBLISHes and wills refused by mqtt.acl_file (never routed nor ingested)",
             value=st.acl_denied_publish,

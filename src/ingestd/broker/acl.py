@@ -8,7 +8,9 @@ This module reimplements the behaviour of Mosquitto 2.0's default ACL check
 ``mosquitto_topic_matches_sub``). It was checked against the source of
 v2.0.11 (the version Debian 12 ships, used by ``tests/test_acl_mosquitto.py``)
 and is unchanged in that respect up to v2.0.20. Nothing here does I/O after
-:meth:`AclFile.load`; nothing is asynchronous.
+:meth:`AclFile.load`; nothing is asynchronous. It is over 600 lines because it
+is one specification (the file format and the decisions of Mosquitto's
+default check, written out below) and its implementation, reviewed together.
 
 File format (``aclfile__parse``)
 --------------------------------
@@ -444,7 +446,7 @@ class AclFile:
                 self._users.setdefault(e.username, []).append(e)
         self._uses_u = any("%u" in e.topic for e in self._patterns)
         self._uses_c = any("%c" in e.topic for e in self._patterns)
-        self._user_rules: dict[str | None, _Rules] = {}
+        self._user_rules: dict[tuple[str | None, tuple[str, ...]], _Rules] = {}
         self._pattern_rules: dict[tuple[str | None, str | None], _Rules] = {}
         self._clients: dict[tuple[str | None, str], ClientAcl] = {}
 
@@ -529,20 +531,27 @@ class AclFile:
 
     # ----------------------------------------------------------- decisions
 
-    def for_client(self, username: str | None, client_id: str) -> ClientAcl:
+    def for_client(
+        self, username: str | None, client_id: str, grants: tuple[str, ...] = ()
+    ) -> ClientAcl:
         """A new :class:`ClientAcl` for a client that connected with ``username`` and ``client_id``.
 
-        The user list is compiled once per username and the patterns once per
-        distinct substitution, and shared between clients. An empty username
-        is no username: Mosquitto reads a zero-length string as NULL
-        (``packet__read_binary``), so ``handle__connect`` ignores it.
+        ``grants``: filters granted readwrite as if in the user's section (a
+        tenant prefix from the credentials table). The user list is compiled
+        once per username and the patterns once per distinct substitution, and
+        shared between clients. An empty username is no username: Mosquitto
+        reads a zero-length string as NULL (``packet__read_binary``).
         """
         if username == "":
             username = None
-        user_rules = self._user_rules.get(username)
-        if user_rules is None and username in self._users:
-            user_rules = _Rules((e.topic, e.access) for e in self._users[username])
-            self._user_rules[username] = user_rules
+        user_key = (username, grants)
+        user_rules = self._user_rules.get(user_key)
+        if user_rules is None and (grants or username in self._users):
+            entries = [(e.topic, e.access) for e in self._users.get(username, ())]
+            user_rules = _Rules(entries + [(g, READ | WRITE) for g in grants])
+            if len(self._user_rules) >= 65_536:
+                self._user_rules.clear()
+            self._user_rules[user_key] = user_rules
         pattern_rules: _Rules | None = None
         if self._patterns:
             key = (username if self._uses_u else None, client_id if self._uses_c else None)

@@ -1,21 +1,26 @@
 """Auth: who may connect, and who may read and write which topic (one place).
 
-Authentication (:meth:`Auth.authenticate`, a coroutine): ``mqtt.allow_anonymous``
-and the ``mqtt.password_file`` (``ingestd passwd`` or ``mosquitto_passwd``
-lines, :mod:`ingestd.broker.passwords`). The password hash is checked in a
+Authentication (:meth:`Auth.authenticate`, a coroutine): ``mqtt.allow_anonymous``,
+the ``mqtt.password_file`` (``ingestd passwd`` or ``mosquitto_passwd``
+lines, :mod:`ingestd.broker.passwords`) and the ``mqtt.credentials_table``
+snapshot (:mod:`ingestd.broker.credentials`; a user name in the file is checked
+against the file only). A table user may be pinned to one client id and may
+carry a tenant prefix (a readwrite grant on ``PREFIX/#``). The password hash is checked in a
 thread, at most ``mqtt.auth_max_concurrent`` at once, so a PBKDF2 run never
 blocks the event loop; an unknown user costs the same hash as a wrong
 password (no timing oracle). Failures are counted (``BrokerStats.auth_failures``)
 and limited per peer address (``mqtt.auth_failure_limit`` failures within
 ``auth_failure_window`` seconds refuse that address for ``auth_failure_cooldown``).
 
-Authorisation: ``mqtt.acl_file`` (Mosquitto syntax, :mod:`ingestd.broker.acl`).
+Authorisation: ``mqtt.acl_file`` (Mosquitto syntax, :mod:`ingestd.broker.acl`)
+and the table's prefixes; with either configured, what they do not grant is denied.
 :meth:`client_acl` gives a connection its :class:`ClientAcl` (None when no ACL
 is configured: every check is then one ``is None`` test); the channel keeps it
 and hands it to its session, the router and the compiled fast path.
 :meth:`may_publish`, :meth:`may_read` and :meth:`may_subscribe` are the
 decisions. :meth:`reload` (SIGHUP) re-reads both files, keeping the old ones
-when a new one is bad.
+when a new one is bad; :meth:`in_force` says whether the credential a client
+logged in with still is (the broker disconnects it when not).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import NamedTuple
 
 from ingestd.broker.acl import WRITE, AclFile, ClientAcl, dollar_mask
+from ingestd.broker.credentials import Credential, TableSnapshot, prefix_grant
 from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
@@ -72,6 +79,23 @@ def is_deny_all(acl: ClientAcl | None) -> bool:
     return type(acl) is _DenyAll
 
 
+def revoked_acl(client_id: str) -> ClientAcl:
+    """What a client whose credential was revoked reads and writes: nothing (ACL or not)."""
+    return _DenyAll(None, client_id, None, None)
+
+
+class Verdict(NamedTuple):
+    """A CONNECT's authentication: 0 or the v5 CONNACK reason code, why (for the log and the
+    Reason String), and the credential it logged in with (None: no password was checked)."""
+
+    reason: int
+    why: str = ""
+    credential: Credential | None = None
+
+
+_UNAVAILABLE = Credential("", enabled=False, source="unavailable")
+
+
 class Auth:
     """The broker's authentication and authorisation decisions."""
 
@@ -83,6 +107,12 @@ class Auth:
             load_password_file(config.password_file) if config.password_file else None
         )
         self.acl: AclFile | None = AclFile.load(config.acl_file) if config.acl_file else None
+        # mqtt.credentials_table: its snapshot (None until the first load succeeds).
+        self.table_configured = bool(config.credentials_table)
+        self.table: TableSnapshot | None = None
+        if self.acl is None and self.table_configured:
+            # The table's prefixes are an ACL source: default deny, as with a file.
+            self.acl = AclFile([], source="mqtt.credentials_table")
         if self.acl is not None:
             for warning in self.acl.warnings:
                 log.warning("%s", warning)
@@ -97,7 +127,35 @@ class Auth:
 
     def needs_password_check(self, username: str | None) -> bool:
         """Whether :meth:`authenticate` will hash a password (and so must be awaited)."""
-        return self.passwords is not None and username is not None
+        return (self.passwords is not None or self.table_configured) and username is not None
+
+    def lookup(self, username: str) -> Credential | None:
+        """The credential of ``username`` (the password file first, then the table);
+        ``_UNAVAILABLE`` while the table has no snapshot yet."""
+        if self.passwords is not None:
+            stored = self.passwords.get(username)
+            if stored is not None:
+                return Credential(stored, source="file")
+        if self.table_configured:
+            table = self.table
+            return _UNAVAILABLE if table is None else table.users.get(username)
+        return None
+
+    def in_force(self, username: str, client_id: str, credential: Credential) -> bool:
+        """Whether a client that logged in with ``credential`` may still be connected: the
+        same hash from the same source, enabled, and its client id still allowed."""
+        cur = self.lookup(username)
+        return (
+            cur is not None
+            and cur.enabled
+            and cur.source == credential.source
+            and cur.password_hash == credential.password_hash
+            and (cur.client_id is None or cur.client_id == client_id)
+        )
+
+    def set_table(self, snapshot: TableSnapshot) -> None:
+        """The credentials table was (re)loaded."""
+        self.table = snapshot
 
     def refused_peer(self, peer: str) -> bool:
         """Whether ``peer``'s address is cooling down after too many failed logins."""
@@ -116,30 +174,48 @@ class Auth:
         """The decision when no password is to be checked (None: a password must be)."""
         if self.needs_password_check(username):
             return None
-        if self.passwords is None:
-            # No password file: validate_config made sure allow_anonymous is true.
-            if self.config.allow_anonymous:
-                return 0
-            return self._failed(peer, Reason.NOT_AUTHORIZED)
-        # A password file and no user name.
+        # No credential source (validate_config made sure allow_anonymous is then true),
+        # or no user name.
         return 0 if self.config.allow_anonymous else self._failed(peer, Reason.NOT_AUTHORIZED)
 
-    async def authenticate(self, username: str | None, password: bytes | None, peer: str) -> int:
-        """0 to accept a CONNECT, else its v5 CONNACK reason code."""
+    async def authenticate(
+        self, username: str | None, password: bytes | None, peer: str, client_id: str = ""
+    ) -> Verdict:
+        """Verdict(0, credential=...) to accept a CONNECT, else its v5 CONNACK reason code."""
         quick = self.check_anonymous(username, peer)
         if quick is not None:
-            return quick
-        assert self.passwords is not None and username is not None
-        stored = self.passwords.get(username)
-        # An unknown user (or no password) costs the same hash as a wrong password.
-        target = stored if stored is not None and password is not None else self._dummy
+            return Verdict(quick, "" if not quick else "not authorized (no user name)")
+        assert username is not None
+        cred = self.lookup(username)
+        if cred is _UNAVAILABLE:
+            # Not a failed login (no rate limit): the database is down, the client retries.
+            return Verdict(
+                Reason.SERVER_UNAVAILABLE, "credentials not loaded yet (database unreachable)"
+            )
+        # An unknown user (or no password) costs the same hash as a wrong password; a
+        # disabled one is checked against its own hash, and refused after.
+        table = self.table
+        if cred is not None and password is not None:
+            target = cred.password_hash
+        elif table is not None and (cred is None or cred.source == "table"):
+            target = table.dummy
+        else:
+            target = self._dummy
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.config.auth_max_concurrent)
         async with self._semaphore:
             ok = await asyncio.to_thread(verify_password, target, password or b"")
-        if not ok or stored is None or password is None:
-            return self._failed(peer, Reason.BAD_USER_NAME_OR_PASSWORD)
-        return 0
+        bad = Reason.BAD_USER_NAME_OR_PASSWORD
+        if not ok or cred is None or password is None:
+            return Verdict(self._failed(peer, bad), "bad user name or password")
+        if not cred.enabled:
+            return Verdict(self._failed(peer, bad), "user disabled")
+        if cred.client_id is not None and cred.client_id != client_id:
+            return Verdict(
+                self._failed(peer, Reason.NOT_AUTHORIZED),
+                "this user may not connect with this client id",
+            )
+        return Verdict(0, "", cred)
 
     def _failed(self, peer: str, reason: int) -> int:
         self.stats.auth_failures += 1
@@ -179,7 +255,25 @@ class Auth:
     def client_acl(self, username: str | None, client_id: str) -> ClientAcl | None:
         """The ACL of a client that connected as (``username``, ``client_id``); None: no ACL."""
         acl = self.acl
-        return None if acl is None else acl.for_client(username, client_id)
+        if acl is None:
+            return None
+        if username and self.table is not None:
+            cred = self.lookup(username)
+            if cred is not None and cred.source == "table" and cred.enabled and cred.prefix:
+                return acl.for_client(username, client_id, (prefix_grant(cred.prefix),))
+        return acl.for_client(username, client_id)
+
+    def session_acl(self, username: str | None, client_id: str) -> ClientAcl | None:
+        """The ACL an offline session of (``username``, ``client_id``) reads under: nothing
+        once that user could not log in again (removed, disabled, pinned elsewhere)."""
+        if username is not None and self.needs_password_check(username):
+            cred = self.lookup(username)
+            if cred is None or (
+                cred is not _UNAVAILABLE
+                and (not cred.enabled or cred.client_id not in (None, client_id))
+            ):
+                return revoked_acl(client_id)
+        return self.client_acl(username, client_id)
 
     def deny_all(self, client_id: str) -> ClientAcl | None:
         """An ACL that grants nothing (a session restored without its user name), or None."""

@@ -63,8 +63,9 @@ from ingestd._codec import (
 from ingestd._inbound import Inbound
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.acl import WRITE, ClientAcl
-from ingestd.broker.auth import may_write_dollar
+from ingestd.broker.auth import Verdict, may_write_dollar, revoked_acl
 from ingestd.broker.certs import certificate_username, identity_mode
+from ingestd.broker.credentials import Credential
 from ingestd.broker.hooks import ClientInfo
 from ingestd.broker.limits import topic_over_limit
 from ingestd.broker.message import Message
@@ -171,6 +172,7 @@ class Channel:
         "broker",
         "cfg",
         "client_id",
+        "credential",
         "decoder",
         "inbound",
         "info",
@@ -209,7 +211,10 @@ class Channel:
         self._held: list[Any] | None = None
         # A malformed packet read while the CONNECT was held: raised once it is decided.
         self._held_error: ProtocolError | None = None
-        self._auth_task: asyncio.Task[int] | None = None
+        self._auth_task: asyncio.Task[Verdict] | None = None
+        # The credential it logged in with (None: no password checked); the broker
+        # disconnects it when that credential is no longer in force (Auth.in_force).
+        self.credential: Credential | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
         # The connect timeout (until CONNECT); then the keepalive is a wheel entry.
@@ -616,23 +621,25 @@ class Channel:
                 )
                 return
             self.username = name
-            self._on_connect_authenticated(p, assigned, 0)
+            self._on_connect_authenticated(p, assigned, Verdict(0))
             return
-        reason = auth.check_anonymous(p.username, self.peer)
-        if reason is None:
+        quick = auth.check_anonymous(p.username, self.peer)
+        if quick is None:
             # A password to check: in a thread. Nothing after this CONNECT is handled,
             # and nothing more is read, until it is decided.
             self._held = []
             self.pause_reading()
             task = self.broker.loop.create_task(
-                auth.authenticate(p.username, p.password, self.peer)
+                auth.authenticate(p.username, p.password, self.peer, self.client_id)
             )
             self._auth_task = task  # the loop keeps only a weak reference to a task
             task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
             return
-        self._on_connect_authenticated(p, assigned, reason)
+        self._on_connect_authenticated(
+            p, assigned, Verdict(quick, "not authorized (no user name)" if quick else "")
+        )
 
-    def _authenticated(self, p: Any, assigned: str | None, task: asyncio.Task[int]) -> None:
+    def _authenticated(self, p: Any, assigned: str | None, task: asyncio.Task[Verdict]) -> None:
         """The password check of a CONNECT ended: go on with it, then what came after."""
         held = self._held or []
         self._held = None
@@ -640,13 +647,13 @@ class Channel:
         if self.state == CLOSED or task.cancelled():
             return
         try:
-            reason = task.result()
+            verdict = task.result()
         except Exception:
             log.exception("password check failed for %s", self.peer)
-            reason = Reason.UNSPECIFIED_ERROR
+            verdict = Verdict(Reason.UNSPECIFIED_ERROR, "authentication failed")
         error, self._held_error = self._held_error, None
         try:
-            self._on_connect_authenticated(p, assigned, reason)
+            self._on_connect_authenticated(p, assigned, verdict)
             if self.state == CONNECTED and held:
                 self._handle(held, 0)
             if error is not None and self.state != CLOSED:
@@ -657,20 +664,19 @@ class Channel:
         if self.state != CLOSED:
             self.resume_reading()
 
-    def _on_connect_authenticated(self, p: Any, assigned: str | None, reason: int) -> None:
+    def _on_connect_authenticated(self, p: Any, assigned: str | None, verdict: Verdict) -> None:
         cfg = self.cfg
         props = p.properties
-        if reason:
-            why = (
-                "bad user name or password"
-                if reason == Reason.BAD_USER_NAME_OR_PASSWORD
-                else "not authorized (no user name)"
-                if reason == Reason.NOT_AUTHORIZED
-                else "authentication failed"
-            )
-            self._refuse_connect(reason, why)
+        if verdict.reason:
+            self._refuse_connect(verdict.reason, verdict.why or "authentication failed")
             return
         auth = self.broker.auth
+        cred = verdict.credential
+        if cred is not None and not auth.in_force(self.username or "", self.client_id, cred):
+            # Disabled, deleted or changed while its password was being checked.
+            self._refuse_connect(Reason.SERVER_UNAVAILABLE, "credentials changed; try again")
+            return
+        self.credential = cred
         self.acl = acl = auth.client_acl(self.username, self.client_id)
         will = p.will
         if will is not None:
@@ -941,6 +947,25 @@ class Channel:
             f"client {self.client_id!r} (user {self.username!r}, {self.peer}): {what}"
             f" {shown!r} refused, over {self._bound(key)}",
         )
+
+    def revoke(self) -> None:
+        """Its credential was disabled, deleted or changed: nothing more is read or written
+        for it (its will included), and it is closed with v5 DISCONNECT 0x98
+        Administrative action (docs/security.md says why not 0x87)."""
+        if self.state != CONNECTED:
+            return
+        self.acl = acl = revoked_acl(self.client_id)
+        session = self.session
+        if session is not None and session.connection is self:
+            session.acl = acl
+        self.stats.credentials_revoked += 1
+        log.warning(
+            "disconnecting %s (client %r, user %r): credentials revoked",
+            self.peer,
+            self.client_id,
+            self.username,
+        )
+        self._close("credentials_revoked", Reason.ADMINISTRATIVE_ACTION, "credentials revoked")
 
     def refresh_acl(self) -> None:
         """The ACL file was reloaded: take this client's new ACL (session and fast path too)."""

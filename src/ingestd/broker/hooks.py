@@ -127,6 +127,8 @@ class BrokerStats:
     acl_denied_read: int = 0
     # CONNECTs refused by a limit, by its config key ("max_connections", ...).
     limits_hit: dict[str, int] = field(default_factory=dict)
+    # Connections closed because the credential they logged in with was revoked.
+    credentials_revoked: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n

@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable
 
 from ingestd.errors import ConfigError
 
@@ -67,22 +68,29 @@ def verify_password(stored: str, password: bytes) -> bool:
     return hmac.compare_digest(expected, got)
 
 
-def dummy_like(users: dict[str, str]) -> str:
-    """A hash of a throw-away password in the file's most common scheme and cost.
+def hash_kind(stored: str) -> tuple[str, int]:
+    """A stored hash's scheme and cost (what checking a password against it costs)."""
+    if stored.startswith(_MOSQ_SHA512):
+        return (_MOSQ_SHA512, 0)
+    parts = stored.split("$")
+    try:
+        return (f"${parts[1]}$", int(parts[2]))
+    except (IndexError, ValueError):
+        return (_SCHEME, _ITERATIONS)
 
-    An unknown user is checked against it, so it costs what a known user's
-    wrong password costs (a file of ``$7$`` lines at 101 iterations must not
-    make unknown users the slow ones).
-    """
+
+def common_kind(hashes: Iterable[str]) -> tuple[str, int]:
+    """The most common :func:`hash_kind` of ``hashes`` (ours at 100,000 when there are none)."""
     kinds: dict[tuple[str, int], int] = {}
-    for stored in users.values():
-        parts = stored.split("$")
-        if stored.startswith(_MOSQ_SHA512):
-            kind = (_MOSQ_SHA512, 0)
-        else:
-            kind = (f"${parts[1]}$", int(parts[2]))
+    for stored in hashes:
+        kind = hash_kind(stored)
         kinds[kind] = kinds.get(kind, 0) + 1
-    scheme, iterations = max(kinds, key=kinds.__getitem__) if kinds else (_SCHEME, _ITERATIONS)
+    return max(kinds, key=kinds.__getitem__) if kinds else (_SCHEME, _ITERATIONS)
+
+
+def dummy_of_kind(kind: tuple[str, int]) -> str:
+    """A hash of a throw-away password of that scheme and cost (costs one hash to make)."""
+    scheme, iterations = kind
     salt = os.urandom(12)
     b64 = base64.b64encode
     if scheme == _MOSQ_SHA512:
@@ -94,7 +102,18 @@ def dummy_like(users: dict[str, str]) -> str:
     return hash_password(os.urandom(16).hex(), iterations)
 
 
-def _well_formed(stored: str) -> bool:
+def dummy_like(users: dict[str, str]) -> str:
+    """A hash of a throw-away password in the file's most common scheme and cost.
+
+    An unknown user is checked against it, so it costs what a known user's
+    wrong password costs (a file of ``$7$`` lines at 101 iterations must not
+    make unknown users the slow ones).
+    """
+    return dummy_of_kind(common_kind(users.values()))
+
+
+def well_formed(stored: str) -> bool:
+    """Whether ``stored`` looks like a hash of a supported scheme (never a clear password)."""
     if stored.startswith(_SCHEME) or stored.startswith(_MOSQ_PBKDF2):
         parts = stored.split("$")
         return len(parts) == 5 and parts[2].isdigit() and int(parts[2]) > 0
@@ -117,7 +136,7 @@ def load_password_file(path: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         user, sep, stored = line.partition(":")
-        if not sep or not user or not _well_formed(stored):
+        if not sep or not user or not well_formed(stored):
             raise ConfigError(
                 "expected 'user:$pbkdf2-sha256$...' (`ingestd passwd`) or 'user:$7$...' /"
                 " 'user:$6$...' (`mosquitto_passwd`)",

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.auth import Auth, is_deny_all, peer_address
+from ingestd.broker.credentials import TableSnapshot
 from ingestd.broker.hooks import (
     BrokerListener,
     BrokerStats,
@@ -336,21 +337,45 @@ class Broker:
 
     def reload_auth(self) -> bool:
         """SIGHUP: re-read the password and ACL files (a bad one is logged and kept), then
-        give every client its new ACL, so live subscriptions deliver under it from now on.
-
-        Connected clients get a new ClientAcl (their fast-path caches are dropped);
-        offline sessions keep their last user name and client id and are decided on
-        those. True if both files were reloaded.
+        re-decide every client (:meth:`recheck_clients`). True if both files were reloaded.
         """
         ok = self.auth.reload()
-        for conn in list(self.connections):
-            conn.refresh_acl()
-        for session in self.registry.sessions.values():
-            if session.connection is None:
-                if is_deny_all(session.acl):
-                    continue  # restored without its user name: nothing until it connects
-                session.acl = self.auth.client_acl(session.username, session.client_id)
+        self.recheck_clients(None)
         return ok
+
+    def credentials_changed(self, snapshot: TableSnapshot, users: set[str]) -> None:
+        """The credentials table's snapshot changed for ``users``: re-decide their clients."""
+        self.auth.set_table(snapshot)
+        self.recheck_clients(users)
+
+    def recheck_clients(self, users: set[str] | None) -> None:
+        """After a credential or ACL change (of ``users``; None: everyone).
+
+        A connected client whose credential is no longer in force (user removed or
+        disabled, password or client-id pin changed) is disconnected
+        (:meth:`Channel.revoke`); the others get a new ClientAcl (their fast-path
+        caches are dropped), so live subscriptions deliver under it from now on.
+        Offline sessions are decided on their last user name and client id; one
+        whose user could no longer log in reads nothing more.
+        """
+        auth = self.auth
+        for conn in list(self.connections):
+            name = conn.username
+            if users is not None and name not in users:
+                continue
+            cred = conn.credential
+            if cred is not None and not auth.in_force(name or "", conn.client_id, cred):
+                conn.revoke()
+            else:
+                conn.refresh_acl()
+        for session in self.registry.sessions.values():
+            if session.connection is not None or (
+                users is not None and session.username not in users
+            ):
+                continue
+            if not session.user_known and is_deny_all(session.acl):
+                continue  # restored without its user name: nothing until it connects
+            session.acl = auth.session_acl(session.username, session.client_id)
 
     # -- start and stop -------------------------------------------------------
 
@@ -371,7 +396,7 @@ class Broker:
         for session in self.registry.sessions.values():
             if session.connection is None and session.acl is None:
                 session.acl = (
-                    self.auth.client_acl(session.username, session.client_id)
+                    self.auth.session_acl(session.username, session.client_id)
                     if session.user_known
                     else self.auth.deny_all(session.client_id)
                 )

@@ -202,6 +202,15 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Mosquitto acl_file (user / topic / pattern lines; docs/security.md). Unset: no
     # topic ACL. Set: default deny. Reloaded on SIGHUP.
     acl_file: str | None = None
+    # Credentials in a PostgreSQL table (e.g. "mqtt_credentials" or "auth.mqtt_users"),
+    # created by `ingestd db init` and managed with `ingestd user ...`: user name,
+    # password hash, optional client-id pin and tenant topic prefix (a readwrite ACL
+    # grant on PREFIX/#; set, it makes the ACL default deny), enabled flag. Changes
+    # apply at once (LISTEN/NOTIFY). Unset: off.
+    credentials_table: str | None = None
+    # Seconds between full reloads of that table (a safety net for notifications
+    # missed while not listening; every reconnect reloads too).
+    credentials_refresh_interval: float = 60.0
     # Failed logins per peer address: after this many within auth_failure_window
     # seconds, that address's CONNECTs are refused for auth_failure_cooldown seconds
     # (0 turns the limit off).

@@ -107,12 +107,21 @@ def validate_config(cfg: Config) -> None:
                     "max_subscriptions_per_client",
                 ),
             )
-    if not cfg.mqtt.allow_anonymous and not cfg.mqtt.password_file:
+    if not cfg.mqtt.allow_anonymous and not (cfg.mqtt.password_file or cfg.mqtt.credentials_table):
         # Without a credential source every user name would be let in.
         raise ConfigError(
-            "allow_anonymous = false needs a credential source: set mqtt.password_file",
+            "allow_anonymous = false needs a credential source: set mqtt.password_file"
+            " or mqtt.credentials_table",
             key="mqtt.allow_anonymous",
         )
+    table = cfg.mqtt.credentials_table
+    if table is not None:
+        parts = table.split(".")
+        if len(parts) > 2 or not all(parts) or any(len(p.encode()) > 63 for p in parts):
+            raise ConfigError(
+                "must be a table name or schema.table (each part 1..63 bytes)",
+                key="mqtt.credentials_table",
+            )
     _positive(cfg.database.pool_size, "database.pool_size")
     _positive(cfg.database.connect_timeout, "database.connect_timeout")
     _positive(cfg.database.command_timeout, "database.command_timeout")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ingestd.db import quote_ident
+
+__all__ = ["SQL_TYPE", "TYPE_ALIASES", "canonical_type", "quote_ident"]
+
 # Accepted spellings -> canonical name (the one used in configs and docs).
 TYPE_ALIASES: dict[str, str] = {
     "double precision": "double precision",
@@ -47,8 +51,3 @@ SQL_TYPE: dict[str, str] = {
 def canonical_type(name: str) -> str | None:
     """The canonical name of a column type, or None when unknown."""
     return TYPE_ALIASES.get(" ".join(name.lower().split()))
-
-
-def quote_ident(name: str) -> str:
-    """Quote a (possibly schema-qualified) identifier for SQL."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
