@@ -21,6 +21,7 @@ import pytest
 
 from mqtt_clients import Client
 from pg_fixtures import fetch_sync
+from pg_proxy import PgProxy
 from server_thread import ServerThread
 from test_credentials_table import (  # noqa: F401  (start: the fixture)
     TABLE,
@@ -62,10 +63,10 @@ def new_token(dsn: str, user: str) -> str:
     return token
 
 
-def has_token(srv: ServerThread, user: str, token: str | None) -> None:
+def has_token(srv: ServerThread, user: str, token: str | None, timeout: float = 10.0) -> None:
     """Wait until the broker's snapshot holds ``token`` (None: no token) for ``user``."""
     want = None if token is None else hashlib.sha256(token.encode()).hexdigest()
-    wait_user(srv, user, lambda c: c is not None and c.token_hash == want)
+    wait_user(srv, user, lambda c: c is not None and c.token_hash == want, timeout)
 
 
 def test_table_token_acts_as_its_user_until_disabled_or_revoked(
@@ -164,6 +165,27 @@ def test_with_the_table_the_api_needs_a_token_and_may_listen_beyond_loopback(
     # No prefix and no ACL line for "u": it may write nothing.
     status, data = call(srv, "POST", "/api/publish", token, {"topic": "any/t", "payload": "x"})
     assert (status, data["error"]["code"]) == (403, "forbidden")
+
+
+def test_before_the_table_is_loaded_a_token_answers_503_then_works(
+    pg_dsn: str,
+    start: Callable[..., ServerThread],  # noqa: F811 (the imported fixture)
+) -> None:
+    proxy = PgProxy(pg_dsn)
+    try:
+        assert user_cmd(pg_dsn, "add", "u", password="pw").returncode == 0
+        token = new_token(pg_dsn, "u")
+        proxy.cut()
+        srv = start(proxy.dsn, http_listen="127.0.0.1:0")
+        # Not known to be wrong (the table could not be read): 503, not 401.
+        status, data = call(srv, "GET", "/api/retained", token)
+        assert (status, data["error"]["code"]) == (503, "unavailable")
+        assert call(srv, "GET", "/api/retained", None)[0] == 401  # no token at all
+        proxy.restore()
+        has_token(srv, "u", token, timeout=60)  # the watcher's retry backoff
+        assert call(srv, "GET", "/api/retained", token)[0] == 200
+    finally:
+        proxy.close()
 
 
 def test_db_init_adds_the_token_column_to_an_older_table(pg_dsn: str, tmp_path: Path) -> None:
