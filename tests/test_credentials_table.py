@@ -92,12 +92,13 @@ def insert_user(
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
-    """Start a broker (no ingest) whose credentials are the table in ``dsn``."""
+    """Start a broker (no ingest) whose credentials are the table in ``dsn`` (with an
+    HTTP listener when ``http_listen`` is given: tests/test_api_tokens.py)."""
     started: list[ServerThread] = []
     acl = tmp_path / "acl"
     acl.write_text(ACL)
 
-    def run(dsn: str, **mqtt: Any) -> ServerThread:
+    def run(dsn: str, http_listen: str | None = None, **mqtt: Any) -> ServerThread:
         settings: dict[str, Any] = {
             "credentials_table": TABLE,
             "credentials_refresh_interval": 3600.0,
@@ -108,7 +109,9 @@ def start(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
         settings.update(mqtt)
         cfg = Config(
             server=ServerConfig(
-                listen=["127.0.0.1:0"], http_listen=None, data_dir=str(tmp_path / "data")
+                listen=["127.0.0.1:0"],
+                http_listen=http_listen,
+                data_dir=str(tmp_path / "data"),
             ),
             mqtt=MqttConfig(**settings),
             database=DatabaseConfig(dsn=dsn, connect_timeout=2.0),

@@ -4,9 +4,9 @@ Each command finds the database as ``ingestd db ...`` does (``--config``,
 ``--dsn``, ``--data-dir``; the embedded PostgreSQL is started for the command
 when it is not running) and the table from ``mqtt.credentials_table`` (or
 ``--table``). Passwords are hashed here (``$pbkdf2-sha256$``, as ``ingestd
-passwd``) and only the hash is sent. A running broker sees every change at
-once (the table's trigger NOTIFYs it): a disabled or deleted user is
-disconnected.
+passwd``) and only the hash is sent; so are HTTP API tokens (``user token``:
+SHA-256). A running broker sees every change at once (the table's trigger
+NOTIFYs it): a disabled or deleted user is disconnected, its API token refused.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 @click.group()
 def user() -> None:
-    """Users of mqtt.credentials_table: add, list, disable, enable, passwd, delete."""
+    """Users of mqtt.credentials_table: add, list, disable, enable, passwd, token, delete."""
 
 
 def db_options(f: Any) -> Any:
@@ -182,6 +182,7 @@ def list_(**opts: Any) -> None:
         click.echo(
             f"{r['username']}\t{'enabled' if r['enabled'] else 'disabled'}"
             f"\tclient_id={r['client_id'] or '-'}\tprefix={r['topic_prefix'] or '-'}"
+            f"\tapi_token={'yes' if r['has_token'] else 'no'}"
             f"\tupdated={r['updated_at'].isoformat(timespec='seconds')}"
         )
     click.echo(f"{len(rows)} users", err=True)
@@ -220,6 +221,26 @@ def passwd(username: str, password_stdin: bool, **opts: Any) -> None:
     stored = hash_password(_read_password(password_stdin))
     _run(opts, lambda conn, table: update_user(conn, table, username, "password_hash", stored))
     click.echo(f"password of {username!r} changed")
+
+
+@user.command("token")
+@click.argument("username", callback=_username)
+@click.option("--revoke", is_flag=True, help="Remove USERNAME's API token instead.")
+@_options
+def token(username: str, revoke: bool, **opts: Any) -> None:
+    """Give USERNAME a new HTTP API token (printed once; it replaces any old one), or
+    --revoke it. The token acts as USERNAME with its ACL rights (docs/api.md)."""
+    from ingestd.broker.credentials import api_token_hash, new_api_token, update_user
+
+    secret = None if revoke else new_api_token()
+    stored = None if secret is None else api_token_hash(secret)
+    _run(opts, lambda conn, table: update_user(conn, table, username, "api_token_hash", stored))
+    if secret is None:
+        click.echo(f"API token of {username!r} revoked", err=True)
+    else:
+        # Only its hash is stored: this is the one time it can be seen.
+        click.echo(f"API token of {username!r} (shown once; only its hash is stored):", err=True)
+        click.echo(secret)
 
 
 @user.command("delete")

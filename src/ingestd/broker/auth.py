@@ -21,6 +21,7 @@ and hands it to its session, the router and the compiled fast path.
 decisions. :meth:`reload` (SIGHUP) re-reads both files, keeping the old ones
 when a new one is bad; :meth:`in_force` says whether the credential a client
 logged in with still is (the broker disconnects it when not).
+:meth:`api_token_user` finds the table user an HTTP API token belongs to.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections import deque
 from typing import NamedTuple
 
 from ingestd.broker.acl import WRITE, AclFile, ClientAcl, dollar_mask
-from ingestd.broker.credentials import Credential, TableSnapshot, prefix_grant
+from ingestd.broker.credentials import Credential, TableSnapshot, api_token_hash, prefix_grant
 from ingestd.broker.hooks import BrokerStats
 from ingestd.broker.passwords import dummy_like, load_password_file, verify_password
 from ingestd.config import MqttConfig
@@ -152,6 +153,12 @@ class Auth:
             and cur.password_hash == credential.password_hash
             and (cur.client_id is None or cur.client_id == client_id)
         )
+
+    def api_token_user(self, token: str) -> str | None:
+        """The enabled table user whose HTTP API token ``token`` is (``ingestd user token``),
+        else None (also before the table's first snapshot: see ``table``)."""
+        table = self.table
+        return None if table is None else table.token_user(api_token_hash(token))
 
     def set_table(self, snapshot: TableSnapshot) -> None:
         """The credentials table was (re)loaded."""

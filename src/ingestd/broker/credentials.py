@@ -9,7 +9,9 @@ The table (created by ``ingestd db init``, and by ``serve`` when missing):
 * ``client_id`` text, NULL: when set, the only client id this user may connect with;
 * ``topic_prefix`` text, NULL: the user's tenant; it becomes a readwrite ACL
   entry on ``PREFIX/#`` in the user's section (docs/security.md);
-* ``enabled`` boolean; ``created_at``, ``updated_at`` (kept by a trigger).
+* ``enabled`` boolean; ``created_at``, ``updated_at`` (kept by a trigger);
+* ``api_token_hash`` text, NULL: the SHA-256 (hex) of the user's HTTP API bearer
+  token (``ingestd user token``); added to an older table by ``ALTER TABLE``.
 
 A trigger NOTIFYs the channel ``ingestd_credentials`` with the user name of
 every inserted, updated or deleted row (an empty payload after TRUNCATE, or for
@@ -22,16 +24,20 @@ rows named by notifications, and the whole table every
 sent while it was not listening is lost; every reconnect reloads everything).
 When the database is unreachable it retries with backoff and the snapshot in
 force is kept; before the first snapshot, logins from the table are refused
-(``Auth``). The functions at the end are what ``ingestd user ...`` runs.
+(``Auth``). The snapshot also indexes the API tokens by hash
+(:meth:`TableSnapshot.token_user`). The functions at the end are what
+``ingestd user ...`` runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -61,6 +67,22 @@ class Credential(NamedTuple):
     prefix: str | None = None
     enabled: bool = True
     source: str = "table"
+    token_hash: str | None = None  # SHA-256 hex of the user's API token (table only)
+
+
+def new_api_token() -> str:
+    """A fresh API token: 32 random bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def api_token_hash(token: str) -> str:
+    """What the table stores of an API token: its SHA-256, hex.
+
+    A fast hash is right here, unlike for passwords: a token is 256 random bits, so
+    there is nothing to guess from a leaked hash and no need for a slow, salted KDF
+    (which would also cost a thread and milliseconds on every API request).
+    """
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def prefix_problem(prefix: str) -> str | None:
@@ -104,6 +126,9 @@ def table_ddl(table: str) -> list[str]:
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 )""",
+        # Its own statement, so a table created before API tokens existed gets it too.
+        f"""ALTER TABLE {t} ADD COLUMN IF NOT EXISTS api_token_hash text UNIQUE
+    CHECK (api_token_hash ~ '^[0-9a-f]{{64}}$')""",
         f"""CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     IF TG_WHEN = 'BEFORE' THEN
@@ -143,8 +168,9 @@ _TRIGGERS = (
 async def ensure_table(conn: Any, table: str) -> list[str]:
     """Create the table, its function and triggers where missing; returns the statements run.
 
-    An existing table is only checked (its columns are read once); a trigger
-    that exists is left alone, so a role that may only read the table can run it.
+    An existing table is only checked (its columns are read once) and given the
+    ``api_token_hash`` column when it lacks it; a trigger that exists is left
+    alone, so a role that may only read an up-to-date table can run it.
     """
     t = quote_ident(table)
     stmts = table_ddl(table)
@@ -156,15 +182,23 @@ async def ensure_table(conn: Any, table: str) -> list[str]:
             for stmt in stmts:
                 await conn.execute(stmt)
             return stmts
+        column = await conn.fetchval(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = 'api_token_hash'"
+            " AND NOT attisdropped",
+            oid,
+        )
+        if column is None:  # a table from before API tokens: add the column
+            await conn.execute(stmts[1])
+            executed.append(stmts[1])
         have = {
             r["tgname"]
             for r in await conn.fetch("SELECT tgname FROM pg_trigger WHERE tgrelid = $1", oid)
         }
         missing = [
-            s for (name, _w, _e), s in zip(_TRIGGERS, stmts[2:], strict=True) if name not in have
+            s for (name, _w, _e), s in zip(_TRIGGERS, stmts[3:], strict=True) if name not in have
         ]
         if missing:
-            for stmt in [stmts[1], *missing]:
+            for stmt in [stmts[2], *missing]:
                 await conn.execute(stmt)
                 executed.append(stmt)
     try:
@@ -174,7 +208,7 @@ async def ensure_table(conn: Any, table: str) -> list[str]:
     return executed
 
 
-_COLUMNS = "username, password_hash, client_id, topic_prefix, enabled"
+_COLUMNS = "username, password_hash, client_id, topic_prefix, enabled, api_token_hash"
 
 
 def _credential(row: Any) -> Credential | None:
@@ -186,7 +220,9 @@ def _credential(row: Any) -> Credential | None:
     if prefix is not None and prefix_problem(prefix) is not None:
         log.warning("credentials table: user %r has an invalid topic_prefix; refused", name)
         return None
-    return Credential(stored, row["client_id"], prefix, bool(row["enabled"]))
+    return Credential(
+        stored, row["client_id"], prefix, bool(row["enabled"]), token_hash=row["api_token_hash"]
+    )
 
 
 def _snapshot(rows: Iterable[Any]) -> dict[str, Credential]:
@@ -220,6 +256,40 @@ class TableSnapshot:
     users: dict[str, Credential]
     dummy: str
     loaded_at: float  # time.time() of the last successful (full or partial) load
+    # api_token_hash -> user name; built by __post_init__, kept by update().
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = {c.token_hash: n for n, c in self.users.items() if c.token_hash}
+
+    def update(self, name: str, cred: Credential | None) -> None:
+        """Put ``cred`` (None: remove) as ``name``'s credential, keeping the token index."""
+        old = self.users.pop(name, None)
+        if old is not None and old.token_hash and self.tokens.get(old.token_hash) == name:
+            del self.tokens[old.token_hash]
+        if cred is not None:
+            self.users[name] = cred
+            if cred.token_hash:
+                self.tokens[cred.token_hash] = name
+
+    def token_user(self, token_hash: str) -> str | None:
+        """The enabled user whose API token hashes to ``token_hash``, else None.
+
+        A dict lookup, not a constant-time comparison: what the presented token
+        could leak through timing is at most a prefix of its SHA-256 in the
+        dict's hash table, which says nothing usable about any 256-bit random
+        token (finding a token with a chosen hash prefix does not help find one
+        with the whole hash). The row is checked again here, so a stale index
+        entry never lets a disabled, revoked or deleted user's token in.
+        """
+        name = self.tokens.get(token_hash)
+        if name is None:
+            return None
+        cred = self.users.get(name)
+        if cred is None or not cred.enabled or cred.token_hash != token_hash:
+            return None
+        return name
 
 
 class CredentialWatcher:
@@ -411,10 +481,7 @@ class CredentialWatcher:
             new = found.get(name)
             if snap.users.get(name) != new:
                 changed.add(name)
-                if new is None:
-                    snap.users.pop(name, None)
-                else:
-                    snap.users[name] = new
+                snap.update(name, new)
         snap.loaded_at = time.time()
         if changed:
             self.on_change(snap, changed)
@@ -453,10 +520,11 @@ async def add_user(
 
 
 async def list_users(conn: Any, table: str) -> list[Any]:
-    """Every user without its hash, by name."""
+    """Every user without its hashes (``has_token``: whether it has an API token), by name."""
     return list(
         await conn.fetch(
-            "SELECT username, client_id, topic_prefix, enabled, created_at, updated_at"
+            "SELECT username, client_id, topic_prefix, enabled, created_at, updated_at,"
+            " api_token_hash IS NOT NULL AS has_token"
             f" FROM {quote_ident(table)} ORDER BY username"
         )
     )
@@ -464,7 +532,7 @@ async def list_users(conn: Any, table: str) -> list[Any]:
 
 async def update_user(conn: Any, table: str, username: str, column: str, value: Any) -> None:
     """``UPDATE`` one column of one user; DatabaseError if there is no such user."""
-    assert column in ("enabled", "password_hash")
+    assert column in ("enabled", "password_hash", "api_token_hash")
     status = await conn.execute(
         f"UPDATE {quote_ident(table)} SET {column} = $2 WHERE username = $1", username, value
     )

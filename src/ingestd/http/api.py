@@ -8,10 +8,11 @@ does, so subscribers receive it and ingest routes store it. A QoS 1/2 message
 is answered only after the future ``publish`` returns has completed (the rows
 of every ``after-commit`` route committed); a failed future is a 503.
 Bodies are validated whole before anything is published: a 400 publishes
-nothing. A token tied to a user (``http.tokens``: ``{token, user}``) acts with
-that user's ``mqtt.acl_file`` rights: write for publish, webhook, commands and
-RPC; read for the stream and the retained listing; sessions and dead letters
-need an admin (plain) token. See docs/api.md for the routes and :mod:`ingestd.http.openapi`.
+nothing. A token tied to a user (``http.tokens``: ``{token, user}``, or a
+``mqtt.credentials_table`` user's ``ingestd user token``) acts with that user's
+ACL rights (``mqtt.acl_file`` and the table's topic prefix): write for publish,
+webhook, commands and RPC; read for the stream and the retained listing;
+sessions and dead letters need an admin (plain, configured) token. See docs/api.md for the routes and :mod:`ingestd.http.openapi`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ingestd._trie import validate_topic_filter
 from ingestd.broker.acl import ClientAcl
 from ingestd.broker.message import Message
 from ingestd.config.model import HttpConfig, TokenConfig
-from ingestd.http.app import TOKEN_INDEX, ApiError
+from ingestd.http.app import TOKEN_INDEX, TOKEN_USER, ApiError
 from ingestd.http.bodies import (
     API_CLIENT_ID,
     DEFAULT_LIMIT,
@@ -94,6 +95,10 @@ class Api:
         self.tokens = [t if isinstance(t, str) else t.token for t in given]
         # The user of each token (None: an admin token), by the index app.py records.
         self.token_users = [None if isinstance(t, str) else t.user for t in given]
+        # With mqtt.credentials_table, the broker's Auth, which knows its users' API tokens;
+        # the API then needs a bearer token even when http.tokens is empty.
+        auth = getattr(broker, "auth", None)
+        self.token_table: Any = auth if getattr(auth, "table_configured", False) else None
         self.http = http or HttpConfig()
         # http.ingest_wait_s: how long a webhook batch waits for a saturated engine.
         self.ingest_wait_s = ingest_wait_s
@@ -116,6 +121,9 @@ class Api:
 
     def token_user(self, request: web.Request) -> str | None:
         """The user of the request's token (None: an admin token, or no tokens)."""
+        user: str | None = request.get(TOKEN_USER)
+        if user is not None:
+            return user
         index = request.get(TOKEN_INDEX)
         return None if index is None else self.token_users[index]
 
@@ -145,13 +153,15 @@ class Api:
         scrape them on 0.0.0.0); every /api request answers 403 ``api_disabled``
         saying what to set, and start-up logs the same as a warning. Refusing
         the whole process instead would take the broker down for want of an
-        optional feature.
+        optional feature. With ``mqtt.credentials_table`` the API is never open
+        (every request needs a configured token or a table user's), so it serves.
         """
-        if not self.tokens and not is_loopback_host(host):
+        if not self.tokens and self.token_table is None and not is_loopback_host(host):
             self.disabled = (
                 f"the HTTP API is off: its listener {host or '*'!r} is reachable beyond this"
                 " machine and http.tokens is empty; set a bearer token in http.tokens"
-                " (INGESTD_HTTP__TOKENS) or listen on 127.0.0.1"
+                " (INGESTD_HTTP__TOKENS), use mqtt.credentials_table and `ingestd user"
+                " token`, or listen on 127.0.0.1"
             )
             log.warning("%s", self.disabled)
 
@@ -214,7 +224,10 @@ class Api:
     def _who(self, request: web.Request) -> str:
         index = request.get(TOKEN_INDEX)
         user = self.token_user(request)
-        who = f"token={'open' if index is None else index}"
+        if request.get(TOKEN_USER) is not None:
+            who = "token=table"
+        else:
+            who = f"token={'open' if index is None else index}"
         if user is not None:
             who += f" user={user!r}"
         return f"{who} peer={request.remote}"

@@ -8,8 +8,11 @@ under ``/api`` is JSON of one stable shape::
     {"error": {"code": "not_found", "message": "..."}}
 
 (some errors add fields next to ``code``, e.g. ``index`` for a bad webhook element).
-When tokens are configured every ``/api`` request needs ``Authorization:
-Bearer <token>``; tokens are compared with :func:`hmac.compare_digest`.
+When tokens are configured, or ``mqtt.credentials_table`` is (whose users may
+have API tokens: ``ingestd user token``), every ``/api`` request needs
+``Authorization: Bearer <token>``. Configured tokens are compared with
+:func:`hmac.compare_digest`; a table token is found by its SHA-256 in the
+broker's live snapshot of the table (``Auth.api_token_user``).
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API_PREFIX = "/api"
 
-# Where the auth middleware leaves the index of the token a request presented.
+# Where the auth middleware leaves the index of the configured token a request presented.
 TOKEN_INDEX: Any = (
     web.RequestKey("token_index", int) if hasattr(web, "RequestKey") else "token_index"
 )
+# Where it leaves the user of a credentials-table token a request presented.
+TOKEN_USER: Any = web.RequestKey("token_user", str) if hasattr(web, "RequestKey") else "token_user"
 
 # Stable error codes by status, for errors raised by aiohttp itself (router, body limits).
 _CODES = {
@@ -87,14 +92,22 @@ def is_api(path: str) -> bool:
     return path == API_PREFIX or path.startswith(API_PREFIX + "/")
 
 
-def token_index(tokens: list[str], header: str | None) -> int | None:
-    """Index of the configured token that ``Authorization: Bearer ...`` carries, else None."""
+def bearer(header: str | None) -> str | None:
+    """The token ``Authorization: Bearer <token>`` carries, else None."""
     if not header:
         return None
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         return None
-    presented = given.strip().encode()
+    return given.strip()
+
+
+def token_index(tokens: list[str], header: str | None) -> int | None:
+    """Index of the configured token that ``Authorization: Bearer ...`` carries, else None."""
+    given = bearer(header)
+    if given is None:
+        return None
+    presented = given.encode()
     found = None
     for i, token in enumerate(tokens):
         # Every token is compared (no early exit): the time taken says nothing about which.
@@ -161,17 +174,8 @@ async def _api_request(
             )
         if server.api.disabled is not None:
             raise ApiError(403, "api_disabled", server.api.disabled)
-        tokens = server.api.tokens
-        if tokens:
-            index = token_index(tokens, request.headers.get("Authorization"))
-            if index is None:
-                raise ApiError(
-                    401,
-                    "unauthorized",
-                    "missing or invalid bearer token (Authorization: Bearer <token>)",
-                    headers={"WWW-Authenticate": 'Bearer realm="ingestd"'},
-                )
-            request[TOKEN_INDEX] = index
+        if server.api.tokens or server.api.token_table is not None:
+            _authenticate(server, request)
         return await handler(request)
     except ApiError as e:
         return e.response()
@@ -190,6 +194,34 @@ async def _api_request(
     except Exception:
         log.exception("http: %s %s failed", request.method, request.path)
         return error_response(500, "internal", "internal error (see the server log)")
+
+
+def _authenticate(server: HttpServer, request: web.Request) -> None:
+    """Record which token the request presented (TOKEN_INDEX or TOKEN_USER); else 401."""
+    assert server.api is not None
+    header = request.headers.get("Authorization")
+    index = token_index(server.api.tokens, header)
+    if index is not None:
+        request[TOKEN_INDEX] = index
+        return
+    table = server.api.token_table
+    given = bearer(header)
+    if table is not None and given is not None:
+        user = table.api_token_user(given)
+        if user is not None:
+            request[TOKEN_USER] = user
+            return
+        if table.table is None:
+            # Not known to be wrong: the table was not loaded yet (database unreachable).
+            raise ApiError(
+                503, "unavailable", "API tokens not loaded yet (credentials table unreachable)"
+            )
+    raise ApiError(
+        401,
+        "unauthorized",
+        "missing or invalid bearer token (Authorization: Bearer <token>)",
+        headers={"WWW-Authenticate": 'Bearer realm="ingestd"'},
+    )
 
 
 __all__ = ["API_PREFIX", "HEALTH_PATHS", "ApiError", "build_app", "error_response", "is_api"]

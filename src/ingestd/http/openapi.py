@@ -27,7 +27,9 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 _STR = {"type": "string"}
 _QOS = {"type": "integer", "enum": [0, 1, 2]}
 _COMMON_ERRORS = {
-    "401": _error("Missing or invalid bearer token (when tokens are configured)"),
+    "401": _error(
+        "Missing or invalid bearer token (when http.tokens or mqtt.credentials_table is configured)"
+    ),
 }
 _BODY_ERRORS = {
     "400": _error("Malformed body; the message names the field (and index)"),
@@ -678,7 +680,14 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token of http.tokens, or a credentials-table user's"
+                    " (`ingestd user token USER`)",
+                }
+            },
         },
         "security": [{"bearer": []}, {}],
     }
