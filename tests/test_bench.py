@@ -1101,35 +1101,44 @@ def test_binary_reference_sends_what_postgresql_encoded(ingest_server: tuple[Any
 
 
 def test_tree_cpu_seconds_counts_live_and_reaped_children() -> None:
-    """A parent's tree CPU takes in a live child's CPU, and keeps it once the child is reaped."""
+    """A parent's tree CPU takes in a live child's CPU, and keeps it once the child is reaped.
+
+    Measured in a fresh Python process whose only child is the burner: the test
+    process's own tree (servers and tools of other tests starting and ending) would
+    move the sum by itself."""
+    import json
     import subprocess
     import sys
 
-    from ingestd.bench.procstat import cpu_seconds, tree_cpu_seconds
-
-    me = os.getpid()
-    before = tree_cpu_seconds(me)
-    burn = (
-        "import sys, time\n"
-        "while time.process_time() < 0.3: pass\n"
-        "print('done', flush=True)\n"
-        "sys.stdin.read()\n"
+    probe = (
+        "import json, os, subprocess, sys\n"
+        "from ingestd.bench.procstat import cpu_seconds, tree_cpu_seconds\n"
+        "me = os.getpid()\n"
+        "before = tree_cpu_seconds(me)\n"
+        "burn = ('import sys, time\\n'\n"
+        "        'while time.process_time() < 0.3: pass\\n'\n"
+        "        \"print('done', flush=True)\\n\"\n"
+        "        'sys.stdin.read()\\n')\n"
+        "child = subprocess.Popen([sys.executable, '-c', burn], stdin=subprocess.PIPE,\n"
+        "                         stdout=subprocess.PIPE, text=True)\n"
+        "ready = child.stdout.readline()\n"
+        "own = cpu_seconds(child.pid)\n"
+        "alive = tree_cpu_seconds(me)\n"
+        "child.stdin.close()\n"
+        "child.wait(30)\n"
+        "reaped = tree_cpu_seconds(me)\n"
+        "print(json.dumps(dict(ready=ready, before=before, own=own, alive=alive,\n"
+        "                      reaped=reaped)))\n"
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "done\n"
-        own = cpu_seconds(child.pid)
-        assert own >= 0.29
-        alive = tree_cpu_seconds(me)
-        assert alive - before >= own
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(30)
-    # Reaped: its time moved into our cutime/cstime.
-    assert tree_cpu_seconds(me) - before >= own
+    r = json.loads(out.stdout)
+    assert r["ready"] == "done\n"
+    assert r["own"] >= 0.29
+    assert r["alive"] - r["before"] >= r["own"]
+    # Reaped: its time moved into the parent's cutime/cstime.
+    assert r["reaped"] - r["before"] >= r["own"]
 
 
 @pytest.mark.pg
