@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ingestd._copy import TYPE_CODES, CopyEncoder, fromtimestamp_utc, supports
+from ingestd._copy import TYPE_CODES, CopyEncoder, fromtimestamp_utc, fromunits_utc, supports
 
 from ingestd.ingest.pgtypes import SQL_TYPE
 
@@ -391,6 +391,80 @@ def test_fromtimestamp_utc_equals_datetime_fromtimestamp(t: Any) -> None:
 def test_fromtimestamp_utc_equals_datetime_fromtimestamp_anywhere(t: float | int) -> None:
     expected, got = _both(t)
     assert got == expected
+
+
+# ---------------------------------------------------------------- fromunits_utc
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _exact(v: int, div: int) -> Any:
+    """The datetime of ``v`` / ``div`` seconds, microseconds rounded half-even, from
+    integers only (timedelta), or the exception class fromtimestamp raises there."""
+    q, r = divmod(v * 10**6, div)
+    if 2 * r > div or (2 * r == div and q % 2):
+        q += 1
+    try:
+        got = _EPOCH + dt.timedelta(microseconds=q)
+    except OverflowError:
+        return OverflowError
+    if not (-62135596800 <= q // 10**6 <= 253402300799):
+        return ValueError
+    return got
+
+
+def _units(v: Any, div: int) -> Any:
+    try:
+        return fromunits_utc(v, div)
+    except Exception as e:
+        return type(e)
+
+
+@pytest.mark.parametrize(
+    ("v", "div"),
+    [
+        (1764394000123456789, 10**9),
+        (1764394000123456500, 10**9),  # half a microsecond: rounds to even (down)
+        (1764394000123457500, 10**9),  # (up)
+        (1764394000999999500, 10**9),  # rounds up into the next second
+        (-1, 10**9),
+        (-500, 10**9),
+        (-1500, 10**9),
+        (-1764394000123456789, 10**9),
+        (1764394000123456, 10**6),
+        (-1764394000123, 10**3),
+        (0, 10**9),
+        (10**20 + 123, 10**9),  # past 64 bits: through the float path
+    ],
+    ids=repr,
+)
+def test_fromunits_utc_is_exact(v: int, div: int) -> None:
+    got = _units(v, div)
+    if v > 2**63:
+        assert got == fromtimestamp_utc(v / div)
+    else:
+        assert got == _exact(v, div)
+        assert got.tzinfo is UTC
+
+
+@given(
+    st.sampled_from([10**3, 10**6, 10**9]),
+    st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1),
+)
+def test_fromunits_utc_is_exact_anywhere(div: int, v: int) -> None:
+    expected = _exact(v, div)
+    got = _units(v, div)
+    if isinstance(expected, type):
+        # Out of datetime's range: the same error as before (the float path).
+        assert isinstance(got, type) and issubclass(got, (OverflowError, ValueError, OSError))
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("v", [1.5e18, 1764394000.25, 10**30, -(10**30), math.nan])
+def test_fromunits_utc_of_a_float_or_a_huge_int_is_the_float_division(v: Any) -> None:
+    expected, got = _both(v / 10**9)
+    assert _units(v, 10**9) == got == expected
 
 
 def test_fromtimestamp_utc_with_another_zone_is_datetime_fromtimestamp() -> None:

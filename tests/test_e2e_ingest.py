@@ -196,3 +196,65 @@ def test_after_commit_ack_withheld_during_outage_and_released_after(pg_dsn, tmp_
     finally:
         srv.stop()
         lt.close()
+
+
+NS_ROUTE = """
+[server]
+http_listen = ""
+[presence]
+enabled = false
+[[routes]]
+name = "ns"
+topic = "dev/{id}/ts"
+table = "e2e_ns"
+[routes.columns]
+id = "topic.id"
+seq = "payload.seq::bigint"
+ts = { source = "payload.ts", type = "timestamptz", unit = "ns" }
+ms = { source = "payload.ms", type = "timestamptz", unit = "ms" }
+"""
+
+
+def test_integer_ns_and_ms_timestamps_are_stored_exactly(pg_dsn, tmp_path):
+    """An integer count of nanoseconds becomes the microsecond PostgreSQL stores, rounded
+    half-even from the integer (a float division, as before, put 1764394355323205507 ns
+    at .323205 instead of .323206), whichever path converts them: the compiled batch
+    path, or the per-message one (MQTT 3.1.1 here sends its messages without waiting,
+    so a bad one usually shares their batch and sends its chunk through the latter)."""
+    cfg = config_from_toml(NS_ROUTE, tmp_path, pg_dsn)
+    cfg.server.listen = ["127.0.0.1:0"]
+    srv = ServerThread(cfg, database=True).start()
+    ns = [1764394355323205507, 1764394355323205500, 1764394355323206500, -1500, 999_999_999_500]
+    try:
+        for version in (5, 4):
+            pub = Client(srv.port, version=version)
+            bodies = [
+                json.dumps({"seq": version * 100 + i, "ts": v, "ms": v // 10**6})
+                for i, v in enumerate(ns)
+            ]
+            if version == 4:
+                bodies.append('{"seq": "not a number"}')  # a dead letter
+            infos = [pub.c.publish(f"dev/v{version}/ts", b, 1) for b in bodies]
+            for info in infos:
+                info.wait_for_publish(WAIT)
+                assert info.is_published()
+            pub.disconnect()
+    finally:
+        srv.stop()
+    rows = fetch_sync(
+        pg_dsn,
+        "SELECT seq, (extract(epoch FROM ts) * 1000000)::bigint,"
+        " (extract(epoch FROM ms) * 1000000)::bigint FROM e2e_ns ORDER BY seq",
+    )
+
+    def us_half_even(v: int) -> int:
+        q, r = divmod(v, 1000)
+        return q + 1 if r > 500 or (r == 500 and q % 2) else q
+
+    expected = [
+        (version * 100 + i, us_half_even(v), (v // 10**6) * 1000)
+        for version in (4, 5)
+        for i, v in enumerate(ns)
+    ]
+    assert [tuple(r) for r in rows] == expected
+    assert us_half_even(1764394355323205507) % 10**6 == 323206

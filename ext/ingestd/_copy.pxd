@@ -35,3 +35,8 @@ cdef class CopyEncoder:
 
     cdef int _encode_row(self, _Buf* b, object row) except -1
     cdef int _encode_value(self, _Buf* b, unsigned char code, object v) except -1
+
+
+# fromunits_utc (the exact datetime of an integer count of ms/us/ns) for a divisor
+# known to be 1000, 10**6 or 10**9.
+cdef object from_units(object t, int64_t d)

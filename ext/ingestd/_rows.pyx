@@ -8,7 +8,8 @@
 # about half of it. RowBuilder builds the same rows for a whole chunk of
 # messages in one call, with the common column kinds done here:
 #
-#   payload field (no conversion, text, timestamp from a number, any other
+#   payload field (no conversion, text, timestamp from a number (an integer
+#   count of ms/us/ns exactly: _copy.fromunits_utc), any other
 #   converter called as the expression calls it), topic level (with or without
 #   converter), the topic, received_at as timestamptz, a constant, required
 #   columns; any other column calls its Python getter (m, lv, o) as the
@@ -26,6 +27,9 @@ cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.stdint cimport int64_t
+
+from ingestd._copy cimport from_units
 
 import datetime as _dt
 
@@ -130,8 +134,10 @@ cdef class RowBuilder:
                 if v is not None:
                     if type(v) is int or type(v) is float:
                         if self._a2[i] is not None:  # the unit's divisor (None: seconds)
-                            v = v / self._a2[i]
-                        v = _fromts(v, _UTC)
+                            # exact for an int (no float division): _copy.fromunits_utc
+                            v = from_units(v, <int64_t>self._a2[i])
+                        else:
+                            v = _fromts(v, _UTC)
                     else:
                         v = self._a1[i](v)
             elif op == OP_ATTR_CONV:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ingestd._copy import fromtimestamp_utc
+from ingestd._copy import fromtimestamp_utc, fromunits_utc
 from ingestd.ingest.routes.errors import RowError
 from ingestd.ingest.routes.values import UTC
 
@@ -60,6 +60,7 @@ def _generate_converter(
     env: dict[str, Any] = {
         "_UTC": UTC,
         "_fromts": fromtimestamp_utc,
+        "_fromunits": fromunits_utc,
         "RowError": RowError,
         "_VE": msgspec.ValidationError,
         "_DE": msgspec.DecodeError,

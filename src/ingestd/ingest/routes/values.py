@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ingestd._copy import fromtimestamp_utc
+from ingestd._copy import fromtimestamp_utc, fromunits_utc
 from ingestd.ingest.routes.errors import RowError
 
 UTC = _dt.UTC
@@ -122,12 +122,14 @@ def _to_bool(v: Any) -> bool:
 def _make_to_ts(unit: str) -> Callable[[Any], _dt.datetime]:
     div = _UNIT_DIV[unit]
     fromts = fromtimestamp_utc
+    fromunits = fromunits_utc
 
     def to_ts(v: Any) -> _dt.datetime:
         t = type(v)
         try:
             if t is float or t is int:
-                return fromts(v / div if div != 1 else v, UTC)
+                # An integer count of ms/us/ns exactly (no float division).
+                return fromunits(v, div) if div != 1 else fromts(v, UTC)
             if t is _dt.datetime:
                 return v if v.tzinfo is not None else v.replace(tzinfo=UTC)
             if t is str:
@@ -145,9 +147,9 @@ def _make_to_ts(unit: str) -> Callable[[Any], _dt.datetime]:
     # Inline form for the generated converter: numbers (the usual case) without
     # a call; anything else (and any error) through to_ts. An out-of-range number
     # raises from fromtimestamp, which Route.convert turns into a RowError.
-    scaled = "_v" if div == 1 else f"_v / {div}"
+    scaled = "_fromts(_v, _UTC)" if div == 1 else f"_fromunits(_v, {div})"
     to_ts.inline = (  # type: ignore[attr-defined]
-        f"_fromts({scaled}, _UTC) if (type(_v) is int or type(_v) is float) else {{conv}}(_v)"
+        f"{scaled} if (type(_v) is int or type(_v) is float) else {{conv}}(_v)"
     )
     to_ts.ts_div = div  # type: ignore[attr-defined]
     return to_ts
