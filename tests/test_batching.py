@@ -136,98 +136,35 @@ def test_latest_table_batches_wait_for_the_previous_one() -> None:
     asyncio.run(main())
 
 
-async def until(cond: Any) -> None:
-    for _ in range(10_000):
-        if cond():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition not met")
-
-
-def _two_slot_batcher(eng: FakeEngine) -> tuple[TableBatcher, Route]:
-    spec, route = _compiled()
-    # flush_interval: far beyond the test, so only free slots and finishing writers flush.
-    b = TableBatcher(
-        spec,
-        [route],
-        100,
-        60.0,
-        max_concurrent_copies=2,
-        pending=eng.pending,
-        process=eng.process,
-        track=eng.track,
-    )
-    return b, route
-
-
-async def _turns(n: int = 3) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-def test_a_free_copy_slot_waits_for_half_the_busy_rows() -> None:
-    """While one writer holds 10 rows and a slot is free, the open batch goes once it
-    holds 5 (half of them), not with every few rows (balanced batches: fewer COPYs,
-    commits and ack flushes at a small in-flight window); with both slots busy the
-    rest waits for a writer to finish."""
-
-    async def main() -> None:
-        pending = PendingRows(1000)
-        eng = FakeEngine(pending)
-        b, route = _two_slot_batcher(eng)
-        b.add_run([Message(f"a/{i}", b"", 1) for i in range(10)], None, True)
-        await until(lambda: eng.running == 1)
-        for i in range(4):
-            b.add(route, Message(f"b/{i}", b"", 1), True)
-            await _turns()
-        assert eng.running == 1 and len(b.msgs) == 4
-        b.add(route, Message("b/4", b"", 1), True)
-        await until(lambda: eng.running == 2)
-        assert not b.msgs
-        b.add(route, Message("c/0", b"", 1), True)
-        await _turns()
-        assert eng.running == 2 and len(b.msgs) == 1
-        eng.gate.set()
-        await until(lambda: len(eng.batches) == 3 and not eng.tasks)
-        assert [len(x) for x in eng.batches] == [10, 5, 1]
-        assert eng.batches[2] == ["c/0"]
-        assert pending.count == 0
-
-    asyncio.run(main())
-
-
-def test_rows_below_half_go_when_the_busy_writer_finishes() -> None:
-    async def main() -> None:
-        pending = PendingRows(1000)
-        eng = FakeEngine(pending)
-        b, route = _two_slot_batcher(eng)
-        b.add_run([Message(f"a/{i}", b"", 1) for i in range(10)], None, True)
-        await until(lambda: eng.running == 1)
-        fut = b.add(route, Message("b/0", b"", 1), True)
-        fut2 = b.add(route, Message("b/1", b"", 1), True)
-        assert fut is fut2 and fut is not None
-        await _turns()
-        assert eng.running == 1 and len(b.msgs) == 2 and not fut.done()
-        eng.gate.set()
-        await asyncio.wait_for(fut, 5)
-        await until(lambda: not eng.tasks)
-        assert eng.batches == [[f"a/{i}" for i in range(10)], ["b/0", "b/1"]]
-        assert pending.count == 0
-
-    asyncio.run(main())
-
-
 def test_a_free_copy_slot_takes_a_small_batch_at_once() -> None:
     """A batch goes on the next loop turn while a COPY slot is free, even with another
-    writer of the table busy, once it holds half as many rows as the busy writer (here
-    1 of 1: two overlapping COPYs, whose commits PostgreSQL can flush together,
-    measured faster than one bigger one: docs/benchmarks.md); with every slot busy,
-    rows wait and go as one batch when a writer finishes."""
+    writer of the table busy (two overlapping COPYs, whose commits PostgreSQL can
+    flush together, measured faster than one bigger one: docs/benchmarks.md); with
+    every slot busy, rows wait and go as one batch when a writer finishes."""
+
+    async def until(cond: Any) -> None:
+        for _ in range(10_000):
+            if cond():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("condition not met")
 
     async def main() -> None:
         pending = PendingRows(1000)
         eng = FakeEngine(pending)
-        b, route = _two_slot_batcher(eng)
+        spec, route = _compiled()
+        # flush_interval: far beyond the test, so only free slots and finishing
+        # writers flush.
+        b = TableBatcher(
+            spec,
+            [route],
+            100,
+            60.0,
+            max_concurrent_copies=2,
+            pending=pending,
+            process=eng.process,
+            track=eng.track,
+        )
         b.add(route, Message("dev/0", b"", 1), True)
         await until(lambda: eng.running == 1)
         b.add(route, Message("dev/1", b"", 1), True)

@@ -3,11 +3,10 @@
 Flow of one table's batch::
 
     deliver() -> TableBatcher.add()          (O(1): append the message)
-      ... group commit: flushed on the next loop turn when no writer of the
-      table runs; while one runs and a slot is free (max_concurrent_copies),
-      once the batch holds half as many rows as the running writers (balanced
-      batches: see _added); while every slot is busy the batch grows until a
-      writer finishes, batch_rows is reached, or flush_interval_ms passes ...
+      ... group commit: flushed on the next loop turn while the table has a
+      free writer slot (max_concurrent_copies); while every slot is busy the
+      batch grows until a writer finishes, batch_rows is reached, or
+      flush_interval_ms passes ...
     TableBatcher.flush(): the batch is closed; a closed batch waits, as
       messages, until fewer than 2 x max_concurrent_copies writer tasks of the
       table run ...
@@ -127,14 +126,12 @@ class TableBatcher:
 
     __slots__ = (
         "_active",
-        "_busy_rows",
         "_closed",
         "_last_task",
         "_loop",
         "_max_copies",
         "_pending",
         "_process",
-        "_soon",
         "_timer",
         "_track",
         "batch_rows",
@@ -176,13 +173,10 @@ class TableBatcher:
         # One future per batch, shared by every after-commit message in it.
         self.future: asyncio.Future[None] | None = None
         self._timer: asyncio.Handle | None = None  # call_soon or call_later
-        self._soon = False  # _timer is a call_soon (the batch goes this loop turn)
         self._last_task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
-        # Writer tasks of this table in flight, and the rows they hold (group commit:
-        # see the module docstring and _added).
+        # Writer tasks of this table in flight (group commit: see the module docstring).
         self._active = 0
-        self._busy_rows = 0
         # Full batches waiting for a writer, oldest first: (messages, routes, future).
         self._closed: deque[tuple[list[Message], list[Route] | Route, Any]] = deque()
         # Where the connections' fast path collects this table's messages of one run
@@ -215,40 +209,21 @@ class TableBatcher:
 
     def _added(self, durable: bool) -> asyncio.Future[None] | None:
         """Rows just joined the open batch: its future if ``durable``; flush it when
-        full or when it may go (below), else arrange its flush if nothing has yet.
-
-        When may a batch that is not full go? At once (this loop turn) when no
-        writer of the table runs: waiting would only add latency to after-commit
-        acks. While a writer runs and a COPY slot is free, once it holds at least
-        half as many rows as the running writers (or when one finishes): a slot
-        taking every few rows at once made many small COPYs at a small in-flight
-        window (each with its own commit, WAL flush and acks: the per-batch cost
-        doubled the broker's and PostgreSQL's CPU per row), while a batch of
-        comparable size still overlaps its COPY and commit with the running one.
-        While every slot is busy the batch waits for a writer to finish (or
-        flush_interval_ms).
-        """
+        full, else arrange its flush if nothing has yet."""
         fut = None
         if durable:
             fut = self.future
             if fut is None:
                 fut = self.future = self._loop.create_future()
-        n = len(self.msgs)
-        if n >= self.batch_rows:
+        if len(self.msgs) >= self.batch_rows:
             self.flush()
         elif self._timer is None:
-            if self._active == 0 or (
-                self._active < self._max_copies and 2 * n >= self._busy_rows
-            ):
+            if self._active < self._max_copies:
+                # A writer is free: take everything that arrives in this loop turn and go.
+                # Waiting for more rows would only add latency to after-commit acks.
                 self._timer = self._loop.call_soon(self.flush)
-                self._soon = True
             else:
                 self._timer = self._loop.call_later(self.flush_interval, self.flush)
-                self._soon = False
-        elif not self._soon and self._active < self._max_copies and 2 * n >= self._busy_rows:
-            self._timer.cancel()
-            self._timer = self._loop.call_soon(self.flush)
-            self._soon = True
         return fut
 
     @property
@@ -296,14 +271,11 @@ class TableBatcher:
             if self.kind == "latest":
                 self._last_task = task
             self._active += 1
-            n = len(msgs)
-            self._busy_rows += n
-            task.add_done_callback(lambda _t, n=n: self._writer_done(n))
+            task.add_done_callback(self._writer_done)
             self._track(task)
 
-    def _writer_done(self, rows: int) -> None:
+    def _writer_done(self, _task: asyncio.Task[None]) -> None:
         self._active -= 1
-        self._busy_rows -= rows
         # Closed batches first, in order; then rows that piled up while every writer
         # was busy go out now, not at the timer.
         if self._closed:
