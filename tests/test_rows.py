@@ -14,9 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ingestd._rows import RowBuilder
 
 from ingestd.broker.message import Message
 from ingestd.config import load_config
@@ -334,3 +336,54 @@ def test_fallbacks_run_in_the_builder(tmp_path: Path) -> None:
     assert ops["i_fb"][0] in ("attr", "attr_conv") and ops["i_fb"][5] == ("const", -1)
     assert ops["t_fb"][0] == "attr_text" and ops["t_fb"][5][0] == "py"
     assert ops["tms_fb"][1] is True  # required: checked after the fallback
+
+
+def test_payload_fields_read_from_their_slots_equal_getattr() -> None:
+    """RowBuilder reads a payload field at its slot offset in the decoded Struct's type
+    (the first payload's type); a payload of another type, a field that is not a plain
+    slot (a property), or a slot left unset goes through getattr, with its result or
+    its AttributeError."""
+
+    class A(msgspec.Struct, gc=False):
+        x: Any = None
+        y: Any = None
+
+    class B(msgspec.Struct):
+        pad: int = 0
+        y: Any = None
+        x: Any = None
+
+    class C:
+        __slots__ = ("x", "y")
+
+    class P:
+        @property
+        def x(self) -> str:
+            return "from a property"
+
+        y = "class attribute"
+
+    c_full = C()
+    c_full.x, c_full.y = "cx", "cy"
+    c_unset = C()
+    c_unset.y = "only y"
+    objs: list[Any] = [A(1, "a"), B(7, "b", 2.5), A(None, [1]), P(), c_full, A("s", None)]
+    it = iter(objs)
+    rb = RowBuilder(
+        [("attr", False, "x", None, None), ("attr", False, "y", None, None)],
+        lambda _payload: next(it),
+        False,
+        None,
+    )
+    msgs = [Message("t", b"{}", 0) for _ in objs]
+    assert rb.build(msgs) == [(getattr(o, "x"), getattr(o, "y")) for o in objs]  # noqa: B009
+    it = iter([A(3, 4), c_unset])
+    with pytest.raises(AttributeError):
+        rb.build(msgs[:2])
+    # The slots of C itself (its first payload), one of them unset (NULL) in the second.
+    it2 = iter([c_full, c_unset])
+    rb2 = RowBuilder([("attr", False, "x", None, None)], lambda _p: next(it2), False, None)
+    with pytest.raises(AttributeError):
+        rb2.build(msgs[:2])
+    it2 = iter([c_full])
+    assert rb2.build(msgs[:1]) == [("cx",)]

@@ -41,6 +41,12 @@ cdef class RowBuilder:
     cdef list _a0, _a1, _a2      # per column: the operation's arguments
     cdef int* _fbk               # per column: its FB_*
     cdef list _fb                # per column: the fallback's argument
+    cdef object _otype           # the decoded payload's type _offs was read from, or None
+    cdef Py_ssize_t* _offs       # per column: its payload field's slot offset in _otype, or -1
+
+    # The payload field of column i (an OP_ATTR* column) of the decoded payload o.
+    cdef object _attr(self, object o, Py_ssize_t i)
+    cdef int _resolve(self, object t) except -1
 
     # One message's row; raises (anything) when it needs the per-message path.
     cdef tuple _row(self, Message m)
