@@ -490,6 +490,15 @@ class Session:
         self.pump()
         return True
 
+    def acked(self, journaled: list[Delivery] | None) -> None:
+        """A run of PUBACKs completed deliveries (``ingestd._inbound.take_pubacks``
+        took them out of ``inflight``): the ``journaled`` ones leave the journal, then
+        one pump fills the freed window, as ``on_puback`` per ack would have."""
+        if journaled is not None:
+            for d in journaled:
+                self._done(d)
+        self.pump()
+
     def on_pubrec(self, packet_id: int, reason_code: int) -> bool:
         d = self.inflight.get(packet_id)
         if d is None or d.qos != 2 or d.state != Delivery.PUBLISH_SENT:
