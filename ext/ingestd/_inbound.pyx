@@ -50,6 +50,7 @@ from ingestd._codec cimport (
     Publish,
 )
 from ingestd._message cimport Message, new_message
+from ingestd._session cimport Delivery, Session
 from ingestd._trie cimport SubscriptionTrie
 
 import asyncio
@@ -174,7 +175,7 @@ cdef class SessionTarget:
         sessions = []
         ids = []
         for entry in entries:
-            sessions.append(entry[0])
+            sessions.append(<Session?>entry[0])
             ids.append(entry[2])
         if not sessions:
             raise ValueError("a session target needs at least one session")
@@ -205,7 +206,7 @@ def take_pubacks(list packets, Py_ssize_t i, dict inflight):
     cdef Py_ssize_t n = len(packets)
     cdef object obj
     cdef PubAck p
-    cdef object d
+    cdef Delivery d
     cdef int acked = 0
     cdef list journaled = None
     while i < n:
@@ -216,7 +217,7 @@ def take_pubacks(list packets, Py_ssize_t i, dict inflight):
         if p.packet_type != _PUBACK:
             break
         i += 1
-        d = inflight.get(p.packet_id)
+        d = <Delivery>inflight.get(p.packet_id)
         if d is None or d.qos != 1:
             continue
         del inflight[p.packet_id]
@@ -573,9 +574,10 @@ cdef class Inbound:
         cdef int qos = msg.qos
         cdef bint journaled = False
         cdef str topic = msg.topic
-        cdef object session, acl, bits, ids, router
+        cdef Session session
+        cdef object acl, bits, ids, router
         for k in range(target._n):
-            session = target._sessions[k]
+            session = <Session>target._sessions[k]
             acl = session.acl  # mqtt.acl_file: None when no ACL is configured
             if acl is not None:
                 bits = acl.decided.get(topic)  # acl.may_read, inlined
