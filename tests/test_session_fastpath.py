@@ -20,9 +20,18 @@ import pytest
 from ingestd._inbound import READ_BIT
 
 from ingestd.broker.acl import READ
+from ingestd.config import (
+    Config,
+    DatabaseConfig,
+    MqttConfig,
+    PersistenceConfig,
+    PresenceConfig,
+    ServerConfig,
+)
 from mqtt_clients import WAIT, Client
-from pg_fixtures import wait_for
+from pg_fixtures import fetch_sync, wait_for
 from rawmqtt import Raw, connect_v4, connect_v5, packet, publish, s, split_packets
+from server_thread import ServerThread
 
 
 def routed(srv: Any) -> int:
@@ -229,3 +238,49 @@ def test_mosquitto_sub_gets_a_paho_run(server: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sessions_and_the_default_route_with_ack_after_journal(pg_dsn: str, tmp_path: Path) -> None:
+    """A topic an offline persistent session and the default ingest route both take:
+    one run delivers to the session (journaled) and hands the messages to the route;
+    each PUBACK waits for the journal's commit (the write-behind interval is long, so an
+    early ack would find no row)."""
+    cfg = Config(
+        server=ServerConfig(listen=["127.0.0.1:0"], http_listen=None, data_dir=str(tmp_path)),
+        mqtt=MqttConfig(),
+        database=DatabaseConfig(dsn=pg_dsn),
+        presence=PresenceConfig(enabled=False),
+        persistence=PersistenceConfig(session_journal=True),
+    )
+    cfg.persistence.flush_interval_ms = 1500.0
+    cfg.persistence.ack_after_journal = True
+    srv = ServerThread(cfg, database=True).start()
+    try:
+        dev = Client(srv.port, client_id="fpj-dev", session_expiry=3600)
+        dev.subscribe("cmd/fpj-dev/#", 1)
+        dev.disconnect()
+        r = Raw(srv.port)
+        r.send(connect_v4("fpj-pub"))
+        assert r.read_packet() == (0x20, b"\x00\x00")
+        r.send(
+            b"".join(
+                publish(f"cmd/fpj-dev/{k}", b'{"k":%d}' % k, qos=1, pid=k + 1, v5=False)
+                for k in range(3)
+            )
+        )
+        assert read_n(r, 3) == [(0x40, (k + 1).to_bytes(2, "big")) for k in range(3)]
+        journal = "SELECT seq FROM ingestd_session_queue WHERE client_id = 'fpj-dev'"
+        assert len(fetch_sync(pg_dsn, journal)) == 3
+        assert routed(srv) == 3
+        taken = srv.call(
+            lambda: sum(c.inbound.taken for c in srv.app.broker.connections if c.inbound)
+        )
+        assert taken == 3  # handed to the default route's batch in the same run
+        rows = "SELECT topic FROM messages WHERE topic LIKE 'cmd/fpj-dev/%' ORDER BY topic"
+        wait_for(lambda: len(fetch_sync(pg_dsn, rows)) == 3, "the default route's rows", WAIT)
+        # the session gets them, in order, when it comes back
+        back = Client(srv.port, client_id="fpj-dev", session_expiry=3600, clean_start=False)
+        assert [m.payload for m in back.expect(3)] == [b'{"k":%d}' % k for k in range(3)]
+        back.disconnect()
+    finally:
+        srv.stop()

@@ -40,6 +40,7 @@ cdef class SessionTarget:
     cdef tuple _sub_ids           # per session: list of subscription identifiers or None
     cdef Py_ssize_t _n
     cdef object _router           # ack_after_journal / journal (Router)
+    cdef IngestTarget _ingest     # the ingest routes that take the topic too, or None
 
 
 @cython.final
@@ -74,8 +75,9 @@ cdef class Inbound:
     cdef Py_ssize_t _stamp
     # Scratch lists of a run, created with the first fast PUBLISH (a connection
     # that never sends one, e.g. an idle device, carries none of them):
-    cdef list _run_targets        # per message of the current run: its IngestTarget,
-                                  # or (session targets) the future its ack waits on / None
+    cdef list _run_targets        # per message of the current run: its IngestTarget; for
+                                  # a session target the journal future its ack waits on
+                                  # (or None), or (IngestTarget, that future) if both
     cdef list _run_pids           # per message of the current run: packet id (0: QoS 0)
     cdef list _touched            # BatchRuns with messages in the current run
 
@@ -85,4 +87,5 @@ cdef class Inbound:
     cdef bint _over_limit(self, str topic) except -1
     cdef int _abandon(self) except -1
     cdef object _deliver(self, SessionTarget target, Message msg)
-    cdef int _run(self, int qos0, int qos1, int routed0, int routed1) except -1
+    cdef object _ingest_fut(self, IngestTarget target)
+    cdef int _run(self, int qos0, int qos1, int n_ingest) except -1

@@ -169,8 +169,9 @@ cdef class SessionTarget:
     connection, its queue) is read per delivery.
     """
 
-    def __cinit__(self, entries, router):
-        """``entries``: (Session, granted QoS, subscription ids list or None) per session."""
+    def __cinit__(self, entries, router, IngestTarget ingest=None):
+        """``entries``: (Session, granted QoS, subscription ids list or None) per session;
+        ``ingest``: the ingest routes that take the topic too (None: none)."""
         cdef Py_ssize_t k
         sessions = []
         ids = []
@@ -188,6 +189,7 @@ cdef class SessionTarget:
         self._sessions = tuple(sessions)
         self._sub_ids = tuple(ids)
         self._router = router
+        self._ingest = ingest
 
     def __dealloc__(self):
         PyMem_Free(self._qos)
@@ -448,8 +450,9 @@ cdef class Inbound:
         cdef Py_ssize_t r, nr
         cdef int qos1 = 0
         cdef int qos0 = 0
-        cdef int routed0 = 0
-        cdef int routed1 = 0
+        cdef int n_ingest = 0         # handed to ingest runs
+        cdef int n_routed = 0         # delivered to sessions
+        cdef object fut
         cdef int limit = 0x7FFFFFFF
         cdef object received_at = None
         cdef object mono = None
@@ -512,21 +515,24 @@ cdef class Inbound:
                     expires_at = mono + expiry
             msg = new_message(topic, p.payload, p.qos, False, props, self._client_id,
                               self._username, received_at, expires_at)
+            fut = None
             if type(t) is SessionTarget:
                 # Delivered now, in arrival order; the ack waits for the run's end.
                 try:
-                    targets.append(self._deliver(<SessionTarget>t, msg))
+                    fut = self._deliver(<SessionTarget>t, msg)
                 except BaseException:
                     self._abandon()
                     raise
-                pids.append(p.packet_id)
-                if p.qos:
-                    routed1 += 1
-                else:
-                    routed0 += 1
-                i += 1
-                continue
-            target = <IngestTarget>t
+                n_routed += 1
+                target = (<SessionTarget>t)._ingest
+                if target is None:
+                    targets.append(fut)
+                    pids.append(p.packet_id)
+                    i += 1
+                    continue
+            else:
+                target = <IngestTarget>t
+            n_ingest += 1
             nr = len(target._runs)
             for r in range(nr):
                 run = <BatchRun>target._runs[r]
@@ -538,14 +544,15 @@ cdef class Inbound:
                     run._routes.append(target._routes[r])
                 if p.qos and target._durable[r]:
                     run._durable = True
-            targets.append(target)
+            # (a session target's journal future too, when ack_after_journal made one)
+            targets.append(target if fut is None else (target, fut))
             pids.append(p.packet_id)
             i += 1
         if i == start:
             return i
-        self.taken += i - start - routed0 - routed1
-        self.routed += routed0 + routed1
-        self._run(qos0, qos1, routed0, routed1)
+        self.taken += n_ingest
+        self.routed += n_routed
+        self._run(qos0, qos1, n_ingest)
         return i
 
     cdef int _abandon(self) except -1:
@@ -600,7 +607,22 @@ cdef class Inbound:
                 return router.journal.durable_future()
         return None
 
-    cdef int _run(self, int qos0, int qos1, int routed0, int routed1) except -1:
+    cdef object _ingest_fut(self, IngestTarget target):
+        """What an ack of ``target``'s message waits on in this run: None, the one
+        durable route's batch future, or the gather of several (made once per run)."""
+        if target._n_durable == 0:
+            return None
+        if target._n_durable == 1:
+            return target._only_durable._fut
+        if target._stamp != self._stamp:
+            target._stamp = self._stamp
+            target._gathered = _gather(
+                *[(<BatchRun>target._runs[r])._fut
+                  for r in range(len(target._runs)) if target._durable[r]]
+            )
+        return target._gathered
+
+    cdef int _run(self, int qos0, int qos1, int n_ingest) except -1:
         """Hand the run to the batchers, then queue its acks in arrival order."""
         cdef list touched = self._touched
         cdef list targets = self._run_targets
@@ -623,28 +645,21 @@ cdef class Inbound:
         received = stats.messages_received
         received[0] += qos0
         received[1] += qos1
-        stats.messages_fast_path += qos0 + qos1 - routed0 - routed1
+        stats.messages_fast_path += n_ingest
         try:
             for k in range(n):
                 pid = pids[k]
                 if pid == 0:
                     continue  # QoS 0: no ack
                 t = targets[k]
-                if type(t) is not IngestTarget:
-                    fut = t  # a session target's: the journal's future, or None
-                elif (<IngestTarget>t)._n_durable == 0:
-                    fut = None
-                elif (<IngestTarget>t)._n_durable == 1:
-                    fut = (<IngestTarget>t)._only_durable._fut
+                if type(t) is IngestTarget:
+                    fut = self._ingest_fut(<IngestTarget>t)
+                elif type(t) is tuple:
+                    # ingest routes and sessions, and the journal's future
+                    fut = self._ingest_fut(<IngestTarget>(<tuple>t)[0])
+                    fut = (<tuple>t)[1] if fut is None else _gather(fut, (<tuple>t)[1])
                 else:
-                    target = <IngestTarget>t
-                    if target._stamp != self._stamp:
-                        target._stamp = self._stamp
-                        target._gathered = _gather(
-                            *[(<BatchRun>target._runs[r])._fut
-                              for r in range(len(target._runs)) if target._durable[r]]
-                        )
-                    fut = target._gathered
+                    fut = t  # sessions only: the journal's future, or None
                 ack = self.queue(fut, _PUBACK, pid, 1)
                 if ack is not None:
                     # Nothing held back: ack now (one write for the run).

@@ -193,26 +193,32 @@ class Router:
         return IngestTarget(entries)
 
     def fast_target(self, topic: str) -> IngestTarget | SessionTarget | None:
-        """What the compiled fast path does with ``topic``: :meth:`ingest_target`'s
-        answer, else :meth:`session_target`'s."""
+        """What the compiled fast path does with ``topic``: an ``IngestTarget`` when only
+        ingest routes take it, a ``SessionTarget`` when plain session subscriptions do
+        (with the ingest routes that take it too), else None (:meth:`publish`)."""
         subs, groups = self.trie.match_all(topic)
         if groups or not subs:
             return None
-        if type(subs[0][0]) is Session:
-            return self.session_target(topic, subs)
+        for sub, _opts in subs:
+            if type(sub) is Session:
+                return self.session_target(topic, subs)
         return self._ingest_target(subs)
 
     def session_target(self, topic: str, subs: list[Any]) -> SessionTarget | None:
         """The sessions ``subs`` (``trie.match_all(topic)``'s, no shared group) deliver
-        to, merged per session as :meth:`publish` merges them, if only plain session
-        subscriptions take ``topic`` and none has No Local (whose answer depends on the
-        publisher); None otherwise (a ``$`` topic too: $SYS and its rules stay in
-        :meth:`publish`)."""
+        to, merged per session as :meth:`publish` merges them, plus the ingest routes
+        among ``subs``; None if another kind of subscriber takes ``topic`` or a session
+        subscription has No Local (whose answer depends on the publisher), and for a
+        ``$`` topic ($SYS and its rules stay in :meth:`publish`)."""
         if topic[0] == "$":
             return None
         merged: dict[Session, list[Any]] = {}
+        sinks: list[Any] = []
         for sub, opts in subs:
-            if type(sub) is not Session or opts.no_local:
+            if type(sub) is not Session:
+                sinks.append((sub, opts))
+                continue
+            if opts.no_local:
                 return None
             t = merged.get(sub)
             if t is None:
@@ -225,7 +231,12 @@ class Router:
                         t[2] = [opts.sub_id]
                     else:
                         t[2].append(opts.sub_id)
-        return SessionTarget(list(merged.values()), self)
+        ingest = None
+        if sinks:
+            ingest = self._ingest_target(sinks)
+            if ingest is None:
+                return None  # a subscriber that is not an ingest route (a stream, an RPC)
+        return SessionTarget(list(merged.values()), self, ingest)
 
     def _deliver_shared(self, group: Any, message: Message) -> bool:
         """Deliver to one member; True if a persistent session journaled it."""
