@@ -20,18 +20,11 @@ import pytest
 from ingestd._inbound import READ_BIT
 
 from ingestd.broker.acl import READ
-from ingestd.config import (
-    Config,
-    DatabaseConfig,
-    MqttConfig,
-    PersistenceConfig,
-    PresenceConfig,
-    ServerConfig,
-)
 from mqtt_clients import WAIT, Client
 from pg_fixtures import fetch_sync, wait_for
 from rawmqtt import Raw, connect_v4, connect_v5, packet, publish, s, split_packets
 from server_thread import ServerThread
+from test_persistence import config, journal_rows
 
 
 def routed(srv: Any) -> int:
@@ -245,13 +238,7 @@ def test_sessions_and_the_default_route_with_ack_after_journal(pg_dsn: str, tmp_
     one run delivers to the session (journaled) and hands the messages to the route;
     each PUBACK waits for the journal's commit (the write-behind interval is long, so an
     early ack would find no row)."""
-    cfg = Config(
-        server=ServerConfig(listen=["127.0.0.1:0"], http_listen=None, data_dir=str(tmp_path)),
-        mqtt=MqttConfig(),
-        database=DatabaseConfig(dsn=pg_dsn),
-        presence=PresenceConfig(enabled=False),
-        persistence=PersistenceConfig(session_journal=True),
-    )
+    cfg = config(tmp_path, pg_dsn)
     cfg.persistence.flush_interval_ms = 1500.0
     cfg.persistence.ack_after_journal = True
     srv = ServerThread(cfg, database=True).start()
@@ -269,8 +256,7 @@ def test_sessions_and_the_default_route_with_ack_after_journal(pg_dsn: str, tmp_
             )
         )
         assert read_n(r, 3) == [(0x40, (k + 1).to_bytes(2, "big")) for k in range(3)]
-        journal = "SELECT seq FROM ingestd_session_queue WHERE client_id = 'fpj-dev'"
-        assert len(fetch_sync(pg_dsn, journal)) == 3
+        assert len(fetch_sync(pg_dsn, journal_rows("fpj-dev"))) == 3
         assert routed(srv) == 3
         taken = srv.call(
             lambda: sum(c.inbound.taken for c in srv.app.broker.connections if c.inbound)
@@ -284,3 +270,17 @@ def test_sessions_and_the_default_route_with_ack_after_journal(pg_dsn: str, tmp_
         back.disconnect()
     finally:
         srv.stop()
+
+
+def test_a_delivery_is_not_tracked_by_the_cyclic_gc() -> None:
+    """A backlog of queued deliveries must not be traversed by every full collection
+    (its Message is untracked too); a Session, which can be in cycles, is tracked."""
+    import gc
+
+    from ingestd.broker.message import Message
+    from ingestd.broker.session import Delivery, Session
+
+    d = Delivery(Message("t", b"x", 1), 1, False, [3])
+    assert not gc.is_tracked(d)
+    assert d.sub_ids == [3] and d.message.topic == "t"
+    assert gc.is_tracked(Session("c", None, 10, 1000))

@@ -17,6 +17,7 @@ cdef class SubOptions:
 
 
 @cython.final
+@cython.no_gc
 cdef class Delivery:
     cdef public Message message
     cdef public int qos

@@ -56,8 +56,13 @@ cdef class SubOptions:
         )
 
 
+# Not tracked by the cyclic GC (no_gc): a Delivery refers to its Message (itself
+# untracked), a list of ints and ints, never to anything that could refer back to
+# it. A backlog of hundreds of thousands of queued deliveries (the memory pool)
+# then neither triggers collections nor is traversed by every full one.
 @cython.final
 @cython.freelist(64)
+@cython.no_gc
 cdef class Delivery:
     """One outbound QoS 1/2 delivery: a shared message plus this session's view of it."""
 
