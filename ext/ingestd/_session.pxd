@@ -42,7 +42,7 @@ cdef class Session:
     cdef public object username      # str or None
     cdef public bint user_known
     cdef public object acl           # ClientAcl or None
-    cdef public object connection    # Outbound (the Channel) or None
+    cdef object _connection          # the ``connection`` property: Outbound or None
     cdef public dict subscriptions   # filter -> SubOptions
     cdef public dict inflight        # packet id -> Delivery, in send order
     cdef public object queue         # deque[Delivery] or None
@@ -62,6 +62,12 @@ cdef class Session:
     cdef public object will_handle
     cdef public object journal       # DeliveryJournal or None
     cdef public object device_vars
+    # The connection's plain writer (Channel.plain_port), looked up once per connection:
+    cdef bint _out_known             # looked up for the current connection
+    cdef object _port                # its port when PUBLISHes may be written here, else None
+    cdef int _version
+    cdef Py_ssize_t _max_packet      # the client's Maximum Packet Size (0: none)
+    cdef list _delivered             # BrokerStats.messages_delivered
 
     cpdef bint deliver(self, Message message, int qos, bint retain, object sub_ids,
                        long long seq=*) except -1
@@ -73,4 +79,8 @@ cdef class Session:
     cdef int _done(self, Delivery d) except -1
     cdef int _alloc_packet_id(self) except -1
     cdef int _send_new(self, object conn, Delivery d) except -1
+    cdef int _look_up_port(self) except -1
+    cdef bint _writable(self, object conn) except -1
+    cdef bint _send_publish(self, object conn, Message m, int qos, bint retain, object sub_ids,
+                            int pid, bint dup) except -1
     cpdef pump(self)

@@ -411,6 +411,18 @@ class Channel:
     def send_pubrel(self, packet_id: int) -> None:
         self.port.send(encode_ack(_PUBREL, packet_id, 0, self.version))
 
+    def plain_port(self) -> tuple[Port, int, int, list[int]] | None:
+        """What the compiled session needs to write this client's PUBLISHes itself
+        (``ingestd._session``: as :meth:`send_publish` for one without subscription
+        identifiers, expiry or MQTT 5 properties): the port, protocol version, the
+        client's Maximum Packet Size (0: none) and the delivered counters. None while
+        this client takes outbound Topic Aliases: every PUBLISH then goes through
+        :meth:`send_publish`. Asked once per session attach (after CONNECT set both)."""
+        if self._outbound_aliases is not None:
+            return None
+        version = 5 if self.version == 5 else 4
+        return self.port, version, self._client_max_packet, self.stats.messages_delivered
+
     # -- closing --------------------------------------------------------
 
     def disconnect(self, reason: str, reason_code: int, reason_string: str | None = None) -> None:
