@@ -14,6 +14,7 @@ extensions = [
     Extension("ingestd._message", ["ext/ingestd/_message.pyx"]),
     Extension("ingestd._inbound", ["ext/ingestd/_inbound.pyx"]),
     Extension("ingestd._rows", ["ext/ingestd/_rows.pyx"]),
+    Extension("ingestd._session", ["ext/ingestd/_session.pyx"]),
 ]
 
 setup(

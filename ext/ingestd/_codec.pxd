@@ -234,3 +234,9 @@ cdef class Decoder:
     cdef Unsuback _unsuback(self, Reader* r)
     cdef Disconnect _disconnect(self, Reader* r)
     cdef Auth _auth(self, Reader* r)
+
+
+# One PUBLISH encoded (``properties`` may be None; written only for version 5), for
+# compiled callers (ingestd._session writes a session's PUBLISHes with it).
+cdef bytes _encode_publish(str topic, object payload, int qos, bint retain, bint dup,
+                           int packet_id, dict properties, int version)

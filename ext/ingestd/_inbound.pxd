@@ -5,6 +5,7 @@
 
 cimport cython
 
+from ingestd._message cimport Message
 from ingestd._trie cimport SubscriptionTrie
 
 
@@ -33,6 +34,16 @@ cdef class IngestTarget:
 
 
 @cython.final
+cdef class SessionTarget:
+    cdef tuple _sessions          # the subscribed Sessions, each once
+    cdef int* _qos                # per session: its highest granted QoS for the topic
+    cdef tuple _sub_ids           # per session: list of subscription identifiers or None
+    cdef Py_ssize_t _n
+    cdef object _router           # ack_after_journal / journal (Router)
+    cdef IngestTarget _ingest     # the ingest routes that take the topic too, or None
+
+
+@cython.final
 cdef class Inbound:
     cdef object _ready            # the channel's _ack_ready: the futures' done callback
     cdef object _send             # the channel's send
@@ -42,7 +53,8 @@ cdef class Inbound:
     cdef Py_ssize_t _head         # first entry not yet released
     cdef object _watch            # the future ``ready`` is already registered on
     cdef public int pending_qos1  # QoS 1 PUBLISHes not yet acknowledged
-    cdef readonly unsigned long long taken  # PUBLISHes the fast path has handled
+    cdef readonly unsigned long long taken  # PUBLISHes the fast path handed to ingest
+    cdef readonly unsigned long long routed  # PUBLISHes it delivered to sessions
 
     # fast path (enabled by attach, once the connection is CONNECTED)
     cdef bint _enabled
@@ -63,7 +75,9 @@ cdef class Inbound:
     cdef Py_ssize_t _stamp
     # Scratch lists of a run, created with the first fast PUBLISH (a connection
     # that never sends one, e.g. an idle device, carries none of them):
-    cdef list _run_targets        # per message of the current run: its IngestTarget
+    cdef list _run_targets        # per message of the current run: its IngestTarget; for
+                                  # a session target the journal future its ack waits on
+                                  # (or None), or (IngestTarget, that future) if both
     cdef list _run_pids           # per message of the current run: packet id (0: QoS 0)
     cdef list _touched            # BatchRuns with messages in the current run
 
@@ -71,4 +85,7 @@ cdef class Inbound:
     cpdef bytes queue(self, fut, int ptype, int pid, int qos, int reason=*)
     cdef object _target(self, str topic)
     cdef bint _over_limit(self, str topic) except -1
-    cdef int _run(self, int qos0, int qos1) except -1
+    cdef int _abandon(self) except -1
+    cdef object _deliver(self, SessionTarget target, Message msg)
+    cdef object _ingest_fut(self, IngestTarget target)
+    cdef int _run(self, int qos0, int qos1, int n_ingest) except -1

@@ -14,8 +14,10 @@
 # Contract (docs/architecture.md, "Inbound fast path"): a packet takes this
 # path only if the connection is CONNECTED, it is a PUBLISH of QoS 0 or 1
 # without RETAIN, its topic is within mqtt.max_topic_length / max_topic_levels,
-# and every subscriber its topic matches is an ingest route (no session, no
-# shared group). MQTT 5 properties are handled as
+# and either every subscriber its topic matches is an ingest route (an
+# IngestTarget), or every one is a plain session subscription (a
+# SessionTarget: no shared group, no ingest route, no No Local, not a "$"
+# topic). MQTT 5 properties are handled as
 # _on_publish handles them: a Topic Alias is resolved (or set) in the
 # connection's alias map and removed from the properties, a Message Expiry
 # Interval becomes the Message's expires_at; an alias _on_publish would
@@ -23,19 +25,32 @@
 # run, goes through Channel._on_publish as before. The result is the
 # same as the per-message path: the same Messages reach the same batchers in
 # the same order (per table), the same acks leave in arrival order.
+#
+# Length: this file is over 600 lines because the ack queue, the ingest runs and
+# the session deliveries of a run share one loop and one ack pass (the order of
+# acks across them is the contract); split, each would need the others' state.
+#
+# Session targets: a message whose topic only plain session subscriptions take
+# is delivered at once, in the loop (Session.deliver per subscribed session,
+# with the read ACL checked per delivery and the QoS min'd with the grant, as
+# Router.publish does), so per-session order is arrival order; its ack is
+# queued with the rest of the run, behind the journal's durability future when
+# persistence.ack_after_journal asks for it.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.string cimport memmove
 
 from ingestd._codec cimport (
     PROP_MESSAGE_EXPIRY_INTERVAL as _P_MESSAGE_EXPIRY,
     PROP_TOPIC_ALIAS as _P_TOPIC_ALIAS,
     PT_PUBACK as _PUBACK,
+    PubAck,
     Publish,
 )
 from ingestd._message cimport Message, new_message
+from ingestd._session cimport Delivery, Session
 from ingestd._trie cimport SubscriptionTrie
 
 import asyncio
@@ -44,6 +59,9 @@ import time
 cdef object _gather = asyncio.gather
 cdef object _now = time.time
 cdef object _monotonic = time.monotonic
+# ingestd.broker.acl.READ (tests/test_inbound.py checks they agree).
+cdef int READ = 1
+READ_BIT = READ
 
 cdef enum:
     # Topics one connection keeps the classification of (cleared when full):
@@ -137,6 +155,80 @@ cdef class IngestTarget:
 
     def __len__(self):
         return len(self._runs)
+
+
+@cython.final
+cdef class SessionTarget:
+    """What a topic reaches when only plain session subscriptions take it: each
+    subscribed session once, with the highest QoS its overlapping subscriptions
+    grant and their subscription identifiers (Router.publish merges the same way).
+
+    Made by ``Router.fast_target`` and kept per connection until the trie changes
+    (any SUBSCRIBE or UNSUBSCRIBE, a replaced grant included), so the grants it
+    holds are the trie's. What can change without the trie (a session's ACL, its
+    connection, its queue) is read per delivery.
+    """
+
+    def __cinit__(self, entries, router, IngestTarget ingest=None):
+        """``entries``: (Session, granted QoS, subscription ids list or None) per session;
+        ``ingest``: the ingest routes that take the topic too (None: none)."""
+        cdef Py_ssize_t k
+        sessions = []
+        ids = []
+        for entry in entries:
+            sessions.append(<Session?>entry[0])
+            ids.append(entry[2])
+        if not sessions:
+            raise ValueError("a session target needs at least one session")
+        self._n = len(sessions)
+        self._qos = <int*>PyMem_Malloc(self._n * sizeof(int))
+        if self._qos == NULL:
+            raise MemoryError()
+        for k in range(self._n):
+            self._qos[k] = entries[k][1]
+        self._sessions = tuple(sessions)
+        self._sub_ids = tuple(ids)
+        self._router = router
+        self._ingest = ingest
+
+    def __dealloc__(self):
+        PyMem_Free(self._qos)
+
+    def __len__(self):
+        return self._n
+
+
+def take_pubacks(list packets, Py_ssize_t i, dict inflight):
+    """The run of PUBACK packets of ``packets`` from ``i`` on, applied to a session's
+    ``inflight`` (Session.on_puback without its pump: the caller pumps once).
+
+    Returns ``(next index, deliveries acknowledged, journaled ones or None)``; an id
+    not in flight at QoS 1 is ignored, as ``on_puback`` ignores it.
+    """
+    cdef Py_ssize_t n = len(packets)
+    cdef object obj
+    cdef PubAck p
+    cdef Delivery d
+    cdef int acked = 0
+    cdef list journaled = None
+    while i < n:
+        obj = packets[i]
+        if type(obj) is not PubAck:
+            break
+        p = <PubAck>obj
+        if p.packet_type != _PUBACK:
+            break
+        i += 1
+        d = <Delivery>inflight.get(p.packet_id)
+        if d is None or d.qos != 1:
+            continue
+        del inflight[p.packet_id]
+        acked += 1
+        if d.seq:
+            if journaled is None:
+                journaled = []
+            journaled.append(d)
+    return i, acked, journaled
 
 
 @cython.final
@@ -358,6 +450,9 @@ cdef class Inbound:
         cdef Py_ssize_t r, nr
         cdef int qos1 = 0
         cdef int qos0 = 0
+        cdef int n_ingest = 0         # handed to ingest runs
+        cdef int n_routed = 0         # delivered to sessions
+        cdef object fut
         cdef int limit = 0x7FFFFFFF
         cdef object received_at = None
         cdef object mono = None
@@ -420,7 +515,24 @@ cdef class Inbound:
                     expires_at = mono + expiry
             msg = new_message(topic, p.payload, p.qos, False, props, self._client_id,
                               self._username, received_at, expires_at)
-            target = <IngestTarget>t
+            fut = None
+            if type(t) is SessionTarget:
+                # Delivered now, in arrival order; the ack waits for the run's end.
+                try:
+                    fut = self._deliver(<SessionTarget>t, msg)
+                except BaseException:
+                    self._abandon()
+                    raise
+                n_routed += 1
+                target = (<SessionTarget>t)._ingest
+                if target is None:
+                    targets.append(fut)
+                    pids.append(p.packet_id)
+                    i += 1
+                    continue
+            else:
+                target = <IngestTarget>t
+            n_ingest += 1
             nr = len(target._runs)
             for r in range(nr):
                 run = <BatchRun>target._runs[r]
@@ -432,16 +544,85 @@ cdef class Inbound:
                     run._routes.append(target._routes[r])
                 if p.qos and target._durable[r]:
                     run._durable = True
-            targets.append(target)
+            # (a session target's journal future too, when ack_after_journal made one)
+            targets.append(target if fut is None else (target, fut))
             pids.append(p.packet_id)
             i += 1
         if i == start:
             return i
-        self.taken += i - start
-        self._run(qos0, qos1)
+        self.taken += n_ingest
+        self.routed += n_routed
+        self._run(qos0, qos1, n_ingest)
         return i
 
-    cdef int _run(self, int qos0, int qos1) except -1:
+    cdef int _abandon(self) except -1:
+        """A delivery raised mid-run (a bug): forget the run without acking any of it
+        (its publishers re-send), so the next run starts clean."""
+        cdef BatchRun run
+        if self._touched is not None:
+            for run in self._touched:
+                run._msgs = []
+                if run._keep_routes:
+                    run._routes = []
+                run._touched = False
+                run._durable = False
+            del self._touched[:]
+        if self._run_targets is not None:
+            del self._run_targets[:]
+            del self._run_pids[:]
+        return 0
+
+    cdef object _deliver(self, SessionTarget target, Message msg):
+        """Router.publish for a session target: ``msg`` to each session that may read
+        its topic, at the granted QoS (at most the message's), RETAIN clear. Returns the
+        future the publisher's ack waits on (ack_after_journal), or None."""
+        cdef Py_ssize_t k
+        cdef int q
+        cdef int qos = msg.qos
+        cdef bint journaled = False
+        cdef str topic = msg.topic
+        cdef Session session
+        cdef object acl, bits, ids, router
+        for k in range(target._n):
+            session = <Session>target._sessions[k]
+            acl = session.acl  # mqtt.acl_file: None when no ACL is configured
+            if acl is not None:
+                bits = acl.decided.get(topic)  # acl.may_read, inlined
+                if bits is None:
+                    bits = acl.access(topic)
+                if not (<int>bits) & READ:
+                    self._stats.acl_denied_read += 1
+                    continue
+            q = target._qos[k]
+            if q > qos:
+                q = qos
+            ids = target._sub_ids[k]
+            if ids is not None:
+                ids = list(ids)  # each delivery owns its list, as Router.publish's
+            if session.deliver(msg, q, False, ids):
+                journaled = True
+        if journaled:
+            router = target._router
+            if router.ack_after_journal and router.journal is not None:
+                return router.journal.durable_future()
+        return None
+
+    cdef object _ingest_fut(self, IngestTarget target):
+        """What an ack of ``target``'s message waits on in this run: None, the one
+        durable route's batch future, or the gather of several (made once per run)."""
+        if target._n_durable == 0:
+            return None
+        if target._n_durable == 1:
+            return target._only_durable._fut
+        if target._stamp != self._stamp:
+            target._stamp = self._stamp
+            target._gathered = _gather(
+                *[(<BatchRun>target._runs[r])._fut
+                  for r in range(len(target._runs)) if target._durable[r]]
+            )
+        return target._gathered
+
+    cdef int _run(self, int qos0, int qos1, int n_ingest) except -1:
         """Hand the run to the batchers, then queue its acks in arrival order."""
         cdef list touched = self._touched
         cdef list targets = self._run_targets
@@ -452,6 +633,7 @@ cdef class Inbound:
         cdef int pid
         cdef object fut
         cdef bytes ack
+        cdef object t
         cdef bytearray now_out = None
         self._stamp += 1
         try:
@@ -463,25 +645,21 @@ cdef class Inbound:
         received = stats.messages_received
         received[0] += qos0
         received[1] += qos1
-        stats.messages_fast_path += qos0 + qos1
+        stats.messages_fast_path += n_ingest
         try:
             for k in range(n):
                 pid = pids[k]
                 if pid == 0:
                     continue  # QoS 0: no ack
-                target = <IngestTarget>targets[k]
-                if target._n_durable == 0:
-                    fut = None
-                elif target._n_durable == 1:
-                    fut = target._only_durable._fut
+                t = targets[k]
+                if type(t) is IngestTarget:
+                    fut = self._ingest_fut(<IngestTarget>t)
+                elif type(t) is tuple:
+                    # ingest routes and sessions, and the journal's future
+                    fut = self._ingest_fut(<IngestTarget>(<tuple>t)[0])
+                    fut = (<tuple>t)[1] if fut is None else _gather(fut, (<tuple>t)[1])
                 else:
-                    if target._stamp != self._stamp:
-                        target._stamp = self._stamp
-                        target._gathered = _gather(
-                            *[(<BatchRun>target._runs[r])._fut
-                              for r in range(len(target._runs)) if target._durable[r]]
-                        )
-                    fut = target._gathered
+                    fut = t  # sessions only: the journal's future, or None
                 ack = self.queue(fut, _PUBACK, pid, 1)
                 if ack is not None:
                     # Nothing held back: ack now (one write for the run).

@@ -30,11 +30,13 @@ message must first be made durable by an ingest route (``ack =
 the PUBLISHes came [MQTT-4.6.0-2]. If durability fails, no ack is sent and the
 connection is closed: the client re-sends after reconnecting.
 
-Fast path: a run of PUBLISH packets whose topics only ingest routes take (QoS
-0/1, no RETAIN) is handled by ``inbound.take`` in one call
-instead of ``_on_publish`` per packet (see ext/ingestd/_inbound.pyx for the
-exact conditions); the first packet that does not qualify, and everything
-after it that does not, goes through ``_on_publish``.
+Fast path: a run of PUBLISH packets whose topics only ingest routes, or only
+plain session subscriptions, take (QoS 0/1, no RETAIN) is handled by
+``inbound.take`` in one call instead of ``_on_publish`` per packet (see
+ext/ingestd/_inbound.pyx for the exact conditions); the first packet that does
+not qualify, and everything after it that does not, goes through
+``_on_publish``. A run of PUBACKs is applied in one call
+(``take_pubacks``), then the session is pumped once.
 
 Length: this file is over 600 lines because it is one state machine: every
 packet handler reads and changes the same per-client state (state, session,
@@ -60,7 +62,7 @@ from ingestd._codec import (
     encode_ack,
     encode_publish,
 )
-from ingestd._inbound import Inbound
+from ingestd._inbound import Inbound, take_pubacks
 from ingestd._trie import validate_topic_filter, validate_topic_name
 from ingestd.broker.acl import WRITE, ClientAcl
 from ingestd.broker.auth import Verdict, may_write_dollar, revoked_acl
@@ -319,6 +321,8 @@ class Channel:
                     i -= 1
                     continue
                 self._on_publish(packet)
+            elif ptype == _PUBACK and self.state == CONNECTED:
+                i = self._on_pubacks(packets, i - 1)
             else:
                 self._dispatch_control(ptype, packet)
                 if self._held is not None:
@@ -406,6 +410,18 @@ class Channel:
 
     def send_pubrel(self, packet_id: int) -> None:
         self.port.send(encode_ack(_PUBREL, packet_id, 0, self.version))
+
+    def plain_port(self) -> tuple[Port, int, int, list[int]] | None:
+        """What the compiled session needs to write this client's PUBLISHes itself
+        (``ingestd._session``: as :meth:`send_publish` for one without subscription
+        identifiers, expiry or MQTT 5 properties): the port, protocol version, the
+        client's Maximum Packet Size (0: none) and the delivered counters. None while
+        this client takes outbound Topic Aliases: every PUBLISH then goes through
+        :meth:`send_publish`. Asked once per session attach (after CONNECT set both)."""
+        if self._outbound_aliases is not None:
+            return None
+        version = 5 if self.version == 5 else 4
+        return self.port, version, self._client_max_packet, self.stats.messages_delivered
 
     # -- closing --------------------------------------------------------
 
@@ -555,6 +571,16 @@ class Channel:
             )
         else:  # pragma: no cover - the decoder rejects server-to-client packets
             raise ProtocolError(f"unexpected packet type {ptype}", Reason.PROTOCOL_ERROR)
+
+    def _on_pubacks(self, packets: list[Any], i: int) -> int:
+        """The run of PUBACKs at ``packets[i]``: each completes its delivery (as
+        ``Session.on_puback``), then the session is pumped once for the whole run."""
+        session = self.session
+        assert session is not None
+        i, acked, journaled = take_pubacks(packets, i, session.inflight)
+        if acked:
+            session.acked(journaled)
+        return i
 
     def _refuse_connect(self, reason_code: int, why: str) -> None:
         log.info(

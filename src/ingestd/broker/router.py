@@ -10,8 +10,10 @@ to each sink. It returns a future when the publisher's acknowledgement must
 wait: an ingest sink must make the message durable, or (with
 ``ack_after_journal``) a persistent session journaled it.
 
-:meth:`Router.ingest_target` classifies a topic for the connections' compiled
-fast path (``ext/ingestd/_inbound.pyx``).
+:meth:`Router.fast_target` classifies a topic for the connections' compiled
+fast path (``ext/ingestd/_inbound.pyx``): only ingest routes take it (an
+``IngestTarget``), or only plain session subscriptions (a ``SessionTarget``:
+``Inbound.take`` then delivers it as :meth:`publish` would, without it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ingestd._inbound import IngestTarget
+from ingestd._inbound import IngestTarget, SessionTarget
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.acl import READ
 from ingestd.broker.hooks import BrokerStats, BrokerStore, MessageSink, RunSink
@@ -48,8 +50,8 @@ class Router:
         self.store: BrokerStore | None = None
         self.journal: DeliveryJournal | None = None
         self.ack_after_journal = False
-        # ingest_target bound once: every connection's fast path holds this one object.
-        self.classify = self.ingest_target
+        # fast_target bound once: every connection's fast path holds this one object.
+        self.classify = self.fast_target
 
     # -- ingest sinks -------------------------------------------------------
 
@@ -180,12 +182,61 @@ class Router:
         subs, groups = self.trie.match_all(topic)
         if groups or not subs:
             return None
+        return self._ingest_target(subs)
+
+    def _ingest_target(self, subs: list[Any]) -> IngestTarget | None:
         entries = []
         for sub, _opts in subs:
             if type(sub) is Session or not isinstance(sub, RunSink):
                 return None
             entries.append((sub.batch_run, sub.route, sub.durable))
         return IngestTarget(entries)
+
+    def fast_target(self, topic: str) -> IngestTarget | SessionTarget | None:
+        """What the compiled fast path does with ``topic``: an ``IngestTarget`` when only
+        ingest routes take it, a ``SessionTarget`` when plain session subscriptions do
+        (with the ingest routes that take it too), else None (:meth:`publish`)."""
+        subs, groups = self.trie.match_all(topic)
+        if groups or not subs:
+            return None
+        for sub, _opts in subs:
+            if type(sub) is Session:
+                return self.session_target(topic, subs)
+        return self._ingest_target(subs)
+
+    def session_target(self, topic: str, subs: list[Any]) -> SessionTarget | None:
+        """The sessions ``subs`` (``trie.match_all(topic)``'s, no shared group) deliver
+        to, merged per session as :meth:`publish` merges them, plus the ingest routes
+        among ``subs``; None if another kind of subscriber takes ``topic`` or a session
+        subscription has No Local (whose answer depends on the publisher), and for a
+        ``$`` topic ($SYS and its rules stay in :meth:`publish`)."""
+        if topic[0] == "$":
+            return None
+        merged: dict[Session, list[Any]] = {}
+        sinks: list[Any] = []
+        for sub, opts in subs:
+            if type(sub) is not Session:
+                sinks.append((sub, opts))
+                continue
+            if opts.no_local:
+                return None
+            t = merged.get(sub)
+            if t is None:
+                merged[sub] = [sub, opts.qos, [opts.sub_id] if opts.sub_id else None]
+            else:
+                if opts.qos > t[1]:
+                    t[1] = opts.qos
+                if opts.sub_id:
+                    if t[2] is None:
+                        t[2] = [opts.sub_id]
+                    else:
+                        t[2].append(opts.sub_id)
+        ingest = None
+        if sinks:
+            ingest = self._ingest_target(sinks)
+            if ingest is None:
+                return None  # a subscriber that is not an ingest route (a stream, an RPC)
+        return SessionTarget(list(merged.values()), self, ingest)
 
     def _deliver_shared(self, group: Any, message: Message) -> bool:
         """Deliver to one member; True if a persistent session journaled it."""
