@@ -12,8 +12,14 @@ in alternating order, with the NEW build's generator::
     ingestd bench --scenario latency --publishers 10 --rate RATE --duration DUR --qos 1 \
         --port P --pid PID --metrics http://127.0.0.1:H/metrics
 
-(RATE 20000, DUR 10 by default) and records p50/p99/p99.9/max end to end and the
-broker's worst event-loop stall (``ingestd_event_loop_lag_max_seconds`` over the run).
+(RATE 20000, DUR 10 by default) and records p50/p99/p99.9/max end to end, the
+broker's worst event-loop stall (``ingestd_event_loop_lag_max_seconds`` over the run),
+the host's load average and how long the broker waited for a CPU (run-queue wait).
+
+Every broker and the generator run in a session of their own (``setsid``), as a
+daemon does: with the kernel's autogroup scheduling a session shares one CPU share,
+and a broker in the script's session would share it with the generator (and with
+PostgreSQL's backends it is not: they are in sessions of their own).
 Prints per broker the median over the rounds and the new/old ratios; OUT (default
 ./bench_latency.json) gets every run. Loopback only, bounded by the duration.
 """
@@ -45,7 +51,12 @@ def summary(res: dict) -> str:  # type: ignore[type-arg]
     lat = res["latency_ms"]
     stall = res["loop_lag_max_ms"] or 0.0
     pcts = " ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max"))
-    return f"{pcts} ms; loop stall max {stall:.2f} ms; lost {res['lost']}"
+    wait = res.get("broker_runqueue_wait_s")
+    return (
+        f"{pcts} ms; loop stall max {stall:.2f} ms; lost {res['lost']}; load {res['load_average']:.1f};"
+        f" broker CPU {res['broker_cpu_s']:.2f} s, run-queue wait"
+        f" {'-' if wait is None else f'{wait:.2f}'} s; loadgen CPU {res['loadgen_cpu_s']:.2f} s"
+    )
 
 
 def main() -> None:
@@ -58,7 +69,7 @@ def main() -> None:
         procs.append(pg)
         mport = free_port()
         (tmp / "m.conf").write_text(MOSQUITTO_CONF.format(port=mport))
-        m = subprocess.Popen(["mosquitto", "-c", str(tmp / "m.conf")])
+        m = subprocess.Popen(["mosquitto", "-c", str(tmp / "m.conf")], start_new_session=True)
         procs.append(m)
         wait_port(mport, m)
         brokers["mosquitto"] = (mport, m.pid, None)
@@ -76,7 +87,7 @@ def main() -> None:
                     cmd += ["--no-db", "--config", str(tmp / "plain.toml")]
                 else:
                     cmd += ["--config", str(HERE / "latency-ingest.toml"), "--dsn", dsn]
-                pr = subprocess.Popen(cmd)
+                pr = subprocess.Popen(cmd, start_new_session=True)
                 procs.append(pr)
                 wait_port(port, pr)
                 brokers[f"{label}-{mode}"] = (port, pr.pid, f"http://127.0.0.1:{http}/metrics")
@@ -90,7 +101,10 @@ def main() -> None:
                 cmd += ["--port", str(port), "--pid", str(pid), "--json", "--no-progress"]
                 if metrics:
                     cmd += ["--metrics", metrics]
-                res = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout)
+                out = subprocess.run(
+                    cmd, check=True, stdout=subprocess.PIPE, start_new_session=True
+                )
+                res = json.loads(out.stdout)
                 runs[name].append(res)
                 print(f"round {r + 1} {name:12} {summary(res)}", flush=True)
         OUT.write_text(json.dumps(runs, indent=2))

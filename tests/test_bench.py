@@ -583,6 +583,13 @@ def test_progress_line_and_table(server: Any) -> None:
     # per-CPU-second rate is undefined (None) rather than a division by zero.
     assert res.broker_cpu_s is not None
     assert (res.msgs_per_broker_cpu_s is None) == (res.broker_cpu_s == 0)
+    # Scheduling delay of the broker's process and of the generator, and the host's load.
+    if Path("/proc/self/schedstat").exists():
+        assert res.broker_runqueue_wait_s is not None and res.broker_runqueue_wait_s >= 0
+        assert res.loadgen_runqueue_wait_s is not None and res.loadgen_runqueue_wait_s >= 0
+        assert "broker run-queue wait s" in table and "loadgen run-queue wait s" in table
+    assert res.load_average is not None and res.load_average >= 0
+    assert "host load average" in table
 
 
 def test_cli_json_and_compare(server_factory: Any) -> None:
@@ -1241,3 +1248,14 @@ def test_tree_cpu_seconds_from_a_fake_proc(tmp_path: Path, children_lists: bool)
         (tmp_path / "10" / "task" / "10").mkdir(parents=True)
         (tmp_path / "10" / "task" / "10" / "children").write_text("11 12 99 ")  # 99: gone
     assert tree_cpu_seconds(10, tmp_path) == pytest.approx((100 + 20 + 300 + 40 + 11 + 15) / hz)
+
+
+def test_runqueue_wait_from_a_fake_proc(tmp_path: Path) -> None:
+    """The second field of /proc/PID/schedstat (ns waiting on a run queue), in seconds;
+    None where the kernel keeps no scheduler statistics."""
+    from ingestd.bench.procstat import runqueue_wait_seconds
+
+    (tmp_path / "10").mkdir()
+    (tmp_path / "10" / "schedstat").write_text("4078086380 4776969223 87045\n")
+    assert runqueue_wait_seconds(10, tmp_path) == pytest.approx(4.776969223)
+    assert runqueue_wait_seconds(11, tmp_path) is None

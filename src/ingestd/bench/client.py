@@ -22,6 +22,7 @@ import asyncio
 import socket
 import struct
 import time
+from array import array
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any
@@ -138,7 +139,9 @@ class BenchClient(asyncio.Protocol):
         self.rejected = 0
         self._window_waiter: asyncio.Future[None] | None = None
         self._wake_at = 0
-        self._send_ns: list[int] = []  # send time by packet id; allocated when publishing
+        # Send time by packet id, allocated when publishing: an array, not a list, so the
+        # garbage collector has 65,536 fewer references to follow in this process.
+        self._send_ns = array("q")
         self.ack_latency = LatencySampler(latency_cap)
         self._suback: asyncio.Future[list[int]] | None = None
         self._pings_sent = 0
@@ -478,7 +481,7 @@ class BenchClient(asyncio.Protocol):
         pack = HEADER.pack_into
         pack_pid = _PID.pack_into
         if qos and not self._send_ns:
-            self._send_ns = [0] * 65536
+            self._send_ns = array("q", bytes(8 * 65536))
         send_ns = self._send_ns
         window = max(1, min(window, self.server_receive_max)) if qos else 0
         low_water = window - min(batch, max(1, window // 2))
@@ -555,7 +558,7 @@ class BenchClient(asyncio.Protocol):
         else:
             it = iter(payloads)
         if qos and not self._send_ns:
-            self._send_ns = [0] * 65536
+            self._send_ns = array("q", bytes(8 * 65536))
         send_ns = self._send_ns
         window = max(1, min(window, self.server_receive_max)) if qos else 0
         low_water = window - min(batch, max(1, window // 2))
