@@ -68,7 +68,8 @@ def summary(res: dict) -> str:  # type: ignore[type-arg]
         f"{pcts} ms; loop stall max {stall:.2f} ms; lost {res['lost']};"
         f" load {'-' if load is None else f'{load:.1f}'}; broker CPU {res['broker_cpu_s']:.2f} s,"
         f" run-queue wait {'-' if wait is None else f'{wait:.2f}'} s;"
-        f" loadgen CPU {res['loadgen_cpu_s']:.2f} s"
+        f" loadgen CPU {res['loadgen_cpu_s']:.2f} s;"
+        f" publishers' full-window wait {res.get('window_wait_s', 0.0):.2f} s"
     )
 
 

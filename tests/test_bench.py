@@ -421,6 +421,8 @@ def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None
     assert all(p.qos == qos and p.topic == "t/x" for p in flat)
     assert (c.sent, c.acked, c.inflight) == (23, 23, 0)
     assert c.ack_latency.count == 23
+    # It waited for its full window (twice), and that time is counted.
+    assert c.window_wait_ns > 0
 
 
 def test_paced_publisher_sleeps_at_least_one_timer_tick(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -471,6 +473,7 @@ def test_paced_publisher_sleeps_at_least_one_timer_tick(monkeypatch: pytest.Monk
     assert min(pacing) >= PACING_TICK_S
     # Fewer writes than messages: each tick sends what fell due meanwhile.
     assert len(writes) < c.sent
+    assert c.window_wait_ns == 0  # QoS 0: no window to wait for
 
 
 def test_loss_is_counted_exactly_when_the_broker_drops(server_factory: Any) -> None:

@@ -51,6 +51,10 @@ class Result:
     loadgen_runqueue_wait_s: float | None = None
     # The host's 1-minute load average when the run started.
     load_average: float | None = None
+    # Seconds the publishers waited for a full QoS 1/2 in-flight window, summed over
+    # them: a paced run's messages then go out late in a burst (their latency counts
+    # from the write, so this is where a slow ack path shows).
+    window_wait_s: float = 0.0
     rows: int | None = None
     unique_rows: int | None = None
     # ingest: a plain COPY loop into the same table in the same run, and the
@@ -199,6 +203,8 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
             + f" (peak {r.loadgen_peak_util * 100:.0f}% of a core in one process)",
         ),
     ]
+    if r.window_wait_s:
+        rows.append(("publishers' full-window wait s", _fmt(r.window_wait_s, 2) + " (sum)"))
     if r.loadgen_runqueue_wait_s is not None:
         rows.append(("loadgen run-queue wait s", _fmt(r.loadgen_runqueue_wait_s, 2)))
     if r.load_average is not None:

@@ -320,6 +320,7 @@ def _summarize(
         if r.get("rejected"):
             res.errors.append(f"{r['rejected']} publishes rejected")
     res.loadgen_cpu_s = sum(r["cpu_s"] for r in results)
+    res.window_wait_s = sum(r.get("window_wait_s", 0.0) for r in results)
     waits = [r.get("runqueue_wait_s") for r in results]
     if waits and all(w is not None for w in waits):
         res.loadgen_runqueue_wait_s = sum(w for w in waits if w is not None)

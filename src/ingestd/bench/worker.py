@@ -444,6 +444,7 @@ class _Worker:
             "ack_latency_max_us": max([0, *(c.ack_latency.max_us for _, c in self.pubs)]),
             "acked": {i: c.acked for i, c in self.pubs},
             "rejected": sum(c.rejected for _, c in self.pubs),
+            "window_wait_s": sum(c.window_wait_ns for _, c in self.pubs) / 1e9,
             "cpu_s": cpu,
             "runqueue_wait_s": _since(self._wait0, procstat.runqueue_wait_seconds("self")),
             "peak_util": self.peak_util,
