@@ -2,18 +2,27 @@
 
 Usage::
 
-    ROUNDS=3 python benchmarks/bench_latency.py [OLD_VENV] NEW_VENV
+    ROUNDS=3 [SCHED=fifo] [GEN=old] python benchmarks/bench_latency.py [OLD_VENV] NEW_VENV
 
 For each build, two brokers: ``--no-db`` (routing only) and one with
 ``benchmarks/latency-ingest.toml``'s route taking the same traffic (after-commit
 acks, into one embedded PostgreSQL shared by all), plus Mosquitto. Every round runs,
-in alternating order, with the NEW build's generator::
+in alternating order, with the NEW build's generator (``GEN=old``: the OLD build's)::
 
     ingestd bench --scenario latency --publishers 10 --rate RATE --duration DUR --qos 1 \
         --port P --pid PID --metrics http://127.0.0.1:H/metrics
 
-(RATE 20000, DUR 10 by default) and records p50/p99/p99.9/max end to end and the
-broker's worst event-loop stall (``ingestd_event_loop_lag_max_seconds`` over the run).
+(RATE 20000, DUR 10 by default) and records p50/p99/p99.9/max end to end, the
+broker's worst event-loop stall (``ingestd_event_loop_lag_max_seconds`` over the run),
+the host's load average and how long the broker waited for a CPU (run-queue wait).
+
+Every broker and the generator run in a session of their own (``setsid``), as a
+daemon does: with the kernel's autogroup scheduling a session shares one CPU share,
+and a broker in the script's session would share it with the generator (and with
+PostgreSQL's backends it is not: they are in sessions of their own). ``SCHED=fifo``
+runs the brokers and the generator (not PostgreSQL) as SCHED_FIFO, out of reach of
+the host's other work.
+
 Prints per broker the median over the rounds and the new/old ratios; OUT (default
 ./bench_latency.json) gets every run. Loopback only, bounded by the duration.
 """
@@ -39,13 +48,29 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 RATE = os.environ.get("RATE", "20000")
 DUR = os.environ.get("DUR", "10")
 OUT = Path(os.environ.get("OUT", "bench_latency.json"))
+# SCHED=fifo: the brokers and the generator run as SCHED_FIFO (``chrt -f 10``; needs
+# CAP_SYS_NICE), PostgreSQL as it is: nothing else on a shared host preempts them, so
+# what is left is the brokers' own latency. The default is the ordinary scheduler.
+SCHED = os.environ.get("SCHED", "other")
+if SCHED not in ("other", "fifo"):
+    raise SystemExit("SCHED must be 'other' or 'fifo'")
+PRIO = ["chrt", "-f", "10"] if SCHED == "fifo" else []
+# GEN=old: every run uses the OLD build's generator (to compare generators, not brokers).
+GEN = VENVS[0] if os.environ.get("GEN") == "old" else NEW
 
 
 def summary(res: dict) -> str:  # type: ignore[type-arg]
     lat = res["latency_ms"]
     stall = res["loop_lag_max_ms"] or 0.0
     pcts = " ".join(f"{k} {lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max"))
-    return f"{pcts} ms; loop stall max {stall:.2f} ms; lost {res['lost']}"
+    wait, load = res.get("broker_runqueue_wait_s"), res.get("load_average")
+    return (
+        f"{pcts} ms; loop stall max {stall:.2f} ms; lost {res['lost']};"
+        f" load {'-' if load is None else f'{load:.1f}'}; broker CPU {res['broker_cpu_s']:.2f} s,"
+        f" run-queue wait {'-' if wait is None else f'{wait:.2f}'} s;"
+        f" loadgen CPU {res['loadgen_cpu_s']:.2f} s;"
+        f" publishers' full-window wait {res.get('window_wait_s', 0.0):.2f} s"
+    )
 
 
 def main() -> None:
@@ -58,7 +83,9 @@ def main() -> None:
         procs.append(pg)
         mport = free_port()
         (tmp / "m.conf").write_text(MOSQUITTO_CONF.format(port=mport))
-        m = subprocess.Popen(["mosquitto", "-c", str(tmp / "m.conf")])
+        m = subprocess.Popen(
+            [*PRIO, "mosquitto", "-c", str(tmp / "m.conf")], start_new_session=True
+        )
         procs.append(m)
         wait_port(mport, m)
         brokers["mosquitto"] = (mport, m.pid, None)
@@ -76,7 +103,7 @@ def main() -> None:
                     cmd += ["--no-db", "--config", str(tmp / "plain.toml")]
                 else:
                     cmd += ["--config", str(HERE / "latency-ingest.toml"), "--dsn", dsn]
-                pr = subprocess.Popen(cmd)
+                pr = subprocess.Popen([*PRIO, *cmd], start_new_session=True)
                 procs.append(pr)
                 wait_port(port, pr)
                 brokers[f"{label}-{mode}"] = (port, pr.pid, f"http://127.0.0.1:{http}/metrics")
@@ -85,12 +112,15 @@ def main() -> None:
         for r in range(ROUNDS):
             for name in names if r % 2 == 0 else names[::-1]:
                 port, pid, metrics = brokers[name]
-                cmd = [str(NEW / "bin/ingestd"), "bench", "--scenario", "latency"]
+                cmd = [str(GEN / "bin/ingestd"), "bench", "--scenario", "latency"]
                 cmd += ["--publishers", "10", "--rate", RATE, "--duration", DUR, "--qos", "1"]
                 cmd += ["--port", str(port), "--pid", str(pid), "--json", "--no-progress"]
                 if metrics:
                     cmd += ["--metrics", metrics]
-                res = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout)
+                out = subprocess.run(
+                    [*PRIO, *cmd], check=True, stdout=subprocess.PIPE, start_new_session=True
+                )
+                res = json.loads(out.stdout)
                 runs[name].append(res)
                 print(f"round {r + 1} {name:12} {summary(res)}", flush=True)
         OUT.write_text(json.dumps(runs, indent=2))

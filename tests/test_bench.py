@@ -421,6 +421,59 @@ def test_publish_each_refills_the_window_at_the_low_water_mark(qos: int) -> None
     assert all(p.qos == qos and p.topic == "t/x" for p in flat)
     assert (c.sent, c.acked, c.inflight) == (23, 23, 0)
     assert c.ack_latency.count == 23
+    # It waited for its full window (twice), and that time is counted.
+    assert c.window_wait_ns > 0
+
+
+def test_paced_publisher_sleeps_at_least_one_timer_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 2,000 msgs/s the next message is due 0.5 ms later, under uvloop's 1 ms timer
+    resolution: the publisher sleeps a whole tick and sends what fell due in one write,
+    instead of sleeping "0.5 ms" (a zero-length timer: the loop spins, and its CPU is
+    taken from the broker on the same cores)."""
+    import asyncio
+
+    import uvloop
+    from ingestd._codec import PINGRESP, Decoder
+
+    from ingestd.bench import client as client_mod
+    from ingestd.bench.client import PACING_TICK_S, BenchClient
+
+    real_sleep = asyncio.sleep
+    sleeps: list[float] = []
+
+    async def recording_sleep(delay: float, result: Any = None) -> Any:
+        sleeps.append(delay)
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(client_mod.asyncio, "sleep", recording_sleep)
+
+    async def go() -> tuple[BenchClient, list[bytes]]:
+        c = BenchClient("fake", 4, keepalive=0)
+        t = _FakeTransport()
+        c.connection_made(t)  # type: ignore[arg-type]
+        deadline = time.monotonic_ns() + 100_000_000
+        task = asyncio.create_task(
+            c.publish_stream(
+                0, "t/x", 0, 32, count=None, deadline_ns=deadline, rate=2000.0, window=0
+            )
+        )
+        while not t.writes or t.writes[-1] != b"\xc0\x00":  # PINGREQ: done publishing
+            await real_sleep(0.01)
+        c.data_received(PINGRESP)
+        await asyncio.wait_for(task, 5)
+        return c, t.writes[:-1]
+
+    c, writes = uvloop.run(go())
+    decoder = Decoder(server_side=False)
+    decoder.protocol_version = 4
+    seqs = [HEADER.unpack_from(p.payload)[1] for w in writes for p in decoder.feed(w)]
+    assert seqs == list(range(c.sent)) and c.sent > 0
+    pacing = [d for d in sleeps if d > 0]
+    assert pacing, "a paced run sleeps between writes"
+    assert min(pacing) >= PACING_TICK_S
+    # Fewer writes than messages: each tick sends what fell due meanwhile.
+    assert len(writes) < c.sent
+    assert c.window_wait_ns == 0  # QoS 0: no window to wait for
 
 
 def test_loss_is_counted_exactly_when_the_broker_drops(server_factory: Any) -> None:
@@ -533,6 +586,13 @@ def test_progress_line_and_table(server: Any) -> None:
     # per-CPU-second rate is undefined (None) rather than a division by zero.
     assert res.broker_cpu_s is not None
     assert (res.msgs_per_broker_cpu_s is None) == (res.broker_cpu_s == 0)
+    # Scheduling delay of the broker's process and of the generator, and the host's load.
+    if Path("/proc/self/schedstat").exists():
+        assert res.broker_runqueue_wait_s is not None and res.broker_runqueue_wait_s >= 0
+        assert res.loadgen_runqueue_wait_s is not None and res.loadgen_runqueue_wait_s >= 0
+        assert "broker run-queue wait s" in table and "loadgen run-queue wait s" in table
+    assert res.load_average is not None and res.load_average >= 0
+    assert "host load average" in table
 
 
 def test_cli_json_and_compare(server_factory: Any) -> None:
@@ -1191,3 +1251,14 @@ def test_tree_cpu_seconds_from_a_fake_proc(tmp_path: Path, children_lists: bool)
         (tmp_path / "10" / "task" / "10").mkdir(parents=True)
         (tmp_path / "10" / "task" / "10" / "children").write_text("11 12 99 ")  # 99: gone
     assert tree_cpu_seconds(10, tmp_path) == pytest.approx((100 + 20 + 300 + 40 + 11 + 15) / hz)
+
+
+def test_runqueue_wait_from_a_fake_proc(tmp_path: Path) -> None:
+    """The second field of /proc/PID/schedstat (ns waiting on a run queue), in seconds;
+    None where the kernel keeps no scheduler statistics."""
+    from ingestd.bench.procstat import runqueue_wait_seconds
+
+    (tmp_path / "10").mkdir()
+    (tmp_path / "10" / "schedstat").write_text("4078086380 4776969223 87045\n")
+    assert runqueue_wait_seconds(10, tmp_path) == pytest.approx(4.776969223)
+    assert runqueue_wait_seconds(11, tmp_path) is None

@@ -80,6 +80,49 @@ def test_wheel_discard_and_re_add() -> None:
     run(main())
 
 
+def test_wheel_checks_a_crowded_tick_over_several_loop_turns() -> None:
+    """2.5 chunks of connections due in one tick: each is checked once, one chunk per
+    loop turn (other callbacks, such as other connections' I/O, run in between); one
+    discarded while its tick is being worked through is not checked."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wheel = KeepaliveWheel(loop, tick=0.01, chunk=100)
+        turns = [0]  # loop turns so far, counted by a callback that re-arms itself
+        seen: list[int] = []  # the loop turn of each check
+        victim: list[Due] = []
+
+        class Turned(Due):
+            def keepalive_due(self) -> None:
+                super().keepalive_due()
+                seen.append(turns[0])
+                if len(seen) == 1:
+                    # One not checked yet, discarded once its tick has begun.
+                    victim.append(next(c for c in clients if c is not self))
+                    wheel.discard(victim[0], victim[0].key)
+
+        def count() -> None:
+            turns[0] += 1
+            if len(seen) < 249 and time.monotonic() < give_up:
+                loop.call_soon(count)
+
+        give_up = time.monotonic() + WAIT / 2
+        clients = [Turned(wheel) for _ in range(250)]
+        for c in clients:
+            c.key = wheel.add(c, time.monotonic() + 0.01)
+        loop.call_soon(count)
+        while len(seen) < 249 and time.monotonic() < give_up:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # nothing more comes
+        assert [len(c.calls) for c in clients].count(1) == 249
+        assert victim[0].calls == []
+        assert len(wheel) == 0
+        per_turn = [seen.count(t) for t in sorted(set(seen))]
+        assert per_turn == [100, 100, 49]
+
+    run(main())
+
+
 def channels(srv: Any) -> list[Any]:
     return srv.call(lambda: list(srv.app.broker.connections))
 

@@ -7,6 +7,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -370,6 +371,20 @@ def test_loop_lag_monitor_records_a_stall() -> None:
     # The window maximum resets at each scrape.
     m = scrape(registry)
     assert value(m, "ingestd_event_loop_lag_max_seconds") == pytest.approx(lag.last)
+    # The loop thread's wait for a CPU: a counter from the kernel's scheduler statistics.
+    if Path("/proc/thread-self/schedstat").exists():
+        name = "ingestd_event_loop_cpu_wait_seconds"
+        assert value(m, name, name + "_total") >= 0
+
+
+def test_cpu_wait_is_read_from_schedstat(tmp_path: Path) -> None:
+    """The second field of schedstat (ns on a run queue) in seconds; None if unreadable."""
+    f = tmp_path / "schedstat"
+    f.write_text("4078086380 4776969223 87045\n")
+    assert LoopLagMonitor.cpu_wait_seconds(str(f)) == pytest.approx(4.776969223)
+    f.write_text("garbage\n")
+    assert LoopLagMonitor.cpu_wait_seconds(str(f)) is None
+    assert LoopLagMonitor.cpu_wait_seconds(str(tmp_path / "missing")) is None
 
 
 def test_private_registry_and_process_metrics() -> None:

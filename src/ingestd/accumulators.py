@@ -1,7 +1,8 @@
 """Accumulators the hot path writes and the Prometheus collector reads.
 
 ``Histogram`` (fixed buckets, plain ints: rows per COPY, seconds per COPY)
-and ``LoopLagMonitor`` (event-loop stalls). No Prometheus objects here: the
+and ``LoopLagMonitor`` (event-loop stalls, and the loop thread's wait for a CPU).
+No Prometheus objects here: the
 collector in :mod:`ingestd.metrics` turns them into metric families at
 scrape time.
 """
@@ -104,7 +105,9 @@ class LoopLagMonitor:
 
     ``last`` is the latest overshoot; :meth:`take_max` returns the largest one
     since its previous call (each scrape sees the worst stall of its window);
-    ``max_ever`` is the largest since start.
+    ``max_ever`` is the largest since start. :meth:`cpu_wait_seconds` tells the
+    two kinds of stall apart: it grows while the loop's thread is ready to run
+    but waits for a CPU (other processes on the cores), not while the loop works.
     """
 
     def __init__(self, interval: float = 0.25) -> None:
@@ -137,6 +140,17 @@ class LoopLagMonitor:
             self._window_max = lag
         if lag > self.max_ever:
             self.max_ever = lag
+
+    @staticmethod
+    def cpu_wait_seconds(path: str = "/proc/thread-self/schedstat") -> float | None:
+        """Seconds the calling thread (the event loop's: the collector runs there) has
+        waited on a run queue since it started, or None without Linux scheduler
+        statistics. ``schedstat`` is "ns on CPU, ns waiting on a run queue, slices"."""
+        try:
+            with open(path) as f:
+                return int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return None
 
     def take_max(self) -> float:
         m = max(self._window_max, self.last)

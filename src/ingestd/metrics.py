@@ -187,6 +187,15 @@ class IngestdCollector(Collector):
                 "Largest event-loop sleep overshoot since the previous scrape",
                 value=self.lag.take_max(),
             )
+            wait = self.lag.cpu_wait_seconds()
+            if wait is not None:
+                # A stall that grows this counter is the host's other work, not the loop's.
+                yield CounterMetricFamily(
+                    "ingestd_event_loop_cpu_wait_seconds",
+                    "Seconds the event loop's thread was ready to run but waited for a CPU"
+                    " (Linux scheduler statistics)",
+                    value=wait,
+                )
 
     # -- upstream mode ----------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Reading another process's CPU time and memory from /proc (Linux)."""
+"""Reading another process's CPU time, scheduling delay and memory from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ def cpu_seconds(pid: int, proc: str | Path = "/proc") -> float:
     # rest[0] is field 3 (state); utime and stime are fields 14 and 15.
     utime, stime = int(rest[11]), int(rest[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def runqueue_wait_seconds(pid: int | str, proc: str | Path = "/proc") -> float | None:
+    """Seconds ``pid``'s main thread (a broker's event loop) has been runnable but
+    waiting for a CPU, or None where the kernel keeps no scheduler statistics.
+
+    ``/proc/<pid>/schedstat`` is "time on CPU, time waiting on a run queue (both
+    ns), time slices". On a shared host the wait is what other processes cost
+    this one: a stall that is waiting here is not the process's own work.
+    """
+    try:
+        text = Path(proc, str(pid), "schedstat").read_text()
+    except FileNotFoundError:
+        return None
+    return int(text.split()[1]) / 1e9
 
 
 def tree_cpu_seconds(pid: int, proc: str | Path = "/proc") -> float:

@@ -44,6 +44,17 @@ class Result:
     # The broker's worst event-loop stall over the run, ms (ingestd's
     # ingestd_event_loop_lag_max_seconds, scraped from --metrics at the start and end).
     loop_lag_max_ms: float | None = None
+    # Seconds the broker's event loop (its main thread, --pid) was runnable but waiting
+    # for a CPU over the run, and the same summed over the load generator's workers
+    # (/proc/PID/schedstat): what the other processes on the host cost the run.
+    broker_runqueue_wait_s: float | None = None
+    loadgen_runqueue_wait_s: float | None = None
+    # The host's 1-minute load average when the run started.
+    load_average: float | None = None
+    # Seconds the publishers waited for a full QoS 1/2 in-flight window, summed over
+    # them: a paced run's messages then go out late in a burst (their latency counts
+    # from the write, so this is where a slow ack path shows).
+    window_wait_s: float = 0.0
     rows: int | None = None
     unique_rows: int | None = None
     # ingest: a plain COPY loop into the same table in the same run, and the
@@ -170,6 +181,8 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
         )
     if r.loop_lag_max_ms is not None:
         rows.append(("broker loop stall max", _fmt(r.loop_lag_max_ms, 2) + " ms"))
+    if r.broker_runqueue_wait_s is not None:
+        rows.append(("broker run-queue wait s", _fmt(r.broker_runqueue_wait_s, 2)))
     rows += [
         ("broker CPU s", _fmt(r.broker_cpu_s, 2)),
         ("msgs per broker CPU s", _fmt(r.msgs_per_broker_cpu_s)),
@@ -190,6 +203,12 @@ def table_rows(r: Result) -> list[tuple[str, str]]:
             + f" (peak {r.loadgen_peak_util * 100:.0f}% of a core in one process)",
         ),
     ]
+    if r.window_wait_s:
+        rows.append(("publishers' full-window wait s", _fmt(r.window_wait_s, 2) + " (sum)"))
+    if r.loadgen_runqueue_wait_s is not None:
+        rows.append(("loadgen run-queue wait s", _fmt(r.loadgen_runqueue_wait_s, 2)))
+    if r.load_average is not None:
+        rows.append(("host load average", _fmt(r.load_average, 2) + " (1 min, at the start)"))
     return rows
 
 

@@ -184,6 +184,8 @@ def run(
         if metrics_url:
             _loop_lag_ms(metrics_url)  # the stall window starts now
         cpu0 = procstat.cpu_seconds(pid) if pid else None
+        wait0 = procstat.runqueue_wait_seconds(pid) if pid else None
+        res.load_average = os.getloadavg()[0]
         pg0 = procstat.tree_cpu_seconds(pg_pid) if pg_pid and verify else None
         t0 = time.monotonic_ns()
         deadline = t0 + int(plan.duration * 1e9) if plan.duration else None
@@ -227,6 +229,9 @@ def run(
         if status:
             status.done()
         cpu1 = procstat.cpu_seconds(pid) if pid else None
+        wait1 = procstat.runqueue_wait_seconds(pid) if pid else None
+        if wait0 is not None and wait1 is not None:
+            res.broker_runqueue_wait_s = wait1 - wait0
         if metrics_url:
             res.loop_lag_max_ms = _loop_lag_ms(metrics_url)
         for pr in procs:
@@ -315,6 +320,10 @@ def _summarize(
         if r.get("rejected"):
             res.errors.append(f"{r['rejected']} publishes rejected")
     res.loadgen_cpu_s = sum(r["cpu_s"] for r in results)
+    res.window_wait_s = sum(r.get("window_wait_s", 0.0) for r in results)
+    waits = [r.get("runqueue_wait_s") for r in results]
+    if waits and all(w is not None for w in waits):
+        res.loadgen_runqueue_wait_s = sum(w for w in waits if w is not None)
     res.loadgen_peak_util = max(r.get("peak_util", 0.0) for r in results)
     if plan.scenario == "connections":
         return

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -30,6 +31,8 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from ingestd.bench import procstat
 
 if TYPE_CHECKING:
     from ingestd.bench.client import PreEncoded
@@ -191,6 +194,7 @@ class _Worker:
         self.peak_util = 0.0
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._stalled_until_ns = 0  # when the last --stall-subscriber pause ends
+        self._wait0: float | None = None  # run-queue wait at "go" (procstat)
 
     async def recv(self) -> tuple[str, Any]:
         msg = await asyncio.get_running_loop().run_in_executor(None, self.conn.recv)
@@ -293,6 +297,12 @@ class _Worker:
                 )
                 for i, c in self.pubs
             }
+        # What exists now lives for the run: out of the collector's scans, as the broker
+        # does at start-up (a young collection found the clients' buffers and took 3-7 ms
+        # in the middle of a latency run); collect the young generation less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         self.send("ready", {"subscribers": len(self.subs), "publishers": len(self.pubs)})
         kind, info = await self.recv()
         if kind != "go":
@@ -306,6 +316,7 @@ class _Worker:
             )
         t0 = time.monotonic_ns()
         cpu0 = time.process_time()
+        self._wait0 = procstat.runqueue_wait_seconds("self")
         rate = p.publisher_rate()
         deadline = info.get("deadline_ns")
         if p.scenario == "ingest":
@@ -433,7 +444,9 @@ class _Worker:
             "ack_latency_max_us": max([0, *(c.ack_latency.max_us for _, c in self.pubs)]),
             "acked": {i: c.acked for i, c in self.pubs},
             "rejected": sum(c.rejected for _, c in self.pubs),
+            "window_wait_s": sum(c.window_wait_ns for _, c in self.pubs) / 1e9,
             "cpu_s": cpu,
+            "runqueue_wait_s": _since(self._wait0, procstat.runqueue_wait_seconds("self")),
             "peak_util": self.peak_util,
             "errors": self.errors,
             "pid": os.getpid(),
@@ -490,6 +503,10 @@ class _Worker:
             },
         )
         await self._gather_limited([c.disconnect() for c in clients])
+
+
+def _since(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
 
 
 async def _capture(coro: Any) -> Any:

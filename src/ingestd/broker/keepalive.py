@@ -14,6 +14,15 @@ about once per 1.5 keepalive periods, never per packet. A connection leaves
 its tick when it closes (``discard``), so the wheel holds nothing for closed
 connections. A connection is closed at most one tick later than its exact
 deadline.
+
+Connections that connected together fall due together (10,000 clients that
+reconnect after an outage share a tick or two), and checking 10,000 in one
+loop turn would stall every delivery behind it for tens of milliseconds. A
+timer callback checks at most ``chunk`` connections (default 256, well under
+a millisecond); the rest stay in their tick's set, where ``discard`` still
+finds them, and a timer one millisecond later goes on with them, after the
+loop has polled for I/O. (Not ``call_soon`` or a zero timer: uvloop runs those
+before its next poll, so the chunks would run back to back.)
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ import heapq
 import math
 import time
 from typing import Protocol
+
+# The pause between two chunks of one crowded tick: uvloop's shortest timer that
+# fires after the loop has polled for I/O.
+CONTINUE_AFTER_S = 0.001
 
 
 class KeepaliveClient(Protocol):
@@ -34,11 +47,16 @@ class KeepaliveClient(Protocol):
 class KeepaliveWheel:
     """Connections by the tick of their next keepalive check; one timer for all."""
 
-    __slots__ = ("_armed", "_handle", "_keys", "_loop", "_slots", "tick")
+    __slots__ = ("_armed", "_handle", "_keys", "_loop", "_slots", "chunk", "tick")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 1.0) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, tick: float = 1.0, chunk: int = 256
+    ) -> None:
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
         self._loop = loop
         self.tick = tick
+        self.chunk = chunk
         self._slots: dict[int, set[KeepaliveClient]] = {}
         self._keys: list[int] = []  # heap of the ticks in _slots (and stale ones)
         self._handle: asyncio.TimerHandle | None = None
@@ -74,11 +92,11 @@ class KeepaliveWheel:
         self._slots.clear()
         self._keys.clear()
 
-    def _arm(self, key: int) -> None:
+    def _arm(self, key: int, min_delay: float = 0.0) -> None:
         if self._handle is not None:
             self._handle.cancel()
         self._armed = key
-        delay = max(0.0, key * self.tick - time.monotonic())
+        delay = max(min_delay, key * self.tick - time.monotonic())
         self._handle = self._loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
@@ -86,13 +104,21 @@ class KeepaliveWheel:
         keys = self._keys
         slots = self._slots
         now = time.monotonic()
+        budget = self.chunk
+        due: set[KeepaliveClient] | None = None
         while keys and keys[0] * self.tick <= now:
-            due = slots.pop(heapq.heappop(keys), None)
+            key = keys[0]
+            due = slots.get(key)
+            while due and budget:
+                budget -= 1
+                # Closes the connection or adds it again at a later tick (> now).
+                due.pop().keepalive_due()
             if due:
-                for client in due:
-                    # Closes the connection or adds it again at a later tick (> now).
-                    client.keepalive_due()
+                break  # chunk done: the rest of this tick after the next I/O poll
+            slots.pop(key, None)
+            heapq.heappop(keys)
         while keys and keys[0] not in slots:
             heapq.heappop(keys)  # a tick whose set was already taken
         if keys:
-            self._arm(keys[0])
+            # A tick not yet worked through (``due`` left over): after the next I/O poll.
+            self._arm(keys[0], CONTINUE_AFTER_S if due else 0.0)
