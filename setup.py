@@ -14,6 +14,8 @@ extensions = [
     Extension("ingestd._message", ["ext/ingestd/_message.pyx"]),
     Extension("ingestd._inbound", ["ext/ingestd/_inbound.pyx"]),
     Extension("ingestd._rows", ["ext/ingestd/_rows.pyx"]),
+    # Linux only (epoll): the plain-TCP transport (ingestd.transport.epoll).
+    Extension("ingestd._epoll", ["ext/ingestd/_epoll.pyx"]),
 ]
 
 setup(

@@ -8,6 +8,7 @@ clients (paho-mqtt 3.1.1 and 5.0, mosquitto_sub), and the wheel on its own.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -135,11 +136,18 @@ def test_keepalive_wheel_holds_only_open_connections(server: Any) -> None:
 
 
 def test_server_sockets_have_tcp_nodelay(server: Any) -> None:
-    """The transport sets TCP_NODELAY (uvloop and asyncio both do); we rely on it."""
+    """The transport sets TCP_NODELAY (the epoll one itself; uvloop and asyncio both do);
+    we rely on it."""
     c = Client(server.port, version=4)
     ch = channel_of(server, c.client_id)
 
     def nodelay() -> int:
+        if hasattr(ch.port, "fileno"):  # the epoll transport's Conn
+            sock = socket.socket(fileno=os.dup(ch.port.fileno()))
+            try:
+                return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            finally:
+                sock.close()
         sock = ch.port.transport.get_extra_info("socket")
         return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
