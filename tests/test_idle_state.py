@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ingestd.broker.keepalive import KeepaliveWheel
-from mqtt_clients import Client
+from mqtt_clients import Client, raw_connect
 from pg_fixtures import wait_for
 
 WAIT = 20.0
@@ -153,3 +153,35 @@ def test_server_sockets_have_tcp_nodelay(server: Any) -> None:
 
     assert server.call(nodelay) == 1
     c.disconnect()
+
+
+def test_an_idle_connection_holds_no_decoder_nor_client_info(server: Any) -> None:
+    """Past CONNECT a channel reads through the broker's shared decoder; it holds one of
+    its own only while a read has ended inside a packet. Its ClientInfo is made when
+    asked."""
+    cid = b"nodecoder"
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    s = raw_connect(server.port, b"\x10" + bytes([len(body)]) + body)
+    try:
+        assert s.recv(4) == b"\x20\x02\x00\x00"
+        ch = channel_of(server, "nodecoder")
+        wait_for(lambda: server.call(lambda: ch.decoder is None), "no decoder of its own", WAIT)
+        s.sendall(b"\xc0")  # the first byte of a PINGREQ
+        wait_for(
+            lambda: server.call(lambda: ch.decoder is not None and ch.decoder.buffered == 1),
+            "a decoder holding the incomplete packet",
+            WAIT,
+        )
+        s.sendall(b"\x00")  # ... and the rest
+        assert s.recv(2) == b"\xd0\x00"  # PINGRESP
+        wait_for(lambda: server.call(lambda: ch.decoder is None), "the decoder dropped", WAIT)
+        info = server.call(lambda: ch.info)
+        assert (info.client_id, info.protocol_version, info.clean_start, info.transport) == (
+            "nodecoder",
+            4,
+            True,
+            "tcp",
+        )
+        assert info.peer == f"127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        s.close()

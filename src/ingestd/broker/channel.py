@@ -158,6 +158,8 @@ class Channel:
         "_cert_identity",
         "_client_alias_max",
         "_client_max_packet",
+        "_connect_bits",
+        "_connected_at",
         "_device_topic",
         "_devices",
         "_held",
@@ -175,7 +177,6 @@ class Channel:
         "credential",
         "decoder",
         "inbound",
-        "info",
         "keepalive",
         "last_rx",
         "peer",
@@ -194,7 +195,10 @@ class Channel:
         self.cfg = broker.config.mqtt
         self.stats = broker.stats
         self.transport_name = transport_name
-        self.decoder = Decoder(server_side=True, max_packet_size=self.cfg.max_packet_size)
+        # Until CONNECT, and while a read ended inside a packet (None otherwise: see feed).
+        self.decoder: Decoder | None = Decoder(
+            server_side=True, max_packet_size=self.cfg.max_packet_size
+        )
         self.port = port
         self.state = AWAIT_CONNECT
         self.version = 0
@@ -203,7 +207,10 @@ class Channel:
         self.peer = port.peer
         self.session: Session | None = None
         self.will: WillSpec | None = None
-        self.info: ClientInfo | None = None
+        # Set at CONNECT: when (time.time()), and protocol level | 8 if clean start (a
+        # small int, no object of its own); ``info`` is made from them when asked.
+        self._connected_at: float | None = None
+        self._connect_bits = 0
         # What this client may read and write (mqtt.acl_file; None: no ACL configured).
         self.acl: ClientAcl | None = None
         # While a CONNECT's password is checked (in a thread): the packets that came
@@ -230,7 +237,8 @@ class Channel:
         # callback per batch and connection releases them all. Busy state: made by the
         # first PUBLISH (``_busy``), dropped at a keepalive tick with nothing pending.
         self.inbound: Inbound | None = None
-        self._inbound_aliases: dict[int, str] = {}
+        # MQTT 5 only (made at CONNECT): 3.1.1 has no topic aliases.
+        self._inbound_aliases: dict[int, str] | None = None
         self._outbound_aliases: dict[str, int] | None = None  # made at CONNECT if allowed
         self._client_alias_max = 0
         self._client_max_packet = 0  # 0: no limit beyond the protocol's
@@ -244,6 +252,24 @@ class Channel:
         )
         self.broker.connection_opened(self)
         self._timer = broker.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
+
+    @property
+    def info(self) -> ClientInfo | None:
+        """What listeners and hooks are told about this client (None before CONNECT
+        was accepted); made when asked, so an idle connection holds no ClientInfo."""
+        at = self._connected_at
+        if at is None:
+            return None
+        bits = self._connect_bits
+        return ClientInfo(
+            client_id=self.client_id,
+            username=self.username,
+            peer=self.peer,
+            protocol_version=bits & 7,
+            connected_at=at,
+            clean_start=bool(bits & 8),
+            transport=self.transport_name,
+        )
 
     @property
     def transport(self) -> Any:
@@ -262,9 +288,22 @@ class Channel:
             return
         self.last_rx = time.monotonic()
         self.stats.bytes_received += len(data)
+        decoder = self.decoder
+        shared = decoder is None
+        if decoder is None:
+            # CONNECTED, no incomplete packet held: the broker's shared decoder for this
+            # protocol; the tail of an incomplete packet gets a decoder of its own.
+            decoder = self.broker.decoders[self.version]
         try:
-            packets = self.decoder.feed(data)
+            packets = decoder.feed(data)
+            if shared:
+                if decoder.buffered:
+                    self.decoder = decoder.detach()
+            elif self.state == CONNECTED and not decoder.buffered:
+                self.decoder = None
         except ProtocolError as exc:
+            if shared:
+                decoder.reset()  # ready for the next connection's bytes
             # The packets before the malformed one count as if they had come in an
             # earlier read (a CONNECT is answered, a PUBLISH routed), then we close.
             if self._held is None and exc.packets:
@@ -292,6 +331,8 @@ class Channel:
             return
         if self.state == CLOSED or self._held is not None:
             return
+        if self.decoder is not None and self.state == CONNECTED and not self.decoder.buffered:
+            self.decoder = None  # past CONNECT with nothing incomplete: reads share one
         inbound = self.inbound
         if not self._read_paused and (
             (inbound is not None and inbound.ack_count > self.cfg.receive_maximum)
@@ -458,7 +499,7 @@ class Channel:
                 self.port.write_now(
                     encode(Connack(reason_code=ConnackV3.UNACCEPTABLE_PROTOCOL_VERSION), 4)
                 )
-            elif self.decoder.protocol_version == 5:
+            elif self.decoder is not None and self.decoder.protocol_version == 5:
                 self.port.write_now(encode(Connack(reason_code=exc.reason_code), 5))
         self._close("protocol_error", exc.reason_code, str(exc))
 
@@ -716,9 +757,12 @@ class Channel:
             keepalive = server_keepalive = cfg.max_keepalive
         self.keepalive = keepalive
         self._client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
+        if self.version == 5:
+            self._inbound_aliases = {}
         if self._client_alias_max:
             self._outbound_aliases = {}
-        self.decoder.max_packet_size = cfg.max_packet_size
+        if self.decoder is not None:
+            self.decoder.max_packet_size = cfg.max_packet_size
 
         clean_start = p.clean_start
         if acl is not None and not clean_start:
@@ -758,15 +802,8 @@ class Channel:
             self.port.send(encode(Connack(session_present=present, reason_code=0), 4))
         if keepalive:
             self._ka_key = self.broker.keepalive.add(self, time.monotonic() + keepalive * 1.5)
-        self.info = ClientInfo(
-            client_id=self.client_id,
-            username=self.username,
-            peer=self.peer,
-            protocol_version=p.protocol_level,
-            connected_at=time.time(),
-            clean_start=p.clean_start,
-            transport=self.transport_name,
-        )
+        self._connect_bits = p.protocol_level | (8 if p.clean_start else 0)
+        self._connected_at = time.time()
         self.broker.client_connected(self)
         if present:
             session.resend_inflight()
@@ -843,10 +880,12 @@ class Channel:
                         f" {self.cfg.topic_alias_maximum} [MQTT-3.3.2-9]",
                         Reason.TOPIC_ALIAS_INVALID,
                     )
+                aliases = self._inbound_aliases
+                assert aliases is not None  # made at CONNECT for MQTT 5 (3.1.1 has no props)
                 if topic:
-                    self._inbound_aliases[alias] = topic
+                    aliases[alias] = topic
                 else:
-                    known = self._inbound_aliases.get(alias)
+                    known = aliases.get(alias)
                     if known is None:
                         raise ProtocolError(
                             f"topic alias {alias} used before it was set [MQTT-3.3.4-?]",

@@ -34,13 +34,16 @@ class KeepaliveClient(Protocol):
 class KeepaliveWheel:
     """Connections by the tick of their next keepalive check; one timer for all."""
 
-    __slots__ = ("_armed", "_handle", "_keys", "_loop", "_slots", "tick")
+    __slots__ = ("_armed", "_canon", "_handle", "_keys", "_loop", "_slots", "tick")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 1.0) -> None:
         self._loop = loop
         self.tick = tick
         self._slots: dict[int, set[KeepaliveClient]] = {}
         self._keys: list[int] = []  # heap of the ticks in _slots (and stale ones)
+        # One int object per tick in _slots, returned to every client due then: each
+        # keeps it as its key (math.ceil makes a new 32-byte int per call otherwise).
+        self._canon: dict[int, int] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed = 0  # the tick _handle fires at
 
@@ -54,9 +57,12 @@ class KeepaliveWheel:
         due = self._slots.get(key)
         if due is None:
             due = self._slots[key] = set()
+            self._canon[key] = key
             heapq.heappush(self._keys, key)
             if self._handle is None or key < self._armed:
                 self._arm(key)
+        else:
+            key = self._canon[key]
         due.add(client)
         return key
 
@@ -72,6 +78,7 @@ class KeepaliveWheel:
             self._handle.cancel()
             self._handle = None
         self._slots.clear()
+        self._canon.clear()
         self._keys.clear()
 
     def _arm(self, key: int) -> None:
@@ -87,7 +94,9 @@ class KeepaliveWheel:
         slots = self._slots
         now = time.monotonic()
         while keys and keys[0] * self.tick <= now:
-            due = slots.pop(heapq.heappop(keys), None)
+            key = heapq.heappop(keys)
+            due = slots.pop(key, None)
+            self._canon.pop(key, None)
             if due:
                 for client in due:
                     # Closes the connection or adds it again at a later tick (> now).
