@@ -279,7 +279,7 @@ cdef class Hub:
             conn = <Conn>obj
             if ev & EPOLLOUT or (ev & (EPOLLERR | EPOLLHUP) and conn._flags & F_WANT_OUT):
                 conn._flags &= ~F_WANT_OUT
-                conn._flush()
+                _flush(conn)
                 if conn._flags & F_CLOSED:
                     continue
             if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
@@ -287,9 +287,9 @@ cdef class Hub:
                     if ev & (EPOLLERR | EPOLLHUP):
                         # Not reading, and the peer is gone (reset, or both directions
                         # shut): level-triggered, this would come back every turn.
-                        conn._failed("connection lost while not reading")
+                        _failed(conn, "connection lost while not reading")
                 else:
-                    conn._read()
+                    _read(conn)
 
     cdef int _accept(self, int lfd) except -1:
         cdef int fd, k, one = 1
@@ -325,12 +325,12 @@ cdef class Hub:
                 conn._channel = self._new_channel(conn)
                 if conn._flags & F_CLOSED:
                     continue  # the channel closed it at once
-                conn._set_mask()
+                _set_mask(conn)
             except Exception:
                 _log.exception("cannot set up a connection from %s", _peer_of(fd))
                 conn._out = None
                 if not conn._flags & F_CLOSED:
-                    conn._finish()
+                    _finish(conn)
         return 0
 
     def _pause_accepting(self):
@@ -364,7 +364,7 @@ cdef class Hub:
             conn = <Conn>obj
             conn._flags &= ~F_DIRTY
             if not conn._flags & F_CLOSED:
-                conn._flush()
+                _flush(conn)
 
     def _run_lost(self):
         """Deliver connection_lost to the channels of the connections closed last turn."""
@@ -403,7 +403,7 @@ cdef class Hub:
             if obj is not None:
                 conn = <Conn>obj
                 conn._out = None
-                conn._finish()
+                _finish(conn)
 
     async def wait_closed(self):
         """After :meth:`close`: connections still open are aborted (the broker has
@@ -475,7 +475,7 @@ cdef class Conn:
         if size >= EAGER_FLUSH_BYTES and not self._flags & F_WANT_OUT:
             # Enough to fill a segment train: to the kernel now, rather than let one
             # turn's burst count against the connection's outbound bound.
-            self._flush()
+            _flush(self)
         elif not self._flags & F_DIRTY:
             self._flags |= F_DIRTY
             self._hub._dirty.append(self)
@@ -494,7 +494,7 @@ cdef class Conn:
             self._out = bytearray(out) + data
         else:
             self._out = data + bytes(out)
-        self._flush()
+        _flush(self)
 
     def writable(self):
         """False once ``max_outbound_bytes`` are queued, until they drain to a quarter."""
@@ -514,12 +514,12 @@ cdef class Conn:
     def pause_reading(self):
         if not self._flags & (F_READ_PAUSED | F_CLOSED):
             self._flags |= F_READ_PAUSED
-            self._set_mask()
+            _set_mask(self)
 
     def resume_reading(self):
         if self._flags & F_READ_PAUSED and not self._flags & F_CLOSED:
             self._flags &= ~F_READ_PAUSED
-            self._set_mask()
+            _set_mask(self)
 
     def peer_certificate(self):
         """Plain TCP: no certificate."""
@@ -539,144 +539,145 @@ cdef class Conn:
                 out += last
         self._flags |= F_CLOSING
         if not self._flags & F_WANT_OUT:
-            self._flush()
+            _flush(self)
         if self._flags & F_CLOSED:
             return
         if self._out is None:
-            self._finish()
+            _finish(self)
         else:
-            self._set_mask()  # no more reading; writing until drained
+            _set_mask(self)  # no more reading; writing until drained
             self._hub._loop.call_later(LINGER_S, self._linger_over)
 
     def abort(self):
         """Close now; what is queued is dropped."""
         if not self._flags & F_CLOSED:
             self._out = None
-            self._finish()
+            _finish(self)
 
     def _linger_over(self):
         if not self._flags & F_CLOSED:
-            self._failed(f"peer took no bytes for {LINGER_S:.0f} s while closing")
+            _failed(self, f"peer took no bytes for {LINGER_S:.0f} s while closing")
 
-    # -- internals ----------------------------------------------------------
 
-    cdef int _read(self) except -1:
-        cdef Hub hub = self._hub
-        cdef ssize_t n = recv(self._fd, hub._rbuf, hub._rbuf_size, 0)
-        cdef int err
-        if n > 0:
-            data = PyBytes_FromStringAndSize(hub._rbuf, n)
-            try:
-                self._channel.feed(data)
-            except Exception:
-                _log.exception("closing %s: its channel failed on %d bytes read", self.peer, n)
-                self.abort()
-            return 0
-        if n == 0:
-            # End of file: the client is done sending; close after what is queued.
-            self._flags |= F_READ_PAUSED
-            self.close()
-            return 0
-        err = errno
-        if err == EAGAIN or err == EINTR:
-            return 0
-        self._out = None
-        self._finish()  # reset (ECONNRESET) or another error: nothing more to write
+# -- a Conn's internals (functions, not methods: a Conn has no vtable pointer) --
+
+cdef int _read(Conn self) except -1:
+    cdef Hub hub = self._hub
+    cdef ssize_t n = recv(self._fd, hub._rbuf, hub._rbuf_size, 0)
+    cdef int err
+    if n > 0:
+        data = PyBytes_FromStringAndSize(hub._rbuf, n)
+        try:
+            self._channel.feed(data)
+        except Exception:
+            _log.exception("closing %s: its channel failed on %d bytes read", self.peer, n)
+            self.abort()
         return 0
+    if n == 0:
+        # End of file: the client is done sending; close after what is queued.
+        self._flags |= F_READ_PAUSED
+        self.close()
+        return 0
+    err = errno
+    if err == EAGAIN or err == EINTR:
+        return 0
+    self._out = None
+    _finish(self)  # reset (ECONNRESET) or another error: nothing more to write
+    return 0
 
-    cdef int _flush(self) except -1:
-        """Try to hand the queued bytes to the kernel (not while EPOLLOUT is awaited)."""
-        cdef object out = self._out
-        cdef const char* buf
-        cdef Py_ssize_t size, sent
-        cdef Hub hub
-        if out is None or self._flags & (F_WANT_OUT | F_CLOSED):
-            return 0
-        if type(out) is bytes:
-            buf = PyBytes_AS_STRING(out)
-            size = PyBytes_GET_SIZE(out)
+cdef int _flush(Conn self) except -1:
+    """Try to hand the queued bytes to the kernel (not while EPOLLOUT is awaited)."""
+    cdef object out = self._out
+    cdef const char* buf
+    cdef Py_ssize_t size, sent
+    cdef Hub hub
+    if out is None or self._flags & (F_WANT_OUT | F_CLOSED):
+        return 0
+    if type(out) is bytes:
+        buf = PyBytes_AS_STRING(out)
+        size = PyBytes_GET_SIZE(out)
+    else:
+        buf = PyByteArray_AS_STRING(out)
+        size = PyByteArray_GET_SIZE(out)
+    sent = send(self._fd, buf, size, MSG_NOSIGNAL)
+    if sent < 0:
+        if errno == EAGAIN or errno == EINTR:
+            sent = 0
         else:
-            buf = PyByteArray_AS_STRING(out)
-            size = PyByteArray_GET_SIZE(out)
-        sent = send(self._fd, buf, size, MSG_NOSIGNAL)
-        if sent < 0:
-            if errno == EAGAIN or errno == EINTR:
-                sent = 0
-            else:
-                # EPIPE, ECONNRESET...: the peer is gone.
-                self._out = None
-                self._finish()
-                return 0
-        hub = self._hub
-        if sent:
-            hub._stats.bytes_sent += sent
-        if sent == size:
+            # EPIPE, ECONNRESET...: the peer is gone.
             self._out = None
-        else:
-            if type(out) is bytes:
-                self._out = bytearray(out[sent:])
-            elif sent:
-                del out[:sent]
-            self._flags |= F_WANT_OUT
-        if self._flags & F_CLOSING and self._out is None:
-            self._finish()
+            _finish(self)
             return 0
-        self._set_mask()
-        if self._flags & F_OVER and (
-            self._out is None or len(self._out) <= hub._max_outbound // 4
-        ):
-            self._flags &= ~F_OVER
-            if self._channel is not None and not self._flags & F_CLOSING:
-                try:
-                    self._channel.resume_writing()
-                except Exception:
-                    _log.exception("closing %s: resume_writing failed", self.peer)
-                    self.abort()
-        return 0
-
-    cdef int _set_mask(self) except -1:
-        """Tell epoll what this connection waits for now (only when that changed)."""
-        cdef unsigned int want = 0, have
-        cdef unsigned int flags = self._flags
-        if flags & F_CLOSED:
-            return 0
-        if not flags & (F_READ_PAUSED | F_CLOSING):
-            want |= F_IN_MASK
-        if flags & F_WANT_OUT:
-            want |= F_OUT_MASK
-        have = flags & (F_IN_MASK | F_OUT_MASK | F_REGISTERED)
-        if have == want | F_REGISTERED:
-            return 0
-        self._hub._ctl(
-            EPOLL_CTL_MOD if have & F_REGISTERED else EPOLL_CTL_ADD,
-            self._fd,
-            (EPOLLIN if want & F_IN_MASK else 0) | (EPOLLOUT if want & F_OUT_MASK else 0),
-            False,
-        )
-        self._flags = (flags & ~(F_IN_MASK | F_OUT_MASK)) | want | F_REGISTERED
-        return 0
-
-    cdef int _failed(self, str what) except -1:
-        _log.info("closing %s: %s", self.peer, what)
+    hub = self._hub
+    if sent:
+        hub._stats.bytes_sent += sent
+    if sent == size:
         self._out = None
-        self._finish()
+    else:
+        if type(out) is bytes:
+            self._out = bytearray(out[sent:])
+        elif sent:
+            del out[:sent]
+        self._flags |= F_WANT_OUT
+    if self._flags & F_CLOSING and self._out is None:
+        _finish(self)
         return 0
+    _set_mask(self)
+    if self._flags & F_OVER and (
+        self._out is None or len(self._out) <= hub._max_outbound // 4
+    ):
+        self._flags &= ~F_OVER
+        if self._channel is not None and not self._flags & F_CLOSING:
+            try:
+                self._channel.resume_writing()
+            except Exception:
+                _log.exception("closing %s: resume_writing failed", self.peer)
+                self.abort()
+    return 0
 
-    cdef int _finish(self) except -1:
-        """Close the fd; connection_lost reaches the channel on the next turn."""
-        cdef Hub hub = self._hub
-        cdef int fd = self._fd
-        if self._flags & F_CLOSED:
-            return 0
-        if self._flags & F_REGISTERED and hub._epfd >= 0:
-            epoll_ctl(hub._epfd, EPOLL_CTL_DEL, fd, NULL)
-        self._flags = (self._flags | F_CLOSED) & ~F_WANT_OUT
-        self._out = None
-        if fd < len(hub._by_fd) and hub._by_fd[fd] is self:
-            hub._by_fd[fd] = None
-        close(fd)
-        hub.open_connections -= 1
-        if not hub._lost:
-            hub._loop.call_soon(hub._lost_cb)
-        hub._lost.append(self)
+cdef int _set_mask(Conn self) except -1:
+    """Tell epoll what this connection waits for now (only when that changed)."""
+    cdef unsigned int want = 0, have
+    cdef unsigned int flags = self._flags
+    if flags & F_CLOSED:
         return 0
+    if not flags & (F_READ_PAUSED | F_CLOSING):
+        want |= F_IN_MASK
+    if flags & F_WANT_OUT:
+        want |= F_OUT_MASK
+    have = flags & (F_IN_MASK | F_OUT_MASK | F_REGISTERED)
+    if have == want | F_REGISTERED:
+        return 0
+    self._hub._ctl(
+        EPOLL_CTL_MOD if have & F_REGISTERED else EPOLL_CTL_ADD,
+        self._fd,
+        (EPOLLIN if want & F_IN_MASK else 0) | (EPOLLOUT if want & F_OUT_MASK else 0),
+        False,
+    )
+    self._flags = (flags & ~(F_IN_MASK | F_OUT_MASK)) | want | F_REGISTERED
+    return 0
+
+cdef int _failed(Conn self, str what) except -1:
+    _log.info("closing %s: %s", self.peer, what)
+    self._out = None
+    _finish(self)
+    return 0
+
+cdef int _finish(Conn self) except -1:
+    """Close the fd; connection_lost reaches the channel on the next turn."""
+    cdef Hub hub = self._hub
+    cdef int fd = self._fd
+    if self._flags & F_CLOSED:
+        return 0
+    if self._flags & F_REGISTERED and hub._epfd >= 0:
+        epoll_ctl(hub._epfd, EPOLL_CTL_DEL, fd, NULL)
+    self._flags = (self._flags | F_CLOSED) & ~F_WANT_OUT
+    self._out = None
+    if fd < len(hub._by_fd) and hub._by_fd[fd] is self:
+        hub._by_fd[fd] = None
+    close(fd)
+    hub.open_connections -= 1
+    if not hub._lost:
+        hub._loop.call_soon(hub._lost_cb)
+    hub._lost.append(self)
+    return 0

@@ -154,8 +154,6 @@ class Channel:
     """
 
     __slots__ = (
-        "_auth_task",
-        "_cert_identity",
         "_client_alias_max",
         "_client_max_packet",
         "_connect_bits",
@@ -163,13 +161,11 @@ class Channel:
         "_device_topic",
         "_devices",
         "_held",
-        "_held_error",
         "_inbound_aliases",
         "_ka_key",
         "_outbound_aliases",
         "_read_paused",
         "_short_topic",
-        "_timer",
         "acl",
         "broker",
         "cfg",
@@ -216,17 +212,14 @@ class Channel:
         # While a CONNECT's password is checked (in a thread): the packets that came
         # after it, handled once it is accepted.
         self._held: list[Any] | None = None
-        # A malformed packet read while the CONNECT was held: raised once it is decided.
-        self._held_error: ProtocolError | None = None
-        self._auth_task: asyncio.Task[Verdict] | None = None
         # The credential it logged in with (None: no password checked); the broker
         # disconnects it when that credential is no longer in force (Auth.in_force).
         self.credential: Credential | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
-        # The connect timeout (until CONNECT); then the keepalive is a wheel entry.
-        self._timer: asyncio.TimerHandle | None = None
-        self._ka_key = 0  # its tick in broker.keepalive (0: not in the wheel)
+        # Its tick in broker.keepalive (0: not in the wheel): the connect timeout until
+        # CONNECT, then the keepalive.
+        self._ka_key = 0
         self._read_paused = False
         # devices.schemes that learn variables from published topics (None: none do),
         # and the last topic handed to it (a device repeating one topic costs one compare).
@@ -246,12 +239,9 @@ class Channel:
         # character is at most 4 UTF-8 bytes) and max_topic_levels (n levels take n - 1
         # characters "/"): one len() decides a PUBLISH's topic limits in the common case.
         self._short_topic = _short_topic(self.cfg.max_topic_length, self.cfg.max_topic_levels)
-        # What a TLS client's user name comes from (its certificate), or None (CONNECT).
-        self._cert_identity = (
-            identity_mode(broker.config.server) if transport_name in _TLS_TRANSPORTS else None
-        )
         self.broker.connection_opened(self)
-        self._timer = broker.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
+        # The connect timeout is a wheel entry too (keepalive_due before CONNECT).
+        self._ka_key = broker.keepalive.add(self, time.monotonic() + self.cfg.connect_timeout)
 
     @property
     def info(self) -> ClientInfo | None:
@@ -315,9 +305,14 @@ class Channel:
                     return
             elif self._held is not None:
                 self._held.extend(exc.packets)
-            if self._held is not None:
-                # A CONNECT waits for its password check: the error waits with it.
-                self._held_error = exc
+            held = self._held
+            if held is not None:
+                # A CONNECT waits for its password check: the error waits with it, last
+                # in the held list (raised once the CONNECT is decided).
+                if held and isinstance(held[-1], ProtocolError):
+                    held[-1] = exc
+                else:
+                    held.append(exc)
                 return
             self._protocol_error(exc)
             return
@@ -462,9 +457,6 @@ class Channel:
             return
         was_connected = self.state == CONNECTED
         self.state = CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._ka_key:
             self.broker.keepalive.discard(self, self._ka_key)
             self._ka_key = 0
@@ -504,14 +496,17 @@ class Channel:
         self._close("protocol_error", exc.reason_code, str(exc))
 
     def _connect_timeout(self) -> None:
-        self._timer = None
         if self.state == AWAIT_CONNECT:
             log.info("closing %s: no CONNECT within %.0f s", self.peer, self.cfg.connect_timeout)
             self._close("protocol_error")
 
     def keepalive_due(self) -> None:
-        """The keepalive wheel's tick for this connection came (the KeepaliveClient)."""
+        """The keepalive wheel's tick for this connection came (the KeepaliveClient):
+        its keepalive deadline, or before CONNECT its connect timeout."""
         self._ka_key = 0
+        if self.state == AWAIT_CONNECT:
+            self._connect_timeout()
+            return
         self._keepalive_check()
 
     def _keepalive_check(self) -> None:
@@ -618,9 +613,9 @@ class Channel:
 
     def _on_connect(self, p: Any) -> None:
         self.version = 5 if p.protocol_level == 5 else 4
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._ka_key:  # the connect timeout
+            self.broker.keepalive.discard(self, self._ka_key)
+            self._ka_key = 0
         props = p.properties
         self.client_id = p.client_id
         self.username = p.username
@@ -651,14 +646,20 @@ class Channel:
                 Reason.CONNECTION_RATE_EXCEEDED, "too many failed logins from this address"
             )
             return
-        if self._cert_identity is not None:
+        # What a TLS client's user name comes from (its certificate), or None (CONNECT).
+        cert_identity = (
+            identity_mode(self.broker.config.server)
+            if self.transport_name in _TLS_TRANSPORTS
+            else None
+        )
+        if cert_identity is not None:
             # The user name is the certificate's (server.tls_use_identity_as_username /
             # _subject_): CONNECT's user name and password are ignored, as in Mosquitto.
-            name = certificate_username(self.port.peer_certificate(), self._cert_identity)
+            name = certificate_username(self.port.peer_certificate(), cert_identity)
             if name is None:
                 self._refuse_connect(
                     auth.certificate_refused(self.peer),
-                    f"no client certificate with a {self._cert_identity} to take as user name",
+                    f"no client certificate with a {cert_identity} to take as user name",
                 )
                 return
             self.username = name
@@ -673,7 +674,7 @@ class Channel:
             task = self.broker.loop.create_task(
                 auth.authenticate(p.username, p.password, self.peer, self.client_id)
             )
-            self._auth_task = task  # the loop keeps only a weak reference to a task
+            self.broker.auth_tasks.add(task)  # the loop keeps only a weak reference
             task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
             return
         self._on_connect_authenticated(
@@ -684,7 +685,7 @@ class Channel:
         """The password check of a CONNECT ended: go on with it, then what came after."""
         held = self._held or []
         self._held = None
-        self._auth_task = None
+        self.broker.auth_tasks.discard(task)
         if self.state == CLOSED or task.cancelled():
             return
         try:
@@ -692,7 +693,7 @@ class Channel:
         except Exception:
             log.exception("password check failed for %s", self.peer)
             verdict = Verdict(Reason.UNSPECIFIED_ERROR, "authentication failed")
-        error, self._held_error = self._held_error, None
+        error = held.pop() if held and isinstance(held[-1], ProtocolError) else None
         try:
             self._on_connect_authenticated(p, assigned, verdict)
             if self.state == CONNECTED and held:

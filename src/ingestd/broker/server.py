@@ -106,6 +106,8 @@ class Broker:
         self.listeners: list[BrokerListener] = []
         self._ingest: Any = None  # object with .saturated and wait_not_saturated()
         self._paused: set[Channel] = set()
+        # CONNECT password checks under way (the loop keeps only weak references to tasks).
+        self.auth_tasks: set[asyncio.Task[Any]] = set()
         self._resume_task: asyncio.Task[None] | None = None
         self.closing = False
 

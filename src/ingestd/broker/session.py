@@ -62,7 +62,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ingestd.broker.message import Message
 from ingestd.mqtt.constants import Prop, Reason
@@ -189,6 +189,27 @@ class QueuePool:
         self.peak = 0
 
 
+class _NoEntries(dict[Any, Any]):
+    """The one empty map every session's ``subscriptions`` and ``inflight`` start as
+    (a 64-byte dict each otherwise, for every idle client): replaced by a dict of its
+    own at the first write (``own_subscriptions``, ``_send_new``). Writing to it is a
+    bug and raises; reading, ``pop``, ``clear`` and ``del`` of a key behave as on {}."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key: Any, value: Any) -> NoReturn:
+        raise TypeError("write to the shared empty map: make the session's own first")
+
+    def setdefault(self, key: Any, default: Any = None) -> NoReturn:
+        raise TypeError("write to the shared empty map: make the session's own first")
+
+    def update(self, *args: Any, **kw: Any) -> NoReturn:
+        raise TypeError("write to the shared empty map: make the session's own first")
+
+
+NO_ENTRIES: Any = _NoEntries()
+
+
 class Session:
     """MQTT session state; see the module docstring for the state machine."""
 
@@ -240,9 +261,10 @@ class Session:
         self.acl: ClientAcl | None = None
         # The connected client's outbound side (None: offline).
         self.connection: Outbound | None = None
-        self.subscriptions: dict[str, SubOptions] = {}
+        # Both start as the shared NO_ENTRIES (an idle client holds no empty dicts).
+        self.subscriptions: dict[str, SubOptions] = NO_ENTRIES
         # Plain dicts keep insertion (send) order; OrderedDict would cost more per session.
-        self.inflight: dict[int, Delivery] = {}
+        self.inflight: dict[int, Delivery] = NO_ENTRIES
         # Created on first use: an empty deque costs ~760 bytes, and most sessions never queue.
         self.queue: deque[Delivery] | None = None
         self.queued_bytes = 0
@@ -432,7 +454,10 @@ class Session:
         d.packet_id = pid
         d.state = Delivery.PUBLISH_SENT
         if conn.send_publish(d.message, d.qos, d.retain, d.sub_ids, pid, False):
-            self.inflight[pid] = d
+            inflight = self.inflight
+            if inflight is NO_ENTRIES:
+                inflight = self.inflight = {}
+            inflight[pid] = d
         else:
             # Too large for the client's Maximum Packet Size; dropped and counted there.
             self._done(d)
@@ -541,6 +566,13 @@ class Session:
         if self.will_handle is not None:
             self.will_handle.cancel()
             self.will_handle = None
+
+    def own_subscriptions(self) -> dict[str, SubOptions]:
+        """``subscriptions``, made a dict of this session's own if it was NO_ENTRIES."""
+        subs = self.subscriptions
+        if subs is NO_ENTRIES:
+            subs = self.subscriptions = {}
+        return subs
 
     def __repr__(self) -> str:
         state = "online" if self.connection is not None else "offline"
