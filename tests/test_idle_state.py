@@ -185,3 +185,38 @@ def test_an_idle_connection_holds_no_decoder_nor_client_info(server: Any) -> Non
         assert info.peer == f"127.0.0.1:{s.getsockname()[1]}"
     finally:
         s.close()
+
+
+def test_idle_sessions_share_one_empty_map_until_written(server: Any) -> None:
+    """Sessions start with the shared NO_ENTRIES as subscriptions and inflight; a
+    subscription or a QoS 1 delivery gives the session its own dict, and the shared
+    one stays empty (writing to it raises)."""
+    from ingestd.broker.empty import NO_ENTRIES
+
+    # An idle client that never subscribes (the paho helper subscribes to a barrier).
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c\x00\x09emptymaps"
+    idle = raw_connect(server.port, b"\x10" + bytes([len(body)]) + body)
+    assert idle.recv(4) == b"\x20\x02\x00\x00"
+    sub = Client(server.port, version=5)
+    sub.subscribe("shared/t", 1)
+    pub = Client(server.port, version=4)
+    pub.publish("shared/t", b"m", qos=1)
+    assert sub.expect()[0].payload == b"m"
+
+    def maps() -> tuple[bool, bool, bool, bool, int]:
+        sessions = server.app.broker.sessions
+        s, i = sessions[sub.client_id], sessions["emptymaps"]
+        return (
+            i.subscriptions is NO_ENTRIES,
+            i.inflight is NO_ENTRIES,
+            s.subscriptions is NO_ENTRIES,
+            "shared/t" in s.subscriptions,
+            len(NO_ENTRIES),
+        )
+
+    assert server.call(maps) == (True, True, False, True, 0)
+    with pytest.raises(TypeError):
+        NO_ENTRIES["x"] = 1
+    for c in (sub, pub):
+        c.disconnect()
+    idle.close()

@@ -5,9 +5,9 @@ Theory of operation
 States: ``AWAIT_CONNECT`` -> ``CONNECTED`` -> ``CLOSED``. Bytes from the
 transport (``feed``) go to a sans-IO :class:`ingestd._codec.Decoder`; each
 decoded packet is dispatched to an ``_on_<packet>`` method. Replies leave
-through the channel's :class:`Port` (the transport: TCP/TLS
-``ingestd.transport.tcp.StreamConnection``, or the WebSocket framing around
-it), so a test drives a Channel with bytes and a recording port alone
+through the channel's :class:`Port` (the transport: plain TCP's
+``ingestd._epoll.Conn``, TLS's ``ingestd.transport.tcp.StreamConnection``, or
+the WebSocket framing around one), so a test drives a Channel with bytes and a recording port alone
 (``tests/test_channel.py``). The first packet must be CONNECT (the decoder
 enforces it) and must arrive within ``connect_timeout``.
 
@@ -114,7 +114,8 @@ def _short_topic(max_length: int, max_levels: int) -> int:
 
 class Port(Protocol):
     """What a Channel writes through: its transport (implemented by
-    ``ingestd.transport.tcp.StreamConnection``; a recording fake in tests)."""
+    ``ingestd._epoll.Conn`` and ``ingestd.transport.tcp.StreamConnection``; a
+    recording fake in tests)."""
 
     peer: str  # "host:port" of the client, for log lines
 
@@ -147,10 +148,11 @@ class Channel:
     (no instance ``__dict__``; with its ~35 fields one would cost ~1.5 KB), holds no
     bound method (the garbage collector tracks each, and a full collection's cost
     grows with the tracked objects of every idle connection), and no timer of its
-    own once CONNECTED: its keepalive is one entry in the broker's
+    own: its connect timeout, then its keepalive, is one entry in the broker's
     :class:`~ingestd.broker.keepalive.KeepaliveWheel`. The inbound ack state
-    (``inbound``) exists while the client publishes; the outbound Topic Alias map
-    only for a client that allows aliases.
+    (``inbound``) exists while the client publishes, a decoder of its own only
+    while a read ended inside a packet, ``info`` is made when asked; the Topic
+    Alias maps only for MQTT 5 (outbound: a client that allows aliases).
     """
 
     __slots__ = (

@@ -33,6 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ingestd._trie import SubscriptionTrie
+from ingestd.broker.empty import NO_ENTRIES
 from ingestd.broker.hooks import BrokerStats, BrokerStore, EventListener, StoredSession
 from ingestd.broker.message import Message
 from ingestd.broker.overflow import OverflowStore
@@ -52,6 +53,14 @@ if TYPE_CHECKING:
     from ingestd.broker.channel import Channel
 
 log = logging.getLogger("ingestd.broker")
+
+
+def _own_subscriptions(session: Session) -> dict[str, SubOptions]:
+    """``session.subscriptions``, made a dict of its own if it was the shared NO_ENTRIES."""
+    subs = session.subscriptions
+    if subs is NO_ENTRIES:
+        subs = session.subscriptions = {}
+    return subs
 
 
 class SessionRegistry:
@@ -220,7 +229,7 @@ class SessionRegistry:
     def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> bool:
         """Add or replace a subscription; True if it already existed."""
         existed = topic_filter in session.subscriptions
-        session.own_subscriptions()[topic_filter] = opts
+        _own_subscriptions(session)[topic_filter] = opts
         log.debug("client %r subscribed to %r (qos %d)", session.client_id, topic_filter, opts.qos)
         self.trie.subscribe(topic_filter, session, opts)
         self._save(session)
@@ -292,7 +301,7 @@ class SessionRegistry:
             session.expiry_interval = stored.expiry_interval
             for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
                 opts = SubOptions(qos, nl, rap, rh, sub_id)
-                session.own_subscriptions()[flt] = opts
+                _own_subscriptions(session)[flt] = opts
                 self.trie.subscribe(flt, session, opts)
             # Journaled deliveries come back in their order, keeping their journal keys.
             for seq, message, qos, retain, sub_ids in stored.journal:

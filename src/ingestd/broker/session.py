@@ -62,8 +62,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from ingestd.broker.empty import NO_ENTRIES
 from ingestd.broker.message import Message
 from ingestd.mqtt.constants import Prop, Reason
 
@@ -187,27 +188,6 @@ class QueuePool:
         self.max_bytes = max_bytes
         self.used = 0
         self.peak = 0
-
-
-class _NoEntries(dict[Any, Any]):
-    """The one empty map every session's ``subscriptions`` and ``inflight`` start as
-    (a 64-byte dict each otherwise, for every idle client): replaced by a dict of its
-    own at the first write (``own_subscriptions``, ``_send_new``). Writing to it is a
-    bug and raises; reading, ``pop``, ``clear`` and ``del`` of a key behave as on {}."""
-
-    __slots__ = ()
-
-    def __setitem__(self, key: Any, value: Any) -> NoReturn:
-        raise TypeError("write to the shared empty map: make the session's own first")
-
-    def setdefault(self, key: Any, default: Any = None) -> NoReturn:
-        raise TypeError("write to the shared empty map: make the session's own first")
-
-    def update(self, *args: Any, **kw: Any) -> NoReturn:
-        raise TypeError("write to the shared empty map: make the session's own first")
-
-
-NO_ENTRIES: Any = _NoEntries()
 
 
 class Session:
@@ -566,13 +546,6 @@ class Session:
         if self.will_handle is not None:
             self.will_handle.cancel()
             self.will_handle = None
-
-    def own_subscriptions(self) -> dict[str, SubOptions]:
-        """``subscriptions``, made a dict of this session's own if it was NO_ENTRIES."""
-        subs = self.subscriptions
-        if subs is NO_ENTRIES:
-            subs = self.subscriptions = {}
-        return subs
 
     def __repr__(self) -> str:
         state = "online" if self.connection is not None else "offline"
