@@ -102,6 +102,16 @@ async def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
     return s
 
 
+async def one_client(
+    channel: type[Recorder] = Recorder, bound: int = 1 << 20, rcvbuf: int | None = None
+) -> tuple[Any, Stats, socket.socket, Recorder]:
+    """A hub with one connected client and that client's channel."""
+    hub, stats, port = start(channel, bound)
+    c = await connect(port, rcvbuf)
+    await until(lambda: len(made) == 1, "the channel")
+    return hub, stats, c, made[0]
+
+
 async def recv_exactly(s: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     buf = bytearray()
@@ -133,10 +143,7 @@ class Echo(Recorder):
 
 @in_loop
 async def test_bytes_both_ways_and_writes_coalesced_per_turn() -> None:
-    hub, stats, port = start()
-    c = await connect(port)
-    await until(lambda: len(made) == 1, "the channel")
-    ch = made[0]
+    hub, stats, c, ch = await one_client()
     assert ch.peer == f"127.0.0.1:{c.getsockname()[1]}"
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(c, b"hello")
@@ -154,12 +161,25 @@ async def test_bytes_both_ways_and_writes_coalesced_per_turn() -> None:
 
 
 @in_loop
+async def test_ipv6_listener_and_peer() -> None:
+    hub = serve(Echo, 1 << 20, Stats(), "tcp", "::1", 0)
+    port = hub.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    c = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    c.setblocking(False)
+    await loop.sock_connect(c, ("::1", port))
+    await until(lambda: len(made) == 1, "the channel")
+    assert made[0].peer == f"[::1]:{c.getsockname()[1]}"
+    await loop.sock_sendall(c, b"v6")
+    assert await recv_exactly(c, 2) == b"V6"
+    c.close()
+    await hub.wait_closed()
+
+
+@in_loop
 async def test_slow_reader_makes_it_unwritable_until_drained() -> None:
     bound = 64 * 1024
-    hub, stats, port = start(bound=bound)
-    c = await connect(port, rcvbuf=4096)  # a client that reads nothing for now
-    await until(lambda: len(made) == 1, "the channel")
-    ch = made[0]
+    hub, stats, c, ch = await one_client(bound=bound, rcvbuf=4096)  # it reads nothing yet
     chunk = bytes(range(256)) * 64  # 16 KiB
     sent = 0
     while ch.port.writable():
@@ -181,10 +201,7 @@ async def test_slow_reader_makes_it_unwritable_until_drained() -> None:
 
 @in_loop
 async def test_peer_reset_with_bytes_pending() -> None:
-    hub, _, port = start(bound=1 << 30)
-    c = await connect(port, rcvbuf=4096)
-    await until(lambda: len(made) == 1, "the channel")
-    ch = made[0]
+    hub, _, c, ch = await one_client(bound=1 << 30, rcvbuf=4096)
     ch.port.send(b"x" * (4 << 20))  # more than the kernel buffers hold
     await until(lambda: ch.port.get_write_buffer_size() > 0, "bytes waiting for the peer")
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -211,10 +228,7 @@ async def test_half_close_gets_the_answers_then_end_of_file() -> None:
 
 @in_loop
 async def test_close_while_bytes_pending_delivers_them_then_closes() -> None:
-    hub, _, port = start(bound=1 << 30)
-    c = await connect(port, rcvbuf=4096)
-    await until(lambda: len(made) == 1, "the channel")
-    ch = made[0]
+    hub, _, c, ch = await one_client(bound=1 << 30, rcvbuf=4096)
     body = os.urandom(2 << 20)
     ch.port.send(body)
     ch.port.close(b"LAST")
@@ -325,10 +339,7 @@ async def test_a_failing_channel_closes_only_its_connection() -> None:
 
 @in_loop
 async def test_write_to_a_closed_peer_ends_the_connection() -> None:
-    hub, _, port = start()
-    c = await connect(port)
-    await until(lambda: len(made) == 1, "the channel")
-    ch = made[0]
+    hub, _, c, ch = await one_client()
     ch.port.pause_reading()  # it does not notice the end of file by reading
     c.close()
     # Writing until the kernel reports the peer gone (EPIPE / reset) closes it.

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ingestd._epoll import Hub
+from ingestd.transport.addr import bound_socket
 from ingestd.transport.tcp import ByteCounter, ChannelLike
 
 BACKLOG = 4096
@@ -43,15 +44,8 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socke
             if key in seen:
                 continue
             seen.add(key)
-            sock = socket.socket(family, kind, proto)
+            sock = bound_socket(family, kind, proto, addr, reuse_port=reuse_port)
             socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                # As asyncio: an IPv6 socket does not also take the IPv4 addresses.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
             sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError:
