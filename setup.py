@@ -15,6 +15,8 @@ extensions = [
     Extension("ingestd._inbound", ["ext/ingestd/_inbound.pyx"]),
     Extension("ingestd._rows", ["ext/ingestd/_rows.pyx"]),
     Extension("ingestd._session", ["ext/ingestd/_session.pyx"]),
+    # Linux only (epoll): the plain-TCP transport (ingestd.transport.epoll).
+    Extension("ingestd._epoll", ["ext/ingestd/_epoll.pyx"]),
 ]
 
 setup(

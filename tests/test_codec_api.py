@@ -257,3 +257,21 @@ def test_long_topic_and_strings_up_to_65535_bytes():
     assert data[:6] == h("30 81 80 04 ff ff")
     assert server_decoder(4).feed(data) == [Publish(topic=topic)]
     assert s("x") == h("0001 78")
+
+
+def test_shared_decoder_hands_an_incomplete_packet_to_a_decoder_of_its_own() -> None:
+    """What a broker channel does past CONNECT: read through one shared decoder, and
+    take the bytes of an incomplete packet into its own (``detach``)."""
+    from ingestd._codec import Decoder as D
+
+    shared = D.for_connection(4, 1024)
+    assert shared.feed(b"\xc0\x00\xc0") and shared.buffered == 1
+    own = shared.detach()
+    assert shared.buffered == 0 and own.buffered == 1 and own.protocol_version == 4
+    [ping] = own.feed(b"\x00")
+    assert ping.packet_type == 12 and own.buffered == 0
+    # A CONNECT is a second one for a decoder past CONNECT; reset makes it usable again.
+    with pytest.raises(ProtocolError):
+        shared.feed(b"\x10\x00")
+    shared.reset()
+    assert len(shared.feed(b"\xc0\x00")) == 1

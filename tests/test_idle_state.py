@@ -8,6 +8,7 @@ clients (paho-mqtt 3.1.1 and 5.0, mosquitto_sub), and the wheel on its own.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from ingestd.broker.keepalive import KeepaliveWheel
-from mqtt_clients import Client
+from mqtt_clients import Client, raw_connect
 from pg_fixtures import wait_for
 
 WAIT = 20.0
@@ -178,13 +179,85 @@ def test_keepalive_wheel_holds_only_open_connections(server: Any) -> None:
 
 
 def test_server_sockets_have_tcp_nodelay(server: Any) -> None:
-    """The transport sets TCP_NODELAY (uvloop and asyncio both do); we rely on it."""
+    """The transport sets TCP_NODELAY (the epoll one itself; uvloop and asyncio both do);
+    we rely on it."""
     c = Client(server.port, version=4)
     ch = channel_of(server, c.client_id)
 
     def nodelay() -> int:
+        if hasattr(ch.port, "fileno"):  # the epoll transport's Conn
+            sock = socket.socket(fileno=os.dup(ch.port.fileno()))
+            try:
+                return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            finally:
+                sock.close()
         sock = ch.port.transport.get_extra_info("socket")
         return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     assert server.call(nodelay) == 1
     c.disconnect()
+
+
+def test_an_idle_connection_holds_no_decoder_nor_client_info(server: Any) -> None:
+    """Past CONNECT a channel reads through the broker's shared decoder; it holds one of
+    its own only while a read has ended inside a packet. Its ClientInfo is made when
+    asked."""
+    cid = b"nodecoder"
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    s = raw_connect(server.port, b"\x10" + bytes([len(body)]) + body)
+    try:
+        assert s.recv(4) == b"\x20\x02\x00\x00"
+        ch = channel_of(server, "nodecoder")
+        wait_for(lambda: server.call(lambda: ch.decoder is None), "no decoder of its own", WAIT)
+        s.sendall(b"\xc0")  # the first byte of a PINGREQ
+        wait_for(
+            lambda: server.call(lambda: ch.decoder is not None and ch.decoder.buffered == 1),
+            "a decoder holding the incomplete packet",
+            WAIT,
+        )
+        s.sendall(b"\x00")  # ... and the rest
+        assert s.recv(2) == b"\xd0\x00"  # PINGRESP
+        wait_for(lambda: server.call(lambda: ch.decoder is None), "the decoder dropped", WAIT)
+        info = server.call(lambda: ch.info)
+        assert (info.client_id, info.protocol_version, info.clean_start, info.transport) == (
+            "nodecoder",
+            4,
+            True,
+            "tcp",
+        )
+        assert info.peer == f"127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        s.close()
+
+
+def test_idle_sessions_share_one_empty_map_until_written(server: Any) -> None:
+    """Sessions start with the shared NO_ENTRIES as subscriptions and inflight; a
+    subscription or a QoS 1 delivery gives the session its own dict, and the shared
+    one stays empty."""
+    from ingestd.broker.session import NO_ENTRIES
+
+    # An idle client that never subscribes (the paho helper subscribes to a barrier).
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c\x00\x09emptymaps"
+    idle = raw_connect(server.port, b"\x10" + bytes([len(body)]) + body)
+    assert idle.recv(4) == b"\x20\x02\x00\x00"
+    sub = Client(server.port, version=5)
+    sub.subscribe("shared/t", 1)
+    pub = Client(server.port, version=4)
+    pub.publish("shared/t", b"m", qos=1)
+    assert sub.expect()[0].payload == b"m"
+
+    def maps() -> tuple[bool, bool, bool, bool, int]:
+        sessions = server.app.broker.sessions
+        s, i = sessions[sub.client_id], sessions["emptymaps"]
+        return (
+            i.subscriptions is NO_ENTRIES,
+            i.inflight is NO_ENTRIES,
+            s.subscriptions is NO_ENTRIES,
+            "shared/t" in s.subscriptions,
+            len(NO_ENTRIES),
+        )
+
+    assert server.call(maps) == (True, True, False, True, 0)
+    for c in (sub, pub):
+        c.disconnect()
+    idle.close()

@@ -213,7 +213,7 @@ cdef class Auth(_Record):
 
 
 cdef class Decoder:
-    cdef bytearray _buf            # unconsumed bytes of an incomplete packet
+    cdef bytearray _buf            # unconsumed bytes of an incomplete packet (None: none)
     cdef readonly bint server_side
     cdef public int protocol_version
     cdef public Py_ssize_t max_packet_size

@@ -12,7 +12,12 @@ differently the citation follows the version being decoded.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING,
+    PyByteArray_FromStringAndSize,
+    PyByteArray_GET_SIZE,
+    PyByteArray_Resize,
+)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint64_t
@@ -667,10 +672,14 @@ cdef class Decoder:
     from the CONNACK. ``max_packet_size`` bounds the whole packet (fixed
     header included) and is checked as soon as the fixed header is read.
     After a :class:`ProtocolError` the decoder only raises it again.
-    """
 
-    def __cinit__(self):
-        self._buf = bytearray()
+    Memory: the bytes of an incomplete packet are held in a bytearray made when
+    a read ends inside a packet and dropped once it completes (None otherwise),
+    so an idle connection's decoder holds no buffer. A broker channel with no
+    incomplete packet holds no decoder at all: it reads through one shared
+    decoder per protocol level (:meth:`for_connection`) and takes its own
+    (:meth:`detach`) only when a read ends inside a packet.
+    """
 
     def __init__(self, bint server_side=True, Py_ssize_t max_packet_size=268435460):
         self.server_side = server_side
@@ -679,10 +688,34 @@ cdef class Decoder:
         self._connected = False
         self._error = None
 
+    @staticmethod
+    def for_connection(int protocol_version, Py_ssize_t max_packet_size):
+        """A server-side decoder past CONNECT, for ``protocol_version`` (3, 4 or 5)."""
+        cdef Decoder d = Decoder(True, max_packet_size)
+        d.protocol_version = protocol_version
+        d._connected = True
+        return d
+
+    def detach(self):
+        """A new decoder with this one's settings and its incomplete packet's bytes;
+        this one keeps none (a shared decoder hands a connection what is its own)."""
+        cdef Decoder d = Decoder(self.server_side, self.max_packet_size)
+        d.protocol_version = self.protocol_version
+        d._connected = self._connected
+        d._error = self._error
+        d._buf = self._buf
+        self._buf = None
+        return d
+
+    def reset(self):
+        """Forget the bytes held and a failure (a shared decoder, after a bad read)."""
+        self._buf = None
+        self._error = None
+
     @property
     def buffered(self):
         """Number of bytes held back as the start of an incomplete packet."""
-        return PyByteArray_GET_SIZE(self._buf)
+        return 0 if self._buf is None else PyByteArray_GET_SIZE(self._buf)
 
     def feed(self, data):
         """Decode ``data`` (bytes-like) and return the list of packets it completed."""
@@ -693,22 +726,26 @@ cdef class Decoder:
             raise ProtocolError(*self._error)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if PyByteArray_GET_SIZE(self._buf) == 0:
+            if self._buf is None:
                 # Common case: parse straight from the caller's buffer and keep
                 # only the tail of an incomplete packet.
                 used = self._parse(<const unsigned char*>view.buf, view.len, out)
-                _append(self._buf, <const unsigned char*>view.buf + used, view.len - used)
+                if used < view.len:
+                    self._buf = PyByteArray_FromStringAndSize(
+                        <const char*>view.buf + used, view.len - used)
             else:
                 _append(self._buf, <const unsigned char*>view.buf, view.len)
                 size = PyByteArray_GET_SIZE(self._buf)
                 used = self._parse(<const unsigned char*>PyByteArray_AS_STRING(self._buf),
                                    size, out)
-                if used:
+                if used == size:
+                    self._buf = None  # nothing incomplete: no buffer held
+                elif used:
                     # Deleting a bytearray's prefix only moves its start offset.
                     del self._buf[:used]
         except ProtocolError as exc:
             self._error = (str(exc), exc.reason_code)
-            self._buf = bytearray()
+            self._buf = None
             # The complete packets before the malformed one, in order: the caller
             # handles them before closing, so how TCP split the bytes changes nothing.
             exc.packets = out

@@ -31,6 +31,14 @@ cdef Py_ssize_t _REFILL_BATCH = REFILL_BATCH
 DELIVERY_OVERHEAD = 400
 cdef long long _OVERHEAD = DELIVERY_OVERHEAD
 
+# The one empty map every session's ``subscriptions`` and ``inflight`` start as (issue
+# 14, memory per idle client). A plain dict (the typed fields take no subclass), so it
+# cannot refuse a write: every write site swaps in the session's own dict first
+# (``_send_new``, ``Session.own_subscriptions``), and tests/test_idle_state.py checks it
+# stays empty after real traffic.
+cdef dict _NO_ENTRIES = {}
+NO_ENTRIES = _NO_ENTRIES
+
 # Delivery states (Delivery.QUEUED / PUBLISH_SENT / PUBREL_SENT).
 cdef enum:
     D_QUEUED = 0
@@ -123,9 +131,12 @@ cdef class Session:
         self.acl = None
         # The connected client's outbound side (None: offline): the ``connection`` property.
         self._connection = None
-        self.subscriptions = {}
+        # Both start as the one shared NO_ENTRIES (an idle client holds no empty dicts of
+        # its own, 64 bytes each); the code that first writes one makes the session's own:
+        # ``_send_new`` here, the registry (``own_subscriptions``) for subscriptions.
+        self.subscriptions = _NO_ENTRIES
         # Plain dicts keep insertion (send) order.
-        self.inflight = {}
+        self.inflight = _NO_ENTRIES
         # Created on first use: an empty deque costs ~760 bytes, and most sessions never queue.
         self.queue = None
         self.queued_bytes = 0
@@ -365,6 +376,8 @@ cdef class Session:
         d.packet_id = pid
         d.state = D_PUBLISH_SENT
         if self._send_publish(conn, d.message, d.qos, d.retain, d.sub_ids, pid, False):
+            if self.inflight is _NO_ENTRIES:
+                self.inflight = {}
             self.inflight[pid] = d
         else:
             # Too large for the client's Maximum Packet Size; dropped and counted there.
@@ -482,6 +495,12 @@ cdef class Session:
         if ids is None:
             ids = self.inbound_qos2 = set()
         return ids
+
+    def own_subscriptions(self):
+        """``subscriptions``, made a dict of this session's own if it was NO_ENTRIES."""
+        if self.subscriptions is _NO_ENTRIES:
+            self.subscriptions = {}
+        return self.subscriptions
 
     def cancel_timers(self):
         if self.expiry_handle is not None:

@@ -2,6 +2,7 @@
 
 from asyncio import TimerHandle
 from collections import deque
+from typing import Any
 
 from ingestd._message import Message
 from ingestd.broker.acl import ClientAcl
@@ -11,6 +12,7 @@ from ingestd.broker.session import DeliveryJournal, Outbound, WillSpec
 
 REFILL_BATCH: int
 DELIVERY_OVERHEAD: int
+NO_ENTRIES: dict[Any, Any]
 
 class SubOptions:
     qos: int
@@ -104,4 +106,5 @@ class Session:
     def on_pubcomp(self, packet_id: int) -> bool: ...
     def clear_pending(self) -> None: ...
     def qos2_ids(self) -> set[int]: ...
+    def own_subscriptions(self) -> dict[str, SubOptions]: ...
     def cancel_timers(self) -> None: ...

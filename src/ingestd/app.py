@@ -171,7 +171,10 @@ class App:
             self.extras.append(self.sys)
         m = cfg.mqtt
         for addr in cfg.server.listen:
-            await self._listen("mqtt", addr, _stream(broker, "tcp"))
+            if cfg.server.tcp_transport == "epoll":
+                await self._listen_epoll(broker, addr)
+            else:
+                await self._listen("mqtt", addr, _stream(broker, "tcp"))
         if cfg.server.tls_listen:
             ctx = self._tls_context()
             for addr in cfg.server.tls_listen:
@@ -329,6 +332,32 @@ class App:
         for sock in server.sockets:
             name = sock.getsockname()
             self.bound.append(BoundListener(kind, name[0], name[1]))
+
+    async def _listen_epoll(self, broker: Broker, addr: str) -> None:
+        """A ``server.listen`` address on the compiled epoll transport (transport/epoll.py)."""
+        from ingestd.transport.epoll import serve
+
+        try:
+            host, port = parse_hostport(addr)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="server.listen") from None
+        try:
+            hub = serve(
+                _channel_factory(broker, "tcp"),
+                broker.config.mqtt.max_outbound_bytes,
+                broker.stats,
+                "tcp",
+                host,
+                port,
+                sock=self.listen_sockets.get(("mqtt", addr)),
+                reuse_port=self.reuse_port,
+            )
+        except OSError as exc:
+            raise listen_error("mqtt", host, port, exc) from None
+        self.servers.append(hub)
+        for sock in hub.sockets:
+            name = sock.getsockname()
+            self.bound.append(BoundListener("mqtt", name[0], name[1]))
 
     async def stop(self) -> None:
         for server in self.servers:

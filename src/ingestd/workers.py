@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from ingestd.config import Config
 from ingestd.errors import ConfigError, DatabaseError
-from ingestd.transport.addr import parse_hostport
+from ingestd.transport.addr import bound_socket, parse_hostport
 
 if TYPE_CHECKING:
     from ingestd.db import EmbeddedPostgres
@@ -97,18 +97,7 @@ def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     family, kind, proto, _, addr = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return bound_socket(family, kind, proto, addr, reuse_port=reuse_port)
 
 
 @dataclass

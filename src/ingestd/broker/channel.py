@@ -5,9 +5,9 @@ Theory of operation
 States: ``AWAIT_CONNECT`` -> ``CONNECTED`` -> ``CLOSED``. Bytes from the
 transport (``feed``) go to a sans-IO :class:`ingestd._codec.Decoder`; each
 decoded packet is dispatched to an ``_on_<packet>`` method. Replies leave
-through the channel's :class:`Port` (the transport: TCP/TLS
-``ingestd.transport.tcp.StreamConnection``, or the WebSocket framing around
-it), so a test drives a Channel with bytes and a recording port alone
+through the channel's :class:`Port` (the transport: plain TCP's
+``ingestd._epoll.Conn``, TLS's ``ingestd.transport.tcp.StreamConnection``, or
+the WebSocket framing around one), so a test drives a Channel with bytes and a recording port alone
 (``tests/test_channel.py``). The first packet must be CONNECT (the decoder
 enforces it) and must arrive within ``connect_timeout``.
 
@@ -116,7 +116,8 @@ def _short_topic(max_length: int, max_levels: int) -> int:
 
 class Port(Protocol):
     """What a Channel writes through: its transport (implemented by
-    ``ingestd.transport.tcp.StreamConnection``; a recording fake in tests)."""
+    ``ingestd._epoll.Conn`` and ``ingestd.transport.tcp.StreamConnection``; a
+    recording fake in tests)."""
 
     peer: str  # "host:port" of the client, for log lines
 
@@ -149,27 +150,26 @@ class Channel:
     (no instance ``__dict__``; with its ~35 fields one would cost ~1.5 KB), holds no
     bound method (the garbage collector tracks each, and a full collection's cost
     grows with the tracked objects of every idle connection), and no timer of its
-    own once CONNECTED: its keepalive is one entry in the broker's
+    own: its connect timeout, then its keepalive, is one entry in the broker's
     :class:`~ingestd.broker.keepalive.KeepaliveWheel`. The inbound ack state
-    (``inbound``) exists while the client publishes; the outbound Topic Alias map
-    only for a client that allows aliases.
+    (``inbound``) exists while the client publishes, a decoder of its own only
+    while a read ended inside a packet, ``info`` is made when asked; the Topic
+    Alias maps only for MQTT 5 (outbound: a client that allows aliases).
     """
 
     __slots__ = (
-        "_auth_task",
-        "_cert_identity",
         "_client_alias_max",
         "_client_max_packet",
+        "_connect_bits",
+        "_connected_at",
         "_device_topic",
         "_devices",
         "_held",
-        "_held_error",
         "_inbound_aliases",
         "_ka_key",
         "_outbound_aliases",
         "_read_paused",
         "_short_topic",
-        "_timer",
         "acl",
         "broker",
         "cfg",
@@ -177,7 +177,6 @@ class Channel:
         "credential",
         "decoder",
         "inbound",
-        "info",
         "keepalive",
         "last_rx",
         "peer",
@@ -196,7 +195,10 @@ class Channel:
         self.cfg = broker.config.mqtt
         self.stats = broker.stats
         self.transport_name = transport_name
-        self.decoder = Decoder(server_side=True, max_packet_size=self.cfg.max_packet_size)
+        # Until CONNECT, and while a read ended inside a packet (None otherwise: see feed).
+        self.decoder: Decoder | None = Decoder(
+            server_side=True, max_packet_size=self.cfg.max_packet_size
+        )
         self.port = port
         self.state = AWAIT_CONNECT
         self.version = 0
@@ -205,23 +207,23 @@ class Channel:
         self.peer = port.peer
         self.session: Session | None = None
         self.will: WillSpec | None = None
-        self.info: ClientInfo | None = None
+        # Set at CONNECT: when (time.time()), and protocol level | 8 if clean start (a
+        # small int, no object of its own); ``info`` is made from them when asked.
+        self._connected_at: float | None = None
+        self._connect_bits = 0
         # What this client may read and write (mqtt.acl_file; None: no ACL configured).
         self.acl: ClientAcl | None = None
         # While a CONNECT's password is checked (in a thread): the packets that came
         # after it, handled once it is accepted.
         self._held: list[Any] | None = None
-        # A malformed packet read while the CONNECT was held: raised once it is decided.
-        self._held_error: ProtocolError | None = None
-        self._auth_task: asyncio.Task[Verdict] | None = None
         # The credential it logged in with (None: no password checked); the broker
         # disconnects it when that credential is no longer in force (Auth.in_force).
         self.credential: Credential | None = None
         self.keepalive = 0
         self.last_rx = time.monotonic()
-        # The connect timeout (until CONNECT); then the keepalive is a wheel entry.
-        self._timer: asyncio.TimerHandle | None = None
-        self._ka_key = 0  # its tick in broker.keepalive (0: not in the wheel)
+        # Its tick in broker.keepalive (0: not in the wheel): the connect timeout until
+        # CONNECT, then the keepalive.
+        self._ka_key = 0
         self._read_paused = False
         # devices.schemes that learn variables from published topics (None: none do),
         # and the last topic handed to it (a device repeating one topic costs one compare).
@@ -232,7 +234,8 @@ class Channel:
         # callback per batch and connection releases them all. Busy state: made by the
         # first PUBLISH (``_busy``), dropped at a keepalive tick with nothing pending.
         self.inbound: Inbound | None = None
-        self._inbound_aliases: dict[int, str] = {}
+        # MQTT 5 only (made at CONNECT): 3.1.1 has no topic aliases.
+        self._inbound_aliases: dict[int, str] | None = None
         self._outbound_aliases: dict[str, int] | None = None  # made at CONNECT if allowed
         self._client_alias_max = 0
         self._client_max_packet = 0  # 0: no limit beyond the protocol's
@@ -240,12 +243,27 @@ class Channel:
         # character is at most 4 UTF-8 bytes) and max_topic_levels (n levels take n - 1
         # characters "/"): one len() decides a PUBLISH's topic limits in the common case.
         self._short_topic = _short_topic(self.cfg.max_topic_length, self.cfg.max_topic_levels)
-        # What a TLS client's user name comes from (its certificate), or None (CONNECT).
-        self._cert_identity = (
-            identity_mode(broker.config.server) if transport_name in _TLS_TRANSPORTS else None
-        )
         self.broker.connection_opened(self)
-        self._timer = broker.loop.call_later(self.cfg.connect_timeout, self._connect_timeout)
+        # The connect timeout is a wheel entry too (keepalive_due before CONNECT).
+        self._ka_key = broker.keepalive.add(self, time.monotonic() + self.cfg.connect_timeout)
+
+    @property
+    def info(self) -> ClientInfo | None:
+        """What listeners and hooks are told about this client (None before CONNECT
+        was accepted); made when asked, so an idle connection holds no ClientInfo."""
+        at = self._connected_at
+        if at is None:
+            return None
+        bits = self._connect_bits
+        return ClientInfo(
+            client_id=self.client_id,
+            username=self.username,
+            peer=self.peer,
+            protocol_version=bits & 7,
+            connected_at=at,
+            clean_start=bool(bits & 8),
+            transport=self.transport_name,
+        )
 
     @property
     def transport(self) -> Any:
@@ -264,9 +282,22 @@ class Channel:
             return
         self.last_rx = time.monotonic()
         self.stats.bytes_received += len(data)
+        decoder = self.decoder
+        shared = decoder is None
+        if decoder is None:
+            # CONNECTED, no incomplete packet held: the broker's shared decoder for this
+            # protocol; the tail of an incomplete packet gets a decoder of its own.
+            decoder = self.broker.decoders[self.version]
         try:
-            packets = self.decoder.feed(data)
+            packets = decoder.feed(data)
+            if shared:
+                if decoder.buffered:
+                    self.decoder = decoder.detach()
+            elif self.state == CONNECTED and not decoder.buffered:
+                self.decoder = None
         except ProtocolError as exc:
+            if shared:
+                decoder.reset()  # ready for the next connection's bytes
             # The packets before the malformed one count as if they had come in an
             # earlier read (a CONNECT is answered, a PUBLISH routed), then we close.
             if self._held is None and exc.packets:
@@ -278,9 +309,14 @@ class Channel:
                     return
             elif self._held is not None:
                 self._held.extend(exc.packets)
-            if self._held is not None:
-                # A CONNECT waits for its password check: the error waits with it.
-                self._held_error = exc
+            held = self._held
+            if held is not None:
+                # A CONNECT waits for its password check: the error waits with it, last
+                # in the held list (raised once the CONNECT is decided).
+                if held and isinstance(held[-1], ProtocolError):
+                    held[-1] = exc
+                else:
+                    held.append(exc)
                 return
             self._protocol_error(exc)
             return
@@ -294,6 +330,8 @@ class Channel:
             return
         if self.state == CLOSED or self._held is not None:
             return
+        if self.decoder is not None and self.state == CONNECTED and not self.decoder.buffered:
+            self.decoder = None  # past CONNECT with nothing incomplete: reads share one
         inbound = self.inbound
         if not self._read_paused and (
             (inbound is not None and inbound.ack_count > self.cfg.receive_maximum)
@@ -437,9 +475,6 @@ class Channel:
             return
         was_connected = self.state == CONNECTED
         self.state = CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._ka_key:
             self.broker.keepalive.discard(self, self._ka_key)
             self._ka_key = 0
@@ -474,19 +509,22 @@ class Channel:
                 self.port.write_now(
                     encode(Connack(reason_code=ConnackV3.UNACCEPTABLE_PROTOCOL_VERSION), 4)
                 )
-            elif self.decoder.protocol_version == 5:
+            elif self.decoder is not None and self.decoder.protocol_version == 5:
                 self.port.write_now(encode(Connack(reason_code=exc.reason_code), 5))
         self._close("protocol_error", exc.reason_code, str(exc))
 
     def _connect_timeout(self) -> None:
-        self._timer = None
         if self.state == AWAIT_CONNECT:
             log.info("closing %s: no CONNECT within %.0f s", self.peer, self.cfg.connect_timeout)
             self._close("protocol_error")
 
     def keepalive_due(self) -> None:
-        """The keepalive wheel's tick for this connection came (the KeepaliveClient)."""
+        """The keepalive wheel's tick for this connection came (the KeepaliveClient):
+        its keepalive deadline, or before CONNECT its connect timeout."""
         self._ka_key = 0
+        if self.state == AWAIT_CONNECT:
+            self._connect_timeout()
+            return
         self._keepalive_check()
 
     def _keepalive_check(self) -> None:
@@ -603,9 +641,9 @@ class Channel:
 
     def _on_connect(self, p: Any) -> None:
         self.version = 5 if p.protocol_level == 5 else 4
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._ka_key:  # the connect timeout
+            self.broker.keepalive.discard(self, self._ka_key)
+            self._ka_key = 0
         props = p.properties
         self.client_id = p.client_id
         self.username = p.username
@@ -636,14 +674,20 @@ class Channel:
                 Reason.CONNECTION_RATE_EXCEEDED, "too many failed logins from this address"
             )
             return
-        if self._cert_identity is not None:
+        # What a TLS client's user name comes from (its certificate), or None (CONNECT).
+        cert_identity = (
+            identity_mode(self.broker.config.server)
+            if self.transport_name in _TLS_TRANSPORTS
+            else None
+        )
+        if cert_identity is not None:
             # The user name is the certificate's (server.tls_use_identity_as_username /
             # _subject_): CONNECT's user name and password are ignored, as in Mosquitto.
-            name = certificate_username(self.port.peer_certificate(), self._cert_identity)
+            name = certificate_username(self.port.peer_certificate(), cert_identity)
             if name is None:
                 self._refuse_connect(
                     auth.certificate_refused(self.peer),
-                    f"no client certificate with a {self._cert_identity} to take as user name",
+                    f"no client certificate with a {cert_identity} to take as user name",
                 )
                 return
             self.username = name
@@ -658,7 +702,7 @@ class Channel:
             task = self.broker.loop.create_task(
                 auth.authenticate(p.username, p.password, self.peer, self.client_id)
             )
-            self._auth_task = task  # the loop keeps only a weak reference to a task
+            self.broker.auth_tasks.add(task)  # the loop keeps only a weak reference
             task.add_done_callback(lambda t: self._authenticated(p, assigned, t))
             return
         self._on_connect_authenticated(
@@ -669,7 +713,7 @@ class Channel:
         """The password check of a CONNECT ended: go on with it, then what came after."""
         held = self._held or []
         self._held = None
-        self._auth_task = None
+        self.broker.auth_tasks.discard(task)
         if self.state == CLOSED or task.cancelled():
             return
         try:
@@ -677,7 +721,7 @@ class Channel:
         except Exception:
             log.exception("password check failed for %s", self.peer)
             verdict = Verdict(Reason.UNSPECIFIED_ERROR, "authentication failed")
-        error, self._held_error = self._held_error, None
+        error = held.pop() if held and isinstance(held[-1], ProtocolError) else None
         try:
             self._on_connect_authenticated(p, assigned, verdict)
             if self.state == CONNECTED and held:
@@ -742,9 +786,12 @@ class Channel:
             keepalive = server_keepalive = cfg.max_keepalive
         self.keepalive = keepalive
         self._client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
+        if self.version == 5:
+            self._inbound_aliases = {}
         if self._client_alias_max:
             self._outbound_aliases = {}
-        self.decoder.max_packet_size = cfg.max_packet_size
+        if self.decoder is not None:
+            self.decoder.max_packet_size = cfg.max_packet_size
 
         clean_start = p.clean_start
         if acl is not None and not clean_start:
@@ -784,15 +831,8 @@ class Channel:
             self.port.send(encode(Connack(session_present=present, reason_code=0), 4))
         if keepalive:
             self._ka_key = self.broker.keepalive.add(self, time.monotonic() + keepalive * 1.5)
-        self.info = ClientInfo(
-            client_id=self.client_id,
-            username=self.username,
-            peer=self.peer,
-            protocol_version=p.protocol_level,
-            connected_at=time.time(),
-            clean_start=p.clean_start,
-            transport=self.transport_name,
-        )
+        self._connect_bits = p.protocol_level | (8 if p.clean_start else 0)
+        self._connected_at = time.time()
         self.broker.client_connected(self)
         if present:
             session.resend_inflight()
@@ -869,10 +909,12 @@ class Channel:
                         f" {self.cfg.topic_alias_maximum} [MQTT-3.3.2-9]",
                         Reason.TOPIC_ALIAS_INVALID,
                     )
+                aliases = self._inbound_aliases
+                assert aliases is not None  # made at CONNECT for MQTT 5 (3.1.1 has no props)
                 if topic:
-                    self._inbound_aliases[alias] = topic
+                    aliases[alias] = topic
                 else:
-                    known = self._inbound_aliases.get(alias)
+                    known = aliases.get(alias)
                     if known is None:
                         raise ProtocolError(
                             f"topic alias {alias} used before it was set [MQTT-3.3.4-?]",

@@ -47,7 +47,7 @@ class KeepaliveClient(Protocol):
 class KeepaliveWheel:
     """Connections by the tick of their next keepalive check; one timer for all."""
 
-    __slots__ = ("_armed", "_handle", "_keys", "_loop", "_slots", "chunk", "tick")
+    __slots__ = ("_armed", "_canon", "_handle", "_keys", "_loop", "_slots", "chunk", "tick")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, tick: float = 1.0, chunk: int = 256
@@ -59,6 +59,9 @@ class KeepaliveWheel:
         self.chunk = chunk
         self._slots: dict[int, set[KeepaliveClient]] = {}
         self._keys: list[int] = []  # heap of the ticks in _slots (and stale ones)
+        # One int object per tick in _slots, returned to every client due then: each
+        # keeps it as its key (math.ceil makes a new 32-byte int per call otherwise).
+        self._canon: dict[int, int] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed = 0  # the tick _handle fires at
 
@@ -72,9 +75,12 @@ class KeepaliveWheel:
         due = self._slots.get(key)
         if due is None:
             due = self._slots[key] = set()
+            self._canon[key] = key
             heapq.heappush(self._keys, key)
             if self._handle is None or key < self._armed:
                 self._arm(key)
+        else:
+            key = self._canon[key]
         due.add(client)
         return key
 
@@ -90,6 +96,7 @@ class KeepaliveWheel:
             self._handle.cancel()
             self._handle = None
         self._slots.clear()
+        self._canon.clear()
         self._keys.clear()
 
     def _arm(self, key: int, min_delay: float = 0.0) -> None:
@@ -116,6 +123,7 @@ class KeepaliveWheel:
             if due:
                 break  # chunk done: the rest of this tick after the next I/O poll
             slots.pop(key, None)
+            self._canon.pop(key, None)
             heapq.heappop(keys)
         while keys and keys[0] not in slots:
             heapq.heappop(keys)  # a tick whose set was already taken

@@ -220,7 +220,7 @@ class SessionRegistry:
     def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> bool:
         """Add or replace a subscription; True if it already existed."""
         existed = topic_filter in session.subscriptions
-        session.subscriptions[topic_filter] = opts
+        session.own_subscriptions()[topic_filter] = opts
         log.debug("client %r subscribed to %r (qos %d)", session.client_id, topic_filter, opts.qos)
         self.trie.subscribe(topic_filter, session, opts)
         self._save(session)
@@ -292,7 +292,7 @@ class SessionRegistry:
             session.expiry_interval = stored.expiry_interval
             for flt, (qos, nl, rap, rh, sub_id) in stored.subscriptions.items():
                 opts = SubOptions(qos, nl, rap, rh, sub_id)
-                session.subscriptions[flt] = opts
+                session.own_subscriptions()[flt] = opts
                 self.trie.subscribe(flt, session, opts)
             # Journaled deliveries come back in their order, keeping their journal keys.
             for seq, message, qos, retain, sub_ids in stored.journal:

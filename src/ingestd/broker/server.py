@@ -28,6 +28,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from ingestd._codec import Decoder
 from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.auth import Auth, is_deny_all, peer_address
@@ -93,6 +94,11 @@ class Broker:
         self.devices: DeviceSchemes = compile_schemes(config)
         self.device_learner: DeviceSchemes | None = self.devices if self.devices.learns else None
         self.connections: set[Channel] = set()
+        # The decoders CONNECTED channels read through while they hold no incomplete
+        # packet (by protocol version 4 / 5): an idle connection holds none of its own.
+        self.decoders: dict[int, Decoder] = {
+            v: Decoder.for_connection(v, m.max_packet_size) for v in (4, 5)
+        }
         # Every CONNECTED channel's keepalive deadline, on one timer.
         self.keepalive = KeepaliveWheel(self.loop)
         # CONNECTED channels per peer host (mqtt.max_connections_per_peer).
@@ -100,6 +106,8 @@ class Broker:
         self.listeners: list[BrokerListener] = []
         self._ingest: Any = None  # object with .saturated and wait_not_saturated()
         self._paused: set[Channel] = set()
+        # CONNECT password checks under way (the loop keeps only weak references to tasks).
+        self.auth_tasks: set[asyncio.Task[Any]] = set()
         self._resume_task: asyncio.Task[None] | None = None
         self.closing = False
 
@@ -216,11 +224,11 @@ class Broker:
         return why
 
     def client_connected(self, conn: Channel) -> None:
-        v = conn.version if conn.info is None else conn.info.protocol_version
+        info = conn.info  # made when asked: once here
+        v = conn.version if info is None else info.protocol_version
         host = peer_address(conn.peer)
         self._per_peer[host] = self._per_peer.get(host, 0) + 1
         if self.config.server.log_connections:
-            info = conn.info
             log.info(
                 "client connected: id=%r user=%r peer=%s protocol=%s clean_start=%s"
                 " keepalive=%d transport=%s",
@@ -244,12 +252,11 @@ class Broker:
         self.stats.connections_current[v] = self.stats.connections_current.get(v, 0) + 1
         for listener in self.listeners:
             try:
-                listener.on_client_connected(conn.info)  # type: ignore[arg-type]
+                listener.on_client_connected(info)  # type: ignore[arg-type]
             except Exception:
                 log.exception("listener failed on connect")
         events = self.registry.events
-        if events is not None and "client.connected" in events.events and conn.info is not None:
-            info = conn.info
+        if events is not None and "client.connected" in events.events and info is not None:
             events.on_event(
                 "client.connected",
                 {

@@ -72,6 +72,7 @@ from typing import Protocol
 
 from ingestd._session import (
     DELIVERY_OVERHEAD,
+    NO_ENTRIES,
     REFILL_BATCH,
     Delivery,
     QueuePool,
@@ -84,6 +85,7 @@ from ingestd.mqtt.constants import Prop
 __all__ = [
     "DELIVERY_OVERHEAD",
     "NEVER_EXPIRES",
+    "NO_ENTRIES",
     "REFILL_BATCH",
     "Delivery",
     "DeliveryJournal",

@@ -12,6 +12,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # TCP listeners, "HOST:PORT" ("[::1]:1883" for IPv6).
     listen: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0:1883"])
+    # What serves the `listen` sockets: "epoll", the compiled transport (raw sockets on
+    # one epoll instance per listener, ~50 bytes per idle connection; Linux), or
+    # "asyncio", one uvloop transport per connection (~1.2 KB each). TLS and WebSocket
+    # listeners always use asyncio's. docs/architecture.md, "Transport".
+    tcp_transport: Literal["epoll", "asyncio"] = "epoll"
     # MQTT over TLS listeners; need tls_certfile and tls_keyfile.
     tls_listen: list[str] = msgspec.field(default_factory=list)
     tls_certfile: str | None = None
