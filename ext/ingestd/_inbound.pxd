@@ -64,7 +64,7 @@ cdef class Inbound:
     cdef dict _aliases            # the connection's inbound alias -> topic (shared)
     cdef SubscriptionTrie _trie
     cdef Py_ssize_t _generation
-    cdef object _classify         # broker.ingest_target(topic) -> IngestTarget | None
+    cdef object _classify         # router.fast_target(topic) -> IngestTarget | SessionTarget | None
     cdef dict _cache              # topic -> IngestTarget or None (created on first use)
     cdef int _max_topic_length    # mqtt.max_topic_length (UTF-8 bytes; 0: none)
     cdef int _max_topic_levels    # mqtt.max_topic_levels (0: none)

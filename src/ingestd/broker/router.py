@@ -172,19 +172,9 @@ class Router:
             f" retained: {bound} retained messages already",
         )
 
-    def ingest_target(self, topic: str) -> IngestTarget | None:
-        """What ``topic`` reaches if only ingest routes subscribe to it, else None.
-
-        The connections' fast path (ext/ingestd/_inbound.pyx) keeps the answer
-        per topic until the trie changes; a topic some session or shared group
-        subscribes to (or nothing does) takes :meth:`publish`.
-        """
-        subs, groups = self.trie.match_all(topic)
-        if groups or not subs:
-            return None
-        return self._ingest_target(subs)
-
     def _ingest_target(self, subs: list[Any]) -> IngestTarget | None:
+        """The ``IngestTarget`` of ``subs`` (``trie.match_all``'s) if every one is an
+        ingest route, else None."""
         entries = []
         for sub, _opts in subs:
             if type(sub) is Session or not isinstance(sub, RunSink):

@@ -29,7 +29,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ingestd._codec import Decoder
-from ingestd._inbound import IngestTarget
 from ingestd._trie import SubscriptionTrie
 from ingestd.broker.auth import Auth, is_deny_all, peer_address
 from ingestd.broker.credentials import TableSnapshot
@@ -180,10 +179,6 @@ class Broker:
     def publish(self, message: Message, origin: Session | None) -> asyncio.Future[Any] | None:
         """Route one message (see :meth:`Router.publish`)."""
         return self.router.publish(message, origin)
-
-    def ingest_target(self, topic: str) -> IngestTarget | None:
-        """What ``topic`` reaches if only ingest routes take it (see :meth:`Router.ingest_target`)."""
-        return self.router.ingest_target(topic)
 
     # -- channels -----------------------------------------------------------
 
