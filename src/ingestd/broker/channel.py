@@ -290,11 +290,8 @@ class Channel:
             decoder = self.broker.decoders[self.version]
         try:
             packets = decoder.feed(data)
-            if shared:
-                if decoder.buffered:
-                    self.decoder = decoder.detach()
-            elif self.state == CONNECTED and not decoder.buffered:
-                self.decoder = None
+            if shared and decoder.buffered:
+                self.decoder = decoder.detach()
         except ProtocolError as exc:
             if shared:
                 decoder.reset()  # ready for the next connection's bytes
