@@ -18,6 +18,24 @@ cdef enum:
     OP_TOPIC = 7
     OP_RECEIVED_TS = 8
     OP_CONST = 9         # arg0: value
+    OP_MSG = 10          # arg0: MSG_* field, arg1: conv, arg2: MSG_FAST_* (values conv keeps)
+    OP_PAYLOAD_JSON = 11 # arg0: JSON validator, arg1: the exceptions meaning "not JSON"
+    OP_PAYLOAD_RAW = 12  # arg0, arg1: as OP_PAYLOAD_JSON
+
+# OP_MSG: which attribute of the message...
+cdef enum:
+    MSG_CLIENT_ID = 0
+    MSG_USERNAME = 1     # None stays NULL
+    MSG_QOS = 2
+    MSG_RETAIN = 3
+
+# ...and which of its values the column's converter returns unchanged (taken as
+# they are, without the call); any other value goes through the converter.
+cdef enum:
+    MSG_FAST_NONE = 0
+    MSG_FAST_TEXT = 1    # a str without NUL (_to_text)
+    MSG_FAST_INT = 2     # an int within smallint's range (every integer type's to_int)
+    MSG_FAST_BOOL = 3    # a bool (_to_bool)
 
 # What a column with a fallback (routes/kinds.py Fallback) takes when its own
 # operation gives None.

@@ -11,9 +11,11 @@
 #   payload field (no conversion, text, timestamp from a number (an integer
 #   count of ms/us/ns exactly: _copy.fromunits_utc), any other
 #   converter called as the expression calls it), topic level (with or without
-#   converter), the topic, received_at as timestamptz, a constant, required
-#   columns; any other column calls its Python getter (m, lv, o) as the
-#   generated converter does.
+#   converter), the topic, received_at as timestamptz, a constant, the
+#   message's client id, username, QoS and retain flag, the whole payload as
+#   jsonb-or-NULL / bytea-unless-JSON (the default route's pair: the payload
+#   is validated once per row for both), required columns; any other column
+#   calls its Python getter (m, lv, o) as the generated converter does.
 #
 # Contract: for every message it returns exactly the tuple the generated
 # converter returns. It never decides an error: on any exception (a bad
@@ -178,7 +180,10 @@ cdef class RowBuilder:
                 self._resolve(type(o))  # the decoder's root type: fixed per route
         cdef tuple row = PyTuple_New(self._n)
         cdef Py_ssize_t i
-        cdef int op
+        cdef int op, fast, field
+        # OP_PAYLOAD_JSON / _RAW: the payload's jsonb text (None: not JSON), once per row
+        cdef bint json_done = False
+        cdef object json_text = None
         for i in range(self._n):
             op = self._ops[i]
             if op == OP_ATTR:
@@ -212,6 +217,34 @@ cdef class RowBuilder:
                 v = _fromts(m.received_at, _UTC)
             elif op == OP_CONST:
                 v = self._a0[i]
+            elif op == OP_MSG:
+                field = <int>self._a0[i]
+                if field == MSG_CLIENT_ID:
+                    v = m.client_id
+                elif field == MSG_USERNAME:
+                    v = m.username
+                elif field == MSG_QOS:
+                    v = m.qos
+                else:
+                    v = m.retain
+                if v is not None or field != MSG_USERNAME:
+                    fast = <int>self._a2[i]
+                    if not (
+                        (fast == MSG_FAST_TEXT and type(v) is str and "\x00" not in <str>v)
+                        or (fast == MSG_FAST_INT and type(v) is int and -32768 <= v <= 32767)
+                        or (fast == MSG_FAST_BOOL and type(v) is bool)
+                    ):
+                        v = self._a1[i](v)
+            elif op == OP_PAYLOAD_JSON or op == OP_PAYLOAD_RAW:
+                if not json_done:
+                    json_text = _json_text(m.payload, self._a0[i], self._a1[i])
+                    json_done = True
+                if op == OP_PAYLOAD_RAW:
+                    v = m.payload if json_text is None and m.payload else None
+                elif json_text is None or _is_null(m.payload):
+                    v = None
+                else:
+                    v = json_text
             else:
                 v = self._a0[i](m, lv, o)
             if v is None and self._fbk[i] != FB_NONE:
@@ -228,6 +261,34 @@ cdef class RowBuilder:
         return row
 
 
+cdef object _json_text(bytes p, object validate, object not_json):
+    """routes/sources.py _json_text: the payload as jsonb text when it is a JSON
+    document jsonb can store, else None."""
+    if not p:
+        return None
+    try:
+        validate(p)
+        text = p.decode()
+    except not_json:
+        return None
+    # text holds the 6 ASCII characters exactly where p does
+    if b"\\u0000" in p:
+        return None
+    return text
+
+
+cdef bint _is_null(bytes p):
+    """A valid JSON document that is ``null`` (``text.strip() == "null"``): JSON's only
+    value starting with n, after JSON whitespace (the only whitespace a valid
+    document has outside its strings)."""
+    cdef const unsigned char* b = p
+    cdef Py_ssize_t i, n = len(p)
+    for i in range(n):
+        if b[i] not in (32, 9, 10, 13):
+            return b[i] == 110  # 'n'
+    return False
+
+
 KINDS = {
     "py": OP_PY,
     "attr": OP_ATTR,
@@ -239,6 +300,21 @@ KINDS = {
     "topic": OP_TOPIC,
     "received_ts": OP_RECEIVED_TS,
     "const": OP_CONST,
+    "msg": OP_MSG,
+    "payload_json": OP_PAYLOAD_JSON,
+    "payload_raw": OP_PAYLOAD_RAW,
+}
+MSG_FIELDS = {
+    "client_id": MSG_CLIENT_ID,
+    "username": MSG_USERNAME,
+    "qos": MSG_QOS,
+    "retain": MSG_RETAIN,
+}
+MSG_FAST = {
+    None: MSG_FAST_NONE,
+    "text": MSG_FAST_TEXT,
+    "int": MSG_FAST_INT,
+    "bool": MSG_FAST_BOOL,
 }
 FALLBACKS = {
     "received_ts": FB_RECEIVED_TS,

@@ -24,7 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ingestd._copy import fromtimestamp_utc
+from ingestd._rows import MSG_FAST, MSG_FIELDS
 from ingestd.ingest.routes.errors import RowError
 from ingestd.ingest.routes.values import UTC, _to_text, _type_name
 
@@ -108,6 +111,84 @@ class ReceivedAt(ColumnRead):
 
     def op(self) -> tuple[Any, ...]:
         return ("received_ts",)
+
+
+class MessageField(ColumnRead):
+    """The message's ``client_id``, ``username`` (None stays NULL), ``qos`` or
+    ``retain``, through the column type's converter ``conv``. ``fast`` names the
+    values ``conv`` returns unchanged ("text": a str without NUL, "int": an int
+    within smallint's range, "bool": a bool; None: none), which the RowBuilder
+    takes as they are instead of calling it."""
+
+    __slots__ = ("conv", "fast", "name")
+
+    def __init__(self, name: str, conv: Callable[[Any], Any], fast: str | None) -> None:
+        self.name = name
+        self.conv = conv
+        self.fast = fast
+        if name == "client_id":
+            super().__init__(lambda m, lv, o: conv(m.client_id))
+        elif name == "username":
+            super().__init__(lambda m, lv, o: None if m.username is None else conv(m.username))
+        elif name == "qos":
+            super().__init__(lambda m, lv, o: conv(m.qos))
+        else:
+            super().__init__(lambda m, lv, o: conv(m.retain))
+
+    def op(self) -> tuple[Any, ...]:
+        return ("msg", MSG_FIELDS[self.name], self.conv, MSG_FAST[self.fast])
+
+
+_validate_json = msgspec.json.Decoder(msgspec.Raw).decode
+_NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
+
+
+def json_text(payload: bytes) -> str | None:
+    """The payload as jsonb text when it is a JSON document jsonb can store, else None."""
+    if not payload:
+        return None
+    try:
+        _validate_json(payload)
+        text = payload.decode()
+    except _NOT_JSON:
+        return None
+    if "\\u0000" in text:
+        return None
+    return text
+
+
+def _json_or_null(m: Message, lv: Any, o: Any) -> Any:
+    text = json_text(m.payload)
+    return None if text is None or text.strip() == "null" else text
+
+
+def _raw_unless_json(m: Message, lv: Any, o: Any) -> Any:
+    p = m.payload
+    return p if p and json_text(p) is None else None
+
+
+class PayloadJson(ColumnRead):
+    """``payload_json``: the payload when it is JSON (``null`` stays NULL), else NULL."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(_json_or_null)
+
+    def op(self) -> tuple[Any, ...]:
+        return ("payload_json", _validate_json, _NOT_JSON)
+
+
+class PayloadRaw(ColumnRead):
+    """``payload_raw``: the payload's bytes when it is not JSON (``payload_json``'s pair)."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(_raw_unless_json)
+
+    def op(self) -> tuple[Any, ...]:
+        return ("payload_raw", _validate_json, _NOT_JSON)
 
 
 class TopicLevel(ColumnRead):

@@ -17,7 +17,10 @@ from ingestd.ingest.routes.errors import LookupMiss, RowError, SkipRow
 from ingestd.ingest.routes.kinds import (
     ColumnRead,
     Constant,
+    MessageField,
     PayloadField,
+    PayloadJson,
+    PayloadRaw,
     ReceivedAt,
     TopicLevel,
     TopicName,
@@ -178,11 +181,7 @@ class _RouteBuilder:
             want = "jsonb" if source == "payload_json" else "bytea"
             if pgtype not in (None, want):
                 raise ConfigError(f"{source} is a {want} column", key=key)
-            return (
-                want,
-                ColumnRead(_json_or_null if want == "jsonb" else _raw_unless_json),
-                required,
-            )
+            return want, (PayloadJson() if want == "jsonb" else PayloadRaw()), required
         if source.startswith("user_property."):
             prop = source[len("user_property.") :]
             if not prop:
@@ -214,21 +213,16 @@ class _RouteBuilder:
                 return ReceivedAt()
             conv = value_converter(pgtype, unit)
             return ColumnRead(lambda m, lv, o: conv(m.received_at))
-        if source == "qos":
+        if source in ("qos", "retain"):
             vconv = value_converter(pgtype, unit)
-            return ColumnRead(lambda m, lv, o: vconv(m.qos))
-        if source == "retain":
-            vconv = value_converter(pgtype, unit)
-            return ColumnRead(lambda m, lv, o: vconv(m.retain))
+            return MessageField(source, vconv, _fast_values(pgtype))
         sconv = string_converter(pgtype, unit)
         if source == "topic":
             if pgtype == "text":
                 return TopicName()
             return ColumnRead(lambda m, lv, o: sconv(m.topic))
-        if source == "client_id":
-            return ColumnRead(lambda m, lv, o: sconv(m.client_id))
-        # username may be None
-        return ColumnRead(lambda m, lv, o: None if m.username is None else sconv(m.username))
+        # client_id, or username (None stays NULL)
+        return MessageField(source, sconv, _fast_values(pgtype))
 
     def _topic(self, source: str, pgtype: str, unit: str, key: str) -> tuple[str, ColumnRead]:
         self.needs_levels = True
@@ -461,33 +455,15 @@ class _RouteBuilder:
             columns[idx].read = read
 
 
-_validate_json = msgspec.json.Decoder(msgspec.Raw).decode
-
-
-def _json_text(payload: bytes) -> str | None:
-    """The payload as jsonb text when it is a JSON document jsonb can store, else None."""
-    if not payload:
-        return None
-    try:
-        _validate_json(payload)
-        text = payload.decode()
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
-    if "\\u0000" in text:
-        return None
-    return text
-
-
-def _json_or_null(m: Message, lv: Any, o: Any) -> Any:
-    """``payload_json``: the payload when it is JSON (``null`` stays NULL), else NULL."""
-    text = _json_text(m.payload)
-    return None if text is None or text.strip() == "null" else text
-
-
-def _raw_unless_json(m: Message, lv: Any, o: Any) -> Any:
-    """``payload_raw``: the payload's bytes when it is not JSON (``payload_json``'s pair)."""
-    p = m.payload
-    return p if p and _json_text(p) is None else None
+def _fast_values(pgtype: str) -> str | None:
+    """The values the converter of ``pgtype`` returns unchanged (MessageField's ``fast``)."""
+    if pgtype == "text":
+        return "text"
+    if pgtype in ("smallint", "integer", "bigint"):
+        return "int"
+    if pgtype == "boolean":
+        return "bool"
+    return None
 
 
 def _collect(node: _PayloadNode, prefix: list[str | int]) -> list[tuple[int, list[str | int]]]:
