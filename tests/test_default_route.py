@@ -87,3 +87,6 @@ def test_every_non_dollar_publish_becomes_a_row(pg_dsn, tmp_path) -> None:
         ("company/1/machine/7/telemetry", "dev-1", 1, False, "13.5", None),
         ("company/1/machine/7/blob", "dev-1", 1, True, None, b"\x01\x02"),
     ]
+    # One index, BRIN on received_at: cheap per row (docs/ingest.md, "Routes").
+    indexes = fetch_sync(pg_dsn, "SELECT indexdef FROM pg_indexes WHERE tablename = 'messages'")
+    assert [r[0].split(" ON ")[1] for r in indexes] == ["public.messages USING brin (received_at)"]

@@ -157,6 +157,7 @@ def default_route_config() -> RouteConfig:
     message, whatever its payload, into ``messages``. Binary and non-JSON payloads
     keep their bytes (``payload_raw``) instead of becoming dead letters."""
     from ingestd.config import RouteConfig
+    from ingestd.config.model import IndexSpec
 
     return RouteConfig(
         name="messages",
@@ -173,7 +174,9 @@ def default_route_config() -> RouteConfig:
             "payload": "payload_json",
             "payload_raw": "payload_raw",
         },
-        indexes=[["received_at"], ["topic", "received_at"]],
+        # BRIN: time-range queries without a B-tree to keep up per row (docs/ingest.md:
+        # a (topic, received_at) B-tree cost the stock fan-in a fifth of its rate).
+        indexes=[IndexSpec(columns=["received_at"], method="brin")],
     )
 
 
