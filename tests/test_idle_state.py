@@ -109,8 +109,11 @@ def test_wheel_checks_a_crowded_tick_over_several_loop_turns() -> None:
 
         give_up = time.monotonic() + WAIT / 2
         clients = [Turned(wheel) for _ in range(250)]
+        # One deadline for all (a deadline per add could straddle a tick boundary on
+        # a busy machine and split them over two ticks).
+        due = time.monotonic() + 0.01
         for c in clients:
-            c.key = wheel.add(c, time.monotonic() + 0.01)
+            c.key = wheel.add(c, due)
         loop.call_soon(count)
         while len(seen) < 249 and time.monotonic() < give_up:
             await asyncio.sleep(0.005)
