@@ -15,6 +15,12 @@ Loopback only, bounded by the connection count. Needs ``mosquitto`` on PATH. The
 open-file limit bounds the count: the broker needs one descriptor per connection
 (the script raises its soft limit to the hard one; raising the hard limit needs
 CAP_SYS_RESOURCE), and every 28k connections need another source address.
+Past the hard limit, ``--workers N`` runs ingestd as ``serve --workers N`` (N
+processes sharing the listener, each holding its share of the connections; the
+growth is that of the whole process tree) and ``--skip-mosquitto`` leaves out
+Mosquitto, which cannot hold more descriptors than the limit::
+
+    python benchmarks/bench_idle.py --connections 100000 --workers 8 --processes 8 --skip-mosquitto
 """
 
 from __future__ import annotations
@@ -69,7 +75,9 @@ def run_one(cmd: list[str], bench: list[str], port: int, n: int, procs: int) -> 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         wait_port(port, proc)
-        time.sleep(0.5)  # start-up allocations settle
+        # Start-up allocations settle (and, with --workers, every worker listens: the
+        # kernel spreads connections over the listening ones only).
+        time.sleep(3 if "--workers" in cmd else 0.5)
         out = subprocess.run(
             [
                 *bench,
@@ -79,6 +87,9 @@ def run_one(cmd: list[str], bench: list[str], port: int, n: int, procs: int) -> 
                 str(n),
                 "--processes",
                 str(procs),
+                # one source address per 25k connections (28k ephemeral ports each)
+                "--source-addresses",
+                str(-(-n // 25_000)),
                 "--port",
                 str(port),
                 "--pid",
@@ -109,6 +120,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="ingestd serve --workers N")
+    ap.add_argument("--skip-mosquitto", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--floor", action="store_true", help="also a bare uvloop server (UVLOOP_FLOOR above)"
@@ -119,8 +132,11 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the brokers
     tmp = Path(tempfile.mkdtemp(prefix="idle-"))
     (tmp / "i.toml").write_text(INGESTD_CONF)
+    (tmp / "w.toml").write_text(INGESTD_CONF + "[persistence]\nenabled = false\n")
     bench = [str(a.new / "bin/ingestd"), "bench"]
-    brokers: dict[str, object] = {"new": a.new, "mosquitto": None}
+    brokers: dict[str, object] = {"new": a.new}
+    if not a.skip_mosquitto:
+        brokers["mosquitto"] = None
     if a.old:
         brokers = {"old": a.old, **brokers}
     if a.floor:
@@ -138,8 +154,12 @@ def main() -> None:
             else:
                 data = tmp / f"d{port}"
                 cmd = [str(Path(str(venv)) / "bin/ingestd"), "serve", "--no-db"]
-                cmd += ["--config", str(tmp / "i.toml"), "--data-dir", str(data)]
+                # (workers refuse persistence at all, though --no-db keeps nothing)
+                conf = tmp / ("w.toml" if a.workers > 1 else "i.toml")
+                cmd += ["--config", str(conf), "--data-dir", str(data)]
                 cmd += ["--listen", f"127.0.0.1:{port}"]
+                if a.workers > 1:
+                    cmd += ["--workers", str(a.workers)]
             res = run_one(cmd, bench, port, a.connections, a.processes)
             runs[name].append(res)
             print(
@@ -155,7 +175,7 @@ def main() -> None:
         return
     print(f"{a.connections:,} idle connections, RSS growth per connection, median of {a.rounds}")
     for k, v in med.items():
-        ratio = v / med["mosquitto"] if med["mosquitto"] else float("nan")
+        ratio = v / med["mosquitto"] if med.get("mosquitto") else float("nan")
         print(f"  {k:10} {v:8,.0f} B   {ratio:.2f}x Mosquitto")
     print(
         f"(runs: {json.dumps({k: [round(x['rss_per_connection_bytes']) for x in v] for k, v in runs.items()})})"

@@ -1253,6 +1253,22 @@ def test_tree_cpu_seconds_from_a_fake_proc(tmp_path: Path, children_lists: bool)
     assert tree_cpu_seconds(10, tmp_path) == pytest.approx((100 + 20 + 300 + 40 + 11 + 15) / hz)
 
 
+def test_tree_rss_bytes_adds_the_live_children(tmp_path: Path) -> None:
+    """A broker with --workers holds its connections in its children: their VmRSS
+    counts; a grandchild, a stranger and a child that is gone or a zombie do not."""
+    from ingestd.bench.procstat import rss_bytes, tree_rss_bytes
+
+    for pid, ppid, kb in ((20, 1, 1000), (21, 20, 300), (22, 20, 50), (23, 21, 7000), (24, 1, 9)):
+        _fake_stat(tmp_path, pid, ppid, (0, 0, 0, 0))
+        (tmp_path / str(pid) / "status").write_text(f"Name:\tx\nVmRSS:\t  {kb} kB\n")
+    _fake_stat(tmp_path, 25, 20, (0, 0, 0, 0))
+    (tmp_path / "25" / "status").write_text("Name:\tzombie\n")
+    (tmp_path / "20" / "task" / "20").mkdir(parents=True)
+    (tmp_path / "20" / "task" / "20" / "children").write_text("21 22 25 99")  # 99: gone
+    assert tree_rss_bytes(20, tmp_path) == (1000 + 300 + 50) * 1024
+    assert tree_rss_bytes(22, tmp_path) == rss_bytes(22, tmp_path) == 50 * 1024
+
+
 def test_runqueue_wait_from_a_fake_proc(tmp_path: Path) -> None:
     """The second field of /proc/PID/schedstat (ns waiting on a run queue), in seconds;
     None where the kernel keeps no scheduler statistics."""

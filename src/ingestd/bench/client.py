@@ -101,6 +101,31 @@ class PreEncoded:
         ]
 
 
+# Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module): bind() fixes only the
+# address and connect() picks the port. Without it bind() searches for a free port
+# itself, in time growing with the ports in use: tens of thousands of connections from
+# chosen source addresses then spent minutes in the kernel.
+_IP_BIND_ADDRESS_NO_PORT = 24
+
+
+async def _connect_from(source: str, host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket bound to ``source`` and connected to ``host:port``."""
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:
+            pass  # not Linux: bind() chooses the port, as before
+        sock.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class BenchClient(asyncio.Protocol):
     """An MQTT client that publishes a numbered stream and/or accounts what it receives."""
 
@@ -171,14 +196,13 @@ class BenchClient(asyncio.Protocol):
         """Connect TCP (from address ``source`` if given), send CONNECT, wait for a
         successful CONNACK."""
         loop = asyncio.get_running_loop()
-        local = (source, 0) if source else None
         try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: cls(client_id, version, **kw), host, port, local_addr=local
-                ),
-                timeout,
-            )
+            if source:
+                sock = await asyncio.wait_for(_connect_from(source, host, port), timeout)
+                conn = loop.create_connection(lambda: cls(client_id, version, **kw), sock=sock)
+            else:
+                conn = loop.create_connection(lambda: cls(client_id, version, **kw), host, port)
+            _, proto = await asyncio.wait_for(conn, timeout)
         except (OSError, TimeoutError) as e:
             raise BenchError(f"cannot connect to {host}:{port}: {e}") from None
         assert isinstance(proto, BenchClient)

@@ -124,7 +124,11 @@ def parse_target(text: str) -> tuple[str, int]:
     type=click.IntRange(0, 65535),
     help="MQTT keepalive seconds (the clients ping at half of it).",
 )
-@click.option("--pid", type=int, help="Broker PID, for its CPU seconds (and RSS) from /proc.")
+@click.option(
+    "--pid",
+    type=int,
+    help="Broker PID, for its CPU seconds (and RSS: with its workers) from /proc.",
+)
 @click.option(
     "--compare",
     "compare_with",

@@ -87,6 +87,21 @@ def rss_bytes(pid: int, proc: str | Path = "/proc") -> int:
     raise ValueError(f"no VmRSS in /proc/{pid}/status")
 
 
+def tree_rss_bytes(pid: int, proc: str | Path = "/proc") -> int:
+    """VmRSS of ``pid`` plus that of its live children, in bytes: a broker that runs
+    ``--workers N`` holds its connections in its children (one process with no
+    children: its own RSS). Pages a child shares with its parent since the fork
+    are counted in both; measure growth (a difference of two readings), in which
+    they cancel out."""
+    total = rss_bytes(pid, proc)
+    for child in _children(pid, proc):
+        try:
+            total += rss_bytes(child, proc)
+        except (OSError, ValueError):
+            continue  # gone, or a zombie (no VmRSS)
+    return total
+
+
 def threads(pid: int, proc: str | Path = "/proc") -> int:
     for line in Path(proc, str(pid), "status").read_text().splitlines():
         if line.startswith("Threads:"):

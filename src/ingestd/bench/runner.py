@@ -158,7 +158,7 @@ def run(
     limit = phase_timeout or (
         plan.connect_timeout + 60 + (plan.duration or 0) + (plan.messages or 0) / 1000
     )
-    rss0 = procstat.rss_bytes(pid) if pid and plan.scenario == "connections" else None
+    rss0 = procstat.tree_rss_bytes(pid) if pid and plan.scenario == "connections" else None
     verify = plan.scenario == "ingest" and dsn is not None
     if reference is None:
         reference = verify
@@ -204,7 +204,7 @@ def run(
             if pid and rss0 is not None and res.connected:
                 # Let the broker finish its bookkeeping for the last CONNACKs.
                 time.sleep(0.2)
-                res.rss_per_connection_bytes = (procstat.rss_bytes(pid) - rss0) / res.connected
+                res.rss_per_connection_bytes = (procstat.tree_rss_bytes(pid) - rss0) / res.connected
             if plan.hold:
                 time.sleep(plan.hold)
             res.msgs_per_s = res.connect_rate
