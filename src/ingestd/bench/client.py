@@ -43,6 +43,7 @@ from ingestd._codec import (
     encode_publish,
 )
 from ingestd.bench.accounting import HEADER, HEADER_SIZE, LatencySampler, SeqTracker
+from ingestd.bench.net import connect_from
 from ingestd.mqtt.constants import PacketType, Prop
 
 _PUBACK = int(PacketType.PUBACK)
@@ -99,31 +100,6 @@ class PreEncoded:
             )
             for seq, payload in enumerate(payloads)
         ]
-
-
-# Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module): bind() fixes only the
-# address and connect() picks the port. Without it bind() searches for a free port
-# itself, in time growing with the ports in use: tens of thousands of connections from
-# chosen source addresses then spent minutes in the kernel.
-_IP_BIND_ADDRESS_NO_PORT = 24
-
-
-async def _connect_from(source: str, host: str, port: int) -> socket.socket:
-    """A non-blocking TCP socket bound to ``source`` and connected to ``host:port``."""
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-        except OSError:
-            pass  # not Linux: bind() chooses the port, as before
-        sock.bind((source, 0))
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class BenchClient(asyncio.Protocol):
@@ -198,7 +174,7 @@ class BenchClient(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             if source:
-                sock = await asyncio.wait_for(_connect_from(source, host, port), timeout)
+                sock = await asyncio.wait_for(connect_from(source, host, port), timeout)
                 conn = loop.create_connection(lambda: cls(client_id, version, **kw), sock=sock)
             else:
                 conn = loop.create_connection(lambda: cls(client_id, version, **kw), host, port)
