@@ -10,6 +10,11 @@ Usage::
 each broker in turn; prints delivered msgs/s, loss and msgs per broker CPU-second per
 round, the medians, and each broker's peak RSS (VmHWM). Loopback only, bounded by the
 message count. Writes the results as JSON to OUT (default ./bench_stock_fanin.json).
+
+The brokers run ``--no-db`` (the broker's own job, as Mosquitto's). ``WITH_DB=1`` runs
+``ingestd serve`` with no flags at all instead: each build with its own embedded
+PostgreSQL, so the default route stores every message as a row and acknowledges it
+after the commit.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def main() -> None:
     brokers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     for name, venv in (("old", old), ("new", new)):
         port = free_port()
-        cmd = [str(venv / "bin/ingestd"), "serve", "--no-db", "--listen", f"127.0.0.1:{port}"]
+        cmd = [str(venv / "bin/ingestd"), "serve", "--listen", f"127.0.0.1:{port}"]
+        if not os.environ.get("WITH_DB"):
+            cmd.append("--no-db")
         cmd += ["--http-listen", "", "--data-dir", str(tmp / name), "--log-level", "warning"]
         brokers[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL), port)
     port = free_port()
