@@ -167,28 +167,20 @@ def _raw_unless_json(m: Message, lv: Any, o: Any) -> Any:
     return p if p and json_text(p) is None else None
 
 
-class PayloadJson(ColumnRead):
-    """``payload_json``: the payload when it is JSON (``null`` stays NULL), else NULL."""
+class PayloadPair(ColumnRead):
+    """The whole payload split over two columns: ``payload_json`` (``source`` "json":
+    the payload when it is JSON, ``null`` staying NULL, else NULL) and ``payload_raw``
+    ("raw": the payload's bytes when it is not JSON, else NULL). The RowBuilder
+    validates a row's payload once for both."""
 
-    __slots__ = ()
+    __slots__ = ("source",)
 
-    def __init__(self) -> None:
-        super().__init__(_json_or_null)
-
-    def op(self) -> tuple[Any, ...]:
-        return ("payload_json", _validate_json, _NOT_JSON)
-
-
-class PayloadRaw(ColumnRead):
-    """``payload_raw``: the payload's bytes when it is not JSON (``payload_json``'s pair)."""
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        super().__init__(_raw_unless_json)
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__(_json_or_null if source == "json" else _raw_unless_json)
 
     def op(self) -> tuple[Any, ...]:
-        return ("payload_raw", _validate_json, _NOT_JSON)
+        return (f"payload_{self.source}", _validate_json, _NOT_JSON)
 
 
 class TopicLevel(ColumnRead):

@@ -19,8 +19,7 @@ from ingestd.ingest.routes.kinds import (
     Constant,
     MessageField,
     PayloadField,
-    PayloadJson,
-    PayloadRaw,
+    PayloadPair,
     ReceivedAt,
     TopicLevel,
     TopicName,
@@ -181,7 +180,7 @@ class _RouteBuilder:
             want = "jsonb" if source == "payload_json" else "bytea"
             if pgtype not in (None, want):
                 raise ConfigError(f"{source} is a {want} column", key=key)
-            return want, (PayloadJson() if want == "jsonb" else PayloadRaw()), required
+            return want, PayloadPair(source[len("payload_") :]), required
         if source.startswith("user_property."):
             prop = source[len("user_property.") :]
             if not prop:
