@@ -262,7 +262,7 @@ cdef class RowBuilder:
 
 
 cdef object _json_text(bytes p, object validate, object not_json):
-    """routes/sources.py _json_text: the payload as jsonb text when it is a JSON
+    """routes/kinds.py json_text: the payload as jsonb text when it is a JSON
     document jsonb can store, else None."""
     if not p:
         return None
